@@ -1,0 +1,40 @@
+"""The single entry point: ``quantize(model, recipe, calib)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lowbit import recipes as _recipes
+from lowbit.data import calibration
+from lowbit.pipeline import QuantReport, quantize_model
+from lowbit.recipes import Recipe
+
+
+def calibration_for(recipe: Recipe, tok: PreTrainedTokenizerBase, model: nn.Module | None = None) -> torch.Tensor:
+    c = recipe.calibration
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return calibration(c.dataset, tok, c.nsamples, c.seqlen, c.seed, c.sampling, model_type=model_type)
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe | str,
+    calib: torch.Tensor | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    progress_dir: str | Path | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> tuple[nn.Module, QuantReport]:
+    """Quantize ``model`` in place; ``calib`` defaults to the recipe's calibration set (needs ``tokenizer``)."""
+    recipe = _recipes.get(recipe)
+    if calib is None and recipe.needs_calibration:
+        if tokenizer is None:
+            raise ValueError("pass calibration token ids or a tokenizer to build them from the recipe")
+        calib = calibration_for(recipe, tokenizer, model)
+    report = quantize_model(model, recipe, calib, progress_dir=progress_dir, resume=resume, show_progress=show_progress)
+    return model, report

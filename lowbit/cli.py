@@ -1,0 +1,146 @@
+"""``lowbit quantize | eval | recipes`` — the command line over the same API."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowbit.errors import LowbitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization of LLMs.")
+log = logging.getLogger("lowbit")
+
+
+def _datasets(spec: str) -> list[str]:
+    from lowbit.data import DATASETS
+
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for n in names:
+        if n not in DATASETS:
+            raise LowbitError(f"unknown dataset '{n}' (known: {', '.join(DATASETS)})")
+    return names
+
+
+def _check_windows(windows: Optional[int]) -> None:
+    if windows is not None and windows <= 0:
+        raise LowbitError(f"--windows must be a positive integer, got {windows}")
+
+
+def _ppl_table(rows: dict[str, dict[str, float]], datasets: list[str]) -> str:
+    head = "model".ljust(24) + "".join(f"{d:>12s}" for d in datasets)
+    lines = [head] + [name.ljust(24) + "".join(f"{vals[d]:12.3f}" for d in datasets) for name, vals in rows.items()]
+    return "\n".join(lines)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="alias (smollm2-135m, gemma3-270m), local dir or Hugging Face id"),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML/TOML file"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory for the packed checkpoint"),
+    nsamples: Optional[int] = typer.Option(None, help="calibration samples (recipe default: 128)"),
+    seqlen: Optional[int] = typer.Option(None, help="calibration sample length in tokens"),
+    seed: Optional[int] = typer.Option(None, help="calibration sampling seed"),
+    sampling: Optional[str] = typer.Option(None, help="documents (GPTQ) or concat"),
+    resume: bool = typer.Option(False, help="continue an interrupted run from its last finished block"),
+    eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4"),
+    windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (quick protocol)"),
+) -> None:
+    """Quantize MODEL with a recipe and write a packed checkpoint to OUT."""
+    from lowbit import recipes
+    from lowbit.api import calibration_for
+    from lowbit.eval import perplexity
+    from lowbit.export import save
+    from lowbit.models import load_model
+    from lowbit.pipeline import quantize_model
+
+    rec = recipes.get(recipe)
+    overrides = {k: v for k, v in dict(nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling).items() if v is not None}
+    rec.calibration = dataclasses.replace(rec.calibration, **overrides)
+    rec.validate()
+    datasets = _datasets(eval_ppl)
+    _check_windows(windows)
+
+    m, tok = load_model(model)
+    rows: dict[str, dict[str, float]] = {}
+    if datasets:
+        rows["full precision"] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
+    calib = calibration_for(rec, tok, m) if rec.needs_calibration else None
+    progress = out / ".progress"
+    try:
+        report = quantize_model(m, rec, calib, progress_dir=progress, resume=resume)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; finished blocks are kept in {progress}: rerun with --resume", err=True)
+        raise typer.Exit(130)
+    if report.resumed_blocks:
+        log.info("resumed %d finished blocks from %s", report.resumed_blocks, progress)
+    save(m, out, tok, report)
+    shutil.rmtree(progress, ignore_errors=True)
+    typer.echo(f"saved {rec.name} checkpoint to {out} ({report.total_seconds:.1f} s, peak {report.peak_memory_mb:.0f} MB)")
+    if datasets:
+        rows[rec.name] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
+        (out / "eval.json").write_text(json.dumps({"windows": windows, "perplexity": rows}, indent=1))
+        typer.echo(_ppl_table(rows, datasets))
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="checkpoint directory, alias, local dir or Hugging Face id"),
+    ppl: str = typer.Option("wikitext2,c4", help="datasets, comma separated"),
+    windows: Optional[int] = typer.Option(None, help="only the first N windows (default: full protocol)"),
+    seqlen: int = typer.Option(2048, help="window length in tokens"),
+    kl: bool = typer.Option(False, "--kl", help="also KL divergence to the unquantized base model"),
+    kl_ref: Optional[str] = typer.Option(None, help="reference model for --kl (default: the checkpoint's base)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+) -> None:
+    """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol."""
+    from lowbit.eval import kl_divergence, perplexity
+    from lowbit.models import load_model
+
+    datasets = _datasets(ppl)
+    _check_windows(windows)
+    m, tok = load_model(model)
+    result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}
+    for d in datasets:
+        r = perplexity(m, tok, d, seqlen=seqlen, windows=windows)
+        result["perplexity"][d] = {"ppl": r.ppl, "tokens": r.tokens, "windows": r.windows}
+    if kl:
+        ref_name = kl_ref or getattr(m, "lowbit_source", None)
+        if not ref_name:
+            raise LowbitError("--kl needs --kl-ref: this model records no base model")
+        ref, _ = load_model(ref_name)
+        result["kl"] = {d: kl_divergence(m, ref, tok, d, seqlen=seqlen, windows=windows) for d in datasets}
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for d, r in result["perplexity"].items():
+        extra = f"  KL {result['kl'][d]:.4f}" if kl else ""
+        typer.echo(f"{d:10s} ppl {r['ppl']:10.3f}  ({r['windows']} windows, {r['tokens']} tokens){extra}")
+
+
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the preset recipes."""
+    from lowbit import recipes
+
+    for name in recipes.presets():
+        typer.echo(f"{name:16s} {recipes.get(name).description}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except LowbitError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""One exception type for problems a user can fix; the CLI prints it as a single line."""
+
+
+class LowbitError(Exception):
+    """Bad input or an unrecoverable numerical condition, with a message that says what to do."""

@@ -1,0 +1,93 @@
+"""Perplexity over non-overlapping windows, and KL divergence to a reference model.
+
+Every window contributes ``seqlen - 1`` predicted tokens; ``ppl = exp(Σ nll / Σ tokens)``,
+which equals GPTQ's ``exp(mean window loss)`` because all windows have the same length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from lowbit.data import eval_windows
+from lowbit.errors import LowbitError
+
+
+@dataclass
+class PerplexityResult:
+    dataset: str
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seqlen: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _check_seqlen(model: nn.Module, seqlen: int) -> None:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise LowbitError(f"seqlen {seqlen} exceeds the model's context of {limit} tokens; pass a smaller --seqlen")
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    windows: int | None = None,
+    bos: str = "auto",
+    show_progress: bool = True,
+) -> PerplexityResult:
+    _check_seqlen(model, seqlen)
+    wins = eval_windows(dataset, tok, seqlen, windows, _model_type(model), bos)
+    dev = _device(model)
+    total_nll, total_tokens = 0.0, 0
+    for i in tqdm(range(wins.shape[0]), desc=f"ppl {dataset}", unit="win", disable=not show_progress):
+        ids = wins[i : i + 1].to(dev)
+        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        total_tokens += ids.shape[1] - 1
+    return PerplexityResult(dataset, math.exp(total_nll / total_tokens), total_nll / total_tokens,
+                            total_tokens, wins.shape[0], seqlen)
+
+
+@torch.no_grad()
+def kl_divergence(
+    model: nn.Module,
+    reference: nn.Module,
+    tok: PreTrainedTokenizerBase,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    windows: int | None = None,
+    bos: str = "auto",
+    show_progress: bool = True,
+) -> float:
+    """Mean per-token ``KL(p_reference ‖ p_model)`` of next-token distributions, in nats."""
+    _check_seqlen(model, seqlen)
+    wins = eval_windows(dataset, tok, seqlen, windows, _model_type(model), bos)
+    total, count = 0.0, 0
+    for i in tqdm(range(wins.shape[0]), desc=f"kl {dataset}", unit="win", disable=not show_progress):
+        ids = wins[i : i + 1]
+        logp_ref = F.log_softmax(reference(ids.to(_device(reference)), use_cache=False).logits[0].float(), -1)
+        logp = F.log_softmax(model(ids.to(_device(model)), use_cache=False).logits[0].float(), -1).to(logp_ref.device)
+        total += float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum"))
+        count += ids.shape[1]
+    return total / count

@@ -1,0 +1,47 @@
+"""Rebuild a ``transformers`` model from a lowbit checkpoint, with :class:`QuantLinear` layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lowbit.errors import LowbitError
+from lowbit.models.loading import CHECKPOINT_MARKER
+from lowbit.runtime import QuantLinear
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    path = Path(path)
+    meta = json.loads((path / CHECKPOINT_MARKER).read_text())
+    if meta.get("format_version") != 1:
+        raise LowbitError(f"{path}: unsupported lowbit checkpoint version {meta.get('format_version')}")
+    dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = load_file(str(path / "model.safetensors"))
+    for name, info in meta["layers"].items():
+        old = model.get_submodule(name)
+        out_f, in_f = info["shape"]
+        n_groups = tensors[f"{name}.scales"].shape[1]
+        ql = QuantLinear(in_f, out_f, info["bits"], n_groups, old.bias is not None, info["act_order"], info["group_size"])
+        model.set_submodule(name, ql)
+    result = model.load_state_dict(tensors, strict=False)
+    missing = set(result.missing_keys) - set(meta["aliases"])
+    if missing or result.unexpected_keys:
+        raise LowbitError(f"{path}: checkpoint does not match its config (missing {sorted(missing)[:3]}, "
+                          f"unexpected {result.unexpected_keys[:3]})")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, target in meta["aliases"].items():  # restore shared storage (tied embeddings)
+        if alias in params and target in params and params[alias] is not params[target]:
+            module_name, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, params[target])
+    model.eval()
+    model.lowbit_source = meta.get("base_model")
+    model.lowbit_recipe = meta.get("recipe", {})
+    model.lowbit_checkpoint = str(path)
+    has_tokenizer = (path / "tokenizer_config.json").exists()
+    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None

@@ -1,0 +1,72 @@
+"""Write a quantized model as ``model.safetensors`` + ``config.json`` + ``lowbit_config.json``.
+
+Quantized linears are stored as :class:`~lowbit.runtime.QuantLinear` buffers (packed codes,
+float16 scales, packed zeros, ``g_idx`` only when act-order permuted the groups); every other
+tensor keeps its dtype. Tensors that share storage (tied embeddings) are written once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lowbit.errors import LowbitError
+from lowbit.models.loading import CHECKPOINT_MARKER
+from lowbit.pipeline.report import QuantReport
+from lowbit.runtime import QuantLinear
+
+FORMAT_VERSION = 1
+
+
+def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+         report: QuantReport | None = None) -> Path:
+    quant = getattr(model, "lowbit_quant", None)
+    if not quant:
+        raise LowbitError("model has not been quantized (no lowbit_quant); run lowbit.quantize first")
+    recipe = getattr(model, "lowbit_recipe", {})
+    group_size = recipe.get("weights", {}).get("group_size")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers = {}
+    for name, qw in quant.items():
+        linear = model.get_submodule(name)
+        ql = QuantLinear.from_quantized(qw, linear.bias, group_size)
+        for key, value in ql.state_dict().items():
+            tensors[f"{name}.{key}"] = value
+        layers[name] = {"bits": qw.bits, "group_size": group_size, "shape": list(qw.codes.shape),
+                        "act_order": ql.g_idx is not None}
+    skip = {f"{name}.{p}" for name in quant for p in ("weight", "bias")}
+    seen: dict[tuple, str] = {}
+    aliases = {}
+    for key, value in model.state_dict().items():
+        if key in skip:
+            continue
+        ident = (value.data_ptr(), value.shape, value.dtype)
+        if ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = value.detach().contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "lowbit", "version": str(FORMAT_VERSION)})
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "base_model": getattr(model, "lowbit_source", None),
+        "recipe": recipe,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "aliases": aliases,
+        "layers": layers,
+    }
+    (out / CHECKPOINT_MARKER).write_text(json.dumps(meta, indent=1))
+    if report is not None:
+        report.save(out / "report.json")
+    return out

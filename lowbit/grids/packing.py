@@ -1,0 +1,44 @@
+"""Bit-packing of integer codes (1-8 bits) into a dense byte stream.
+
+Codes are written LSB-first as one continuous bit stream, so any width packs with no padding
+inside the stream (3-bit codes take exactly 3/8 byte each); only the last byte is padded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit.errors import LowbitError
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    return math.ceil(numel * bits / 8)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` into a flat uint8 tensor."""
+    if not 1 <= bits <= 8:
+        raise LowbitError(f"can only pack 1-8 bit codes, got {bits}")
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+        raise LowbitError(f"codes out of range for {bits} bits")
+    shifts = torch.arange(bits, device=flat.device)
+    bitstream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    pad = (-bitstream.numel()) % 8
+    if pad:
+        bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)])
+    weights = (1 << torch.arange(8, device=flat.device)).to(torch.int64)
+    return (bitstream.reshape(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as uint8."""
+    if 8 % bits == 0:  # fast path: whole codes per byte, same LSB-first layout
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        return ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
+    shifts = torch.arange(8, device=packed.device)
+    bitstream = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits]
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int64)
+    return (bitstream.reshape(numel, bits) * weights).sum(1).to(torch.uint8)

@@ -1,0 +1,64 @@
+"""Making a Hessian usable: dead inputs, damping, and Cholesky with automatic damping retries."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+
+def condition_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a damped copy of ``h`` and ``w`` with dead inputs (``H_ii == 0``) zeroed.
+
+    Dead inputs carry no signal, so their weights cannot matter to the output; setting
+    ``H_ii = 1`` keeps the matrix invertible (GPTQ's rule).
+    """
+    h = h.clone()
+    w = w.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    add_damping(h, damp)
+    return h, w
+
+
+def add_damping(h: torch.Tensor, damp: float) -> None:
+    """In place: ``H += damp · mean(diag H) · I``."""
+    diag = torch.arange(h.shape[0], device=h.device)
+    h[diag, diag] += damp * torch.mean(torch.diag(h))
+
+
+def robust_cholesky_inverse(
+    h: torch.Tensor, damp: float, name: str = "layer", retries: int = 6
+) -> torch.Tensor:
+    """Upper Cholesky factor of ``H⁻¹``; on failure add 10× more damping and try again.
+
+    ``h`` must already carry ``damp``; each retry raises the total damping tenfold. The last
+    failure raises a :class:`LowbitError` naming the layer.
+    """
+    base = torch.mean(torch.diag(h)) / (1 + damp) if damp > 0 else torch.mean(torch.diag(h))
+    current = damp
+    for attempt in range(retries + 1):
+        try:
+            lower = torch.linalg.cholesky(h)
+            hinv = torch.cholesky_inverse(lower)
+            upper = torch.linalg.cholesky(hinv, upper=True)
+            if not torch.isfinite(upper).all():
+                raise torch.linalg.LinAlgError("non-finite factor")
+            if attempt:
+                log.warning("%s: Hessian needed damping %.3g to be positive definite", name, current)
+            return upper
+        except torch.linalg.LinAlgError:
+            new = max(current, 1e-6) * 10
+            diag = torch.arange(h.shape[0], device=h.device)
+            h = h.clone()
+            h[diag, diag] += (new - current) * base
+            current = new
+    raise LowbitError(
+        f"{name}: Hessian is not positive definite even with damping {current:.3g}; "
+        "check the calibration data (NaN/inf activations?) or raise weights.damp"
+    )

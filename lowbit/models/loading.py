@@ -1,0 +1,109 @@
+"""``load_model``: one call for a built-in alias, a local directory, a lowbit checkpoint or a hub id.
+
+GGUF aliases are dequantized once through ``transformers`` and cached as float safetensors
+(``$LOWBIT_CACHE`` or ``~/.cache/lowbit``), so later loads take seconds instead of ~25 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lowbit.errors import LowbitError
+from lowbit.models.aliases import ALIASES, GGUFAlias
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_MARKER = "lowbit_config.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+
+
+def load_model(
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return ``(model, tokenizer)`` in eval mode; ``model.name_or_path`` records where it came from."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / CHECKPOINT_MARKER).exists():
+        from lowbit.export.load import load_quantized
+
+        return load_quantized(path, dtype=dtype)
+    if name in ALIASES:
+        model, tok = _load_local(_cached_alias(ALIASES[name]), dtype)
+        model.lowbit_source = name
+        return model, tok
+    if path.is_dir():
+        model, tok = _load_local(path, dtype)
+        model.lowbit_source = str(path.resolve())
+        return model, tok
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise LowbitError(f"model path '{name}' is not a directory with a Hugging Face model")
+    return _load_hub(name, dtype)
+
+
+def _check_causal_lm(config, name: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise LowbitError(f"model '{name}' ({config.model_type}) is not a causal language model")
+
+
+def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"cannot read a model config in '{path}': {exc}") from None
+    _check_causal_lm(config, str(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tok
+
+
+def _load_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    known = ", ".join(sorted(ALIASES))
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise LowbitError(
+            f"unknown model '{name}': not a built-in alias ({known}), a local directory, "
+            f"or a reachable Hugging Face id ({type(exc).__name__})"
+        ) from None
+    _check_causal_lm(config, name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(name)
+    model.lowbit_source = name
+    return model, tok
+
+
+def _cached_alias(alias: GGUFAlias) -> Path:
+    target = cache_dir() / "models" / alias.name
+    if (target / "config.json").exists():
+        return target
+    gguf = alias.gguf_path()
+    log.info("dequantizing %s once from %s (cached at %s)", alias.name, gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers refuses to save a GGUF-loaded model while it carries the GGUF quantizer
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a concurrent or interrupted run never sees half a cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target

@@ -1,0 +1,101 @@
+"""Capturing what block 0 receives, and running one block over all calibration samples.
+
+Blocks take more than hidden states (masks, rotary embeddings, and for Gemma-3 a different mask
+and RoPE per layer type), so the keyword arguments every block receives are recorded once, from
+one full forward pass, and replayed with each block's new hidden states.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Return block-0 hidden states ``(n, seq, hidden)`` and each block's extra kwargs."""
+    device = next(model.parameters()).device
+    block_kwargs: list[dict[str, Any]] = [{} for _ in blocks]
+
+    def record(i: int):
+        def hook(_module, args, kwargs):
+            block_kwargs[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        model(calib[:1].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+    captured: list[torch.Tensor] = []
+
+    def stop(_module, args, kwargs):
+        captured.append(_hidden_from(args, kwargs).detach())
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for i in range(calib.shape[0]):
+            try:
+                model(calib[i : i + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured, dim=0), block_kwargs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Forward every sample (one at a time) through ``block``; returns stacked outputs."""
+    outs = torch.empty_like(inputs)
+    for i in range(inputs.shape[0]):
+        out = block(inputs[i : i + 1], **kwargs)
+        outs[i : i + 1] = out[0] if isinstance(out, tuple) else out
+    return outs
+
+
+@torch.no_grad()
+def sequential_groups(
+    block: nn.Module, linears: dict[str, nn.Linear], sample: torch.Tensor, kwargs: dict[str, Any]
+) -> list[list[str]]:
+    """Linears in execution order, grouped when they read the same input tensor (q/k/v, gate/up)."""
+    calls: list[tuple[str, int]] = []
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, id(args[0]))))
+        for name, m in linears.items()
+    ]
+    try:
+        block(sample, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    seen: set[str] = set()
+    for name, input_id in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and input_id == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = input_id
+    missing = [n for n in linears if n not in seen]
+    return groups + ([missing] if missing else [])

@@ -1,0 +1,134 @@
+"""Sequential quantization: block k+1 is calibrated on the outputs of the already-quantized block k.
+
+Memory stays at one block's work plus the calibration activations ``(n, seq, hidden)``.
+The quantized codes of every layer are kept on ``model.lowbit_quant`` for packing at save time;
+the model's own weights are replaced by their dequantized values (fake quantization), which is
+exactly what the packed runtime computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.hessians import HessianAccumulator
+from lowbit.models import block_linears, find_blocks
+from lowbit.pipeline.capture import capture_block_inputs, run_block, sequential_groups
+from lowbit.pipeline.report import LayerReport, QuantReport, peak_memory_mb
+from lowbit.pipeline.resume import ProgressStore, fingerprint
+from lowbit.recipes import Recipe
+from lowbit.rounding import QuantizedWeight, proxy_loss
+from lowbit.rounding.dispatch import round_weight
+
+log = logging.getLogger(__name__)
+
+
+def _apply(layer: nn.Linear, qw: QuantizedWeight) -> None:
+    layer.weight.data = qw.dequantize().to(layer.weight.dtype).to(layer.weight.device)
+
+
+def _layer_report(name: str, block: int, w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor | None,
+                  method: str, seconds: float) -> LayerReport:
+    delta = qw.dequantize().to(torch.float64) - w.to(torch.float64)
+    w64 = w.to(torch.float64)
+    loss = rel = None
+    if h is not None:
+        loss = proxy_loss(delta, h)
+        rel = loss / max(proxy_loss(w64, h), 1e-30)
+    rel_w = float(delta.pow(2).sum() / w64.pow(2).sum().clamp_min(1e-30))
+    return LayerReport(name, block, tuple(w.shape), qw.bits, method, loss, rel, rel_w, seconds)
+
+
+def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: torch.Tensor,
+                      kwargs: dict, skip_first_tokens: int) -> dict[str, torch.Tensor]:
+    accs = {n: HessianAccumulator(m.in_features, skip_first_tokens, device=m.weight.device) for n, m in layers.items()}
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0].detach()))
+               for n, m in layers.items()]
+    try:
+        run_block(block, inputs, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.hessian() for n, a in accs.items()}
+
+
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    calib: torch.Tensor | None,
+    *,
+    progress_dir: str | Path | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> QuantReport:
+    """Quantize ``model`` in place following ``recipe``; returns the per-layer report."""
+    recipe.validate()
+    t_start = time.perf_counter()
+    report = QuantReport(recipe=recipe.name)
+    blocks_path, blocks = find_blocks(model)
+    spec = recipe.weights
+    skip = [re.compile(p) for p in recipe.pipeline.skip]
+    model.lowbit_quant = getattr(model, "lowbit_quant", {})
+    model.lowbit_recipe = recipe.to_dict()
+
+    needs_inputs = recipe.needs_calibration
+    if needs_inputs and calib is None:
+        raise ValueError(f"recipe {recipe.name} needs calibration data")
+    store = None
+    if progress_dir is not None:
+        source = str(getattr(model, "lowbit_source", type(model).__name__))
+        store = ProgressStore(Path(progress_dir), fingerprint(source, recipe.to_dict(), calib if calib is not None else torch.zeros(0)), resume)
+
+    inputs = block_kwargs = None
+    if needs_inputs:
+        t0 = time.perf_counter()
+        inputs, block_kwargs = capture_block_inputs(model, blocks, calib)
+        report.capture_seconds = time.perf_counter() - t0
+
+    bar = tqdm(range(len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not show_progress)
+    for b in bar:
+        t_block = time.perf_counter()
+        block = blocks[b]
+        prefix = f"{blocks_path}.{b}."
+        layers = {n: m for n, m in block_linears(block).items() if not any(p.search(prefix + n) for p in skip)}
+        if store is not None and b in store.done:
+            weights, layer_reports = store.load_block(b)
+            for n, qw in weights.items():
+                _apply(layers[n], qw)
+                model.lowbit_quant[prefix + n] = qw
+            report.layers += [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in layer_reports]
+            report.resumed_blocks += 1
+        else:
+            weights = {}
+            if needs_inputs:
+                groups = sequential_groups(block, layers, inputs[:1], block_kwargs[b]) if recipe.pipeline.true_sequential else [list(layers)]
+            else:
+                groups = [list(layers)]
+            for group in groups:
+                group_layers = {n: layers[n] for n in group}
+                hessians = (_collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)
+                            if needs_inputs else {})
+                for n, layer in group_layers.items():
+                    t0 = time.perf_counter()
+                    w = layer.weight.data.clone()
+                    h = hessians.get(n)
+                    qw = round_weight(w, h, spec, name=prefix + n)
+                    _apply(layer, qw)
+                    weights[n] = qw
+                    model.lowbit_quant[prefix + n] = qw
+                    report.layers.append(_layer_report(prefix + n, b, w, qw, h, spec.method, time.perf_counter() - t0))
+            if store is not None:
+                store.save_block(b, weights, [r.__dict__ for r in report.layers if r.block == b])
+        if needs_inputs and b + 1 < len(blocks):
+            inputs = run_block(block, inputs, block_kwargs[b])
+        report.block_seconds.append(time.perf_counter() - t_block)
+        bar.set_postfix(peak_mb=f"{peak_memory_mb():.0f}")
+    report.total_seconds = time.perf_counter() - t_start
+    report.peak_memory_mb = peak_memory_mb()
+    return report

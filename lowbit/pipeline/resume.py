@@ -1,0 +1,83 @@
+"""Per-block progress on disk, so an interrupted run resumes at the first unfinished block.
+
+Only each finished block's quantized weights are stored (not activations): on resume the
+calibration inputs are replayed through the finished blocks, which costs a forward pass and
+reproduces the uninterrupted run's inputs exactly. A fingerprint of the model, recipe and
+calibration tokens guards against resuming a different run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit.errors import LowbitError
+from lowbit.rounding import QuantizedWeight
+
+FIELDS = ("codes", "scale", "zero", "g_idx")
+
+
+def fingerprint(model_source: str, recipe: dict, calib: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(model_source.encode())
+    h.update(json.dumps(recipe, sort_keys=True).encode())
+    h.update(calib.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ProgressStore:
+    def __init__(self, root: Path, fp: str, resume: bool):
+        self.root = Path(root)
+        self.manifest = self.root / "manifest.json"
+        self.done: list[int] = []
+        if resume and self.manifest.exists():
+            data = json.loads(self.manifest.read_text())
+            if data["fingerprint"] != fp:
+                raise LowbitError(
+                    f"cannot resume from {self.root}: it belongs to a different model, recipe or calibration set"
+                )
+            self.done = data["done"]
+        elif self.root.exists():
+            for f in self.root.glob("block_*"):
+                f.unlink()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fp = fp
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        _atomic_write_text(self.manifest, json.dumps({"fingerprint": self.fp, "done": self.done}))
+
+    def save_block(self, index: int, weights: dict[str, QuantizedWeight], report: list[dict]) -> None:
+        tensors = {f"{name}.{f}": getattr(qw, f).contiguous() for name, qw in weights.items() for f in FIELDS}
+        meta = {name: str(qw.bits) for name, qw in weights.items()}
+        path = self.root / f"block_{index:04d}.safetensors"
+        save_file(tensors, str(path) + ".tmp", metadata=meta)
+        os.replace(str(path) + ".tmp", path)
+        _atomic_write_text(self.root / f"block_{index:04d}.json", json.dumps(report))
+        self.done.append(index)
+        self._write_manifest()
+
+    def load_block(self, index: int) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+        path = self.root / f"block_{index:04d}.safetensors"
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        weights = {
+            name: QuantizedWeight(*(tensors[f"{name}.{f}"] for f in FIELDS), bits=int(bits))
+            for name, bits in meta.items()
+        }
+        report = json.loads((self.root / f"block_{index:04d}.json").read_text())
+        return weights, report

@@ -1,0 +1,43 @@
+"""Named presets (``presets/*.yaml``) and user recipe files (YAML or TOML)."""
+
+from __future__ import annotations
+
+import tomllib
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+
+from lowbit.errors import LowbitError
+from lowbit.recipes.schema import CalibrationSpec, HessianSpec, PipelineSpec, Recipe, WeightSpec
+
+__all__ = ["CalibrationSpec", "HessianSpec", "PipelineSpec", "Recipe", "WeightSpec", "get", "load_file", "presets"]
+
+
+def presets() -> list[str]:
+    return sorted(p.name[:-5] for p in files("lowbit.recipes").joinpath("presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_file(path: str | Path) -> Recipe:
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise LowbitError(f"cannot parse recipe file {path}: {exc}".splitlines()[0]) from None
+    data = data or {}
+    data.setdefault("name", path.stem)
+    return Recipe.from_dict(data, where="recipe")
+
+
+def get(name_or_path: str | Path | Recipe) -> Recipe:
+    """A preset by name, or a recipe file by path."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path.validate()
+    name = str(name_or_path)
+    if Path(name).is_file():
+        return load_file(name)
+    preset = files("lowbit.recipes").joinpath("presets", f"{name}.yaml")
+    if preset.is_file():
+        return load_file(Path(str(preset)))
+    raise LowbitError(f"unknown recipe '{name}': not a file and not a preset ({', '.join(presets())})")

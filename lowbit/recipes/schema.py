@@ -1,0 +1,130 @@
+"""A recipe is data: which Hessian, which rounding on which grid, which calibration.
+
+Sections map one-to-one to the YAML/TOML files a user reads and writes; unknown keys and
+out-of-range values are rejected with a one-line message before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from lowbit.data.protocol import DATASETS, SAMPLING
+from lowbit.errors import LowbitError
+
+METHODS = ("rtn", "gptq")
+HESSIAN_SOURCES = ("layerwise",)
+
+
+def _positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LowbitError(f"{what} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class WeightSpec:
+    """How weights are rounded; ``group_size: null`` means one scale per output channel."""
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+    blocksize: int = 128
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise LowbitError(f"weights.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise LowbitError(f"weights.bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.group_size is not None:
+            _positive_int(self.group_size, "weights.group_size")
+        _positive_int(self.blocksize, "weights.blocksize")
+        if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise LowbitError(f"weights.damp must be a number in [0, 1), got {self.damp!r}")
+
+
+@dataclass
+class HessianSpec:
+    """Where curvature comes from; ``skip_first_tokens`` drops attention-sink positions."""
+
+    source: str = "layerwise"
+    skip_first_tokens: int = 0
+
+    def validate(self) -> None:
+        if self.source not in HESSIAN_SOURCES:
+            raise LowbitError(f"hessian.source must be one of {', '.join(HESSIAN_SOURCES)}, got {self.source!r}")
+        if isinstance(self.skip_first_tokens, bool) or not isinstance(self.skip_first_tokens, int) or self.skip_first_tokens < 0:
+            raise LowbitError(f"hessian.skip_first_tokens must be a non-negative integer, got {self.skip_first_tokens!r}")
+
+
+@dataclass
+class CalibrationSpec:
+    dataset: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    sampling: str = "documents"
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise LowbitError(f"calibration.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        _positive_int(self.nsamples, "calibration.nsamples")
+        _positive_int(self.seqlen, "calibration.seqlen")
+        if self.sampling not in SAMPLING:
+            raise LowbitError(f"calibration.sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
+
+
+@dataclass
+class PipelineSpec:
+    """``true_sequential``: quantize q/k/v, then o, then gate/up, then down, each on inputs that
+    already went through the quantized layers before it (GPTQ's ``--true-sequential``)."""
+
+    true_sequential: bool = True
+    skip: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    hessian: HessianSpec = field(default_factory=HessianSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
+
+    def validate(self) -> "Recipe":
+        self.weights.validate()
+        self.hessian.validate()
+        self.calibration.validate()
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.weights.method != "rtn"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+        return _build(cls, data, where).validate()
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise LowbitError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise LowbitError(f"unknown recipe key '{unknown[0]}' in {where} (known: {', '.join(known)})")
+    kwargs = {}
+    for key, value in data.items():
+        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = _build(sub, value, f"{where}.{key}" if where != "recipe" else key)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

@@ -1,0 +1,59 @@
+"""A linear layer that stores packed integer codes and dequantizes them when it runs.
+
+Memory holds ``bits/8`` bytes per weight plus float16 scales and packed zeros; the dequantized
+matrix exists only during the call (CPU path in plain torch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.grids import natural_group_index, pack_codes, packed_nbytes, unpack_codes
+from lowbit.rounding import QuantizedWeight
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int,
+                 bias: bool, has_g_idx: bool, group_size: int | None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.n_groups, self.group_size = n_groups, group_size
+        self.register_buffer("qweight", torch.zeros(packed_nbytes(in_features * out_features, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("qzeros", torch.zeros(packed_nbytes(out_features * n_groups, bits), dtype=torch.uint8))
+        if has_g_idx:
+            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        else:
+            self.g_idx = None
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, group_size: int | None) -> "QuantLinear":
+        out_f, in_f = qw.codes.shape
+        natural = natural_group_index(in_f, group_size, qw.g_idx.device)
+        has_g_idx = not torch.equal(qw.g_idx.long(), natural)
+        m = cls(in_f, out_f, qw.bits, qw.scale.shape[1], bias is not None, has_g_idx, group_size)
+        m.qweight.copy_(pack_codes(qw.codes, qw.bits))
+        m.scales.copy_(qw.scale.to(torch.float16))
+        m.qzeros.copy_(pack_codes(qw.zero.round().to(torch.int64), qw.bits))
+        if has_g_idx:
+            m.g_idx.copy_(qw.g_idx.to(torch.int32))
+        if bias is not None:
+            m.bias.data = bias.detach().clone()
+        return m
+
+    def quantized(self) -> QuantizedWeight:
+        codes = unpack_codes(self.qweight, self.bits, self.in_features * self.out_features)
+        zero = unpack_codes(self.qzeros, self.bits, self.out_features * self.n_groups).float()
+        g_idx = self.g_idx if self.g_idx is not None else natural_group_index(self.in_features, self.group_size, self.qweight.device)
+        return QuantizedWeight(codes.view(self.out_features, self.in_features), self.scales.float(),
+                               zero.view(self.out_features, self.n_groups), g_idx, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized().dequantize().to(x.dtype)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.n_groups}"

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny randomly initialised models for speed, the real SmolLM2 for end-to-end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt(seed: int = 0, layers: int = 2) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
+                    max_position_embeddings=128, word_embed_proj_dim=64)
+    return OPTForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def calib_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (6, 32), generator=g)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (dequantized from its GGUF once, then cached as safetensors)."""
+    from lowbit.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,45 @@
+"""Bad input fails fast with one line on stderr and exit code 2, before any model is loaded."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _lowbit(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["quantize", "smollm2-135m", "--recipe", "gptq-w9", "--out", "x"], "unknown recipe 'gptq-w9'"),
+    (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--nsamples", "0"], "nsamples must be a positive"),
+    (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--eval", "ptb"], "unknown dataset 'ptb'"),
+    (["eval", "smollm2-135m", "--windows", "0"], "--windows must be a positive integer"),
+    (["eval", "./no/such/dir"], "not a directory with a Hugging Face model"),
+])
+def test_bad_input_is_one_line_error(args, message):
+    r = _lowbit(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_bad_recipe_file_key(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("weights: {bits: 4, groupsize: 128}\n")
+    r = _lowbit("quantize", "smollm2-135m", "--recipe", str(f), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "unknown recipe key 'groupsize' in weights" in r.stderr
+
+
+def test_unknown_model_name(tmp_path, monkeypatch):
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", "no-such-model-xyz", "--windows", "1"],
+                       capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "unknown model 'no-such-model-xyz'" in r.stderr, r.stderr
+
+
+def test_non_causal_lm_is_refused(tmp_path):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37)).save_pretrained(tmp_path)
+    r = _lowbit("eval", str(tmp_path), "--windows", "1")
+    assert r.returncode == 2 and "is not a causal language model" in r.stderr, r.stderr

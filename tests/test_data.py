@@ -1,0 +1,70 @@
+"""The evaluation/calibration protocol on the real data files with SmolLM2's real tokenizer."""
+
+import hashlib
+
+import pytest
+import torch
+
+from lowbit.data import calibration, data_dir, eval_windows, wikitext2_test_rows
+from lowbit.data.protocol import eval_text
+from lowbit.errors import LowbitError
+
+pytestmark = pytest.mark.skipif(data_dir() is None, reason="needs ../shared/data or LOWBIT_DATA")
+
+WIKITEXT_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return smollm2[1]
+
+
+def test_wikitext_rows_follow_the_datasets_layout():
+    raw = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == WIKITEXT_SHA256
+    rows = wikitext2_test_rows()
+    assert len(rows) == 4358
+    assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
+
+
+def test_wikitext2_token_and_window_counts_are_exact(tok):
+    # measured once with this tokenizer; peers under the same protocol report 148 windows
+    ids = tok(eval_text("wikitext2")).input_ids
+    assert len(ids) == 304986
+    wins = eval_windows("wikitext2", tok)
+    assert wins.shape == (148, 2048)
+    assert torch.equal(wins.reshape(-1), torch.tensor(ids[: 148 * 2048]))
+    assert eval_windows("wikitext2", tok, windows=40).shape == (40, 2048)
+
+
+def test_c4_validation_is_capped_and_counted(tok):
+    assert len(tok(eval_text("c4")).input_ids) == 520257
+    assert eval_windows("c4", tok).shape == (254, 2048)  # 1025 local documents: fewer than 256 windows
+
+
+def test_calibration_is_deterministic_and_follows_gptq_sampling(tok):
+    a = calibration("c4", tok, n=4, seqlen=512, seed=0)
+    b = calibration("c4", tok, n=4, seqlen=512, seed=0)
+    c = calibration("c4", tok, n=4, seqlen=512, seed=1)
+    assert a.shape == (4, 512) and torch.equal(a, b) and not torch.equal(a, c)
+    # each sample is a contiguous slice of one training document
+    from lowbit.data import c4_documents
+
+    docs = [tok(d).input_ids for d in c4_documents("train")]
+    for row in a.tolist():
+        assert any(any(d[j : j + 512] == row for j in range(len(d) - 511)) for d in docs if len(d) > 512)
+
+
+def test_concat_sampling(tok):
+    x = calibration("c4", tok, n=3, seqlen=4096, seed=0, sampling="concat")
+    assert x.shape == (3, 4096)
+    with pytest.raises(LowbitError, match="no c4 document is longer"):
+        calibration("c4", tok, n=1, seqlen=10**6, seed=0)
+
+
+def test_bos_per_window_for_gemma_style_models(tok):
+    tok.bos_token = tok.eos_token  # SmolLM2 has no BOS of its own; borrow one for the test
+    wins = eval_windows("wikitext2", tok, seqlen=64, windows=3, model_type="gemma3_text")
+    assert torch.all(wins[:, 0] == tok.bos_token_id)
+    plain = eval_windows("wikitext2", tok, seqlen=64, windows=3, model_type="llama")
+    assert torch.equal(wins[0, 1:], plain.reshape(-1)[:63])

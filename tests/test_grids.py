@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.grids import UniformGrid, natural_group_index, pack_codes, packed_nbytes, unpack_codes
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("numel", [1, 7, 64, 1001])
+def test_pack_unpack_round_trip(bits, numel):
+    codes = torch.randint(0, 2**bits, (numel,), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(numel, bits)
+    assert torch.equal(unpack_codes(packed, bits, numel).long(), codes)
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(LowbitError):
+        pack_codes(torch.tensor([4]), 2)
+
+
+def _reference_minmax(w: torch.Tensor, bits: int):
+    """float64 min-max asymmetric quantizer written from the GPTQ definition."""
+    w = w.double()
+    maxq = 2**bits - 1
+    xmin = torch.clamp(w.min(1).values, max=0)
+    xmax = torch.clamp(w.max(1).values, min=0)
+    scale = ((xmax - xmin) / maxq).half().double()
+    zero = torch.round(-xmin / scale)
+    q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)
+    return scale[:, None] * (q - zero[:, None])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_matches_float64_reference(bits):
+    w = torch.randn(16, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(bits))
+    grid = UniformGrid(bits)
+    p = grid.fit(w)
+    got = grid.quantize_dequantize(w.float(), p.scale, p.zero)
+    torch.testing.assert_close(got.double(), _reference_minmax(w, bits), atol=1e-6, rtol=0)
+
+
+def test_smaller_last_group_is_fitted_on_its_own_columns():
+    w = torch.randn(8, 576, generator=torch.Generator().manual_seed(0))
+    grid = UniformGrid(3, group_size=128)
+    assert grid.n_groups(576) == 5
+    p = grid.fit_groups(w)
+    assert p.scale.shape == (8, 5)
+    last = grid.fit(w[:, 512:])
+    torch.testing.assert_close(p.scale[:, 4:], last.scale)
+    assert torch.equal(natural_group_index(576, 128)[-64:], torch.full((64,), 4))
+
+
+def test_symmetric_grid_is_centred():
+    w = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    grid = UniformGrid(4, symmetric=True)
+    p = grid.fit(w)
+    assert torch.all(p.zero == 8)  # codes 0..15 stand for -8s..7s (GPTQ's symmetric grid)
+    inside = (w >= -8 * p.scale) & (w <= 7 * p.scale)
+    err = (grid.quantize_dequantize(w, p.scale, p.zero) - w).abs()
+    assert torch.all(err[inside] <= (p.scale / 2 + 1e-6).expand_as(w)[inside])
+
+
+@pytest.mark.parametrize("kwargs", [dict(bits=0), dict(bits=9), dict(bits=2.5), dict(group_size=0),
+                                    dict(group_size=-128), dict(group_size="128")])
+def test_bad_grid_arguments_raise(kwargs):
+    with pytest.raises(LowbitError):
+        UniformGrid(**kwargs)

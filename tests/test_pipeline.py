@@ -1,0 +1,131 @@
+"""The block-by-block driver on tiny random Llama and OPT models."""
+
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.models import block_linears, find_blocks
+from lowbit.pipeline import driver, quantize_model
+from lowbit.pipeline.capture import capture_block_inputs, sequential_groups
+from lowbit.recipes import Recipe, WeightSpec
+
+from conftest import tiny_llama, tiny_opt
+
+
+def _recipe(method="gptq", bits=4, group_size=16, act_order=True, **kw) -> Recipe:
+    return Recipe(name=f"{method}-test", weights=WeightSpec(method=method, bits=bits, group_size=group_size,
+                                                             act_order=act_order), **kw)
+
+
+def test_true_sequential_groups_follow_execution_order(calib_ids):
+    model = tiny_llama()
+    _, blocks = find_blocks(model)
+    inputs, kwargs = capture_block_inputs(model, blocks, calib_ids[:1])
+    groups = sequential_groups(blocks[0], block_linears(blocks[0]), inputs, kwargs[0])
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_captured_inputs_reproduce_the_model(calib_ids):
+    """Replaying captured block-0 inputs through all blocks gives the model's final hidden states."""
+    model = tiny_llama()
+    _, blocks = find_blocks(model)
+    inputs, kwargs = capture_block_inputs(model, blocks, calib_ids)
+    h = inputs
+    for b, block in enumerate(blocks):
+        h = driver.run_block(block, h, kwargs[b])
+    ref = model.model(calib_ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(model.model.norm(h), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_opt])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_every_block_linear_lands_on_its_grid(factory, method, calib_ids):
+    model = factory()
+    report = quantize_model(model, _recipe(method), calib_ids, show_progress=False)
+    blocks_path, blocks = find_blocks(model)
+    names = {f"{blocks_path}.{b}.{n}" for b, blk in enumerate(blocks) for n in block_linears(blk)}
+    assert set(model.lowbit_quant) == names
+    assert {r.name for r in report.layers} == names
+    for name, qw in model.lowbit_quant.items():
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
+        assert int(qw.codes.max()) <= 15
+
+
+def test_gptq_beats_rtn_on_layer_output_error(calib_ids):
+    calib = torch.randint(0, 128, (16, 64), generator=torch.Generator().manual_seed(3))
+    errs = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_llama()
+        quantize_model(model, _recipe(method, bits=3, group_size=None, act_order=False), calib, show_progress=False)
+        ref = tiny_llama()
+        with torch.no_grad():
+            errs[method] = (model(calib).logits - ref(calib).logits).pow(2).mean().item()
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_save_reload_gives_identical_logits(tmp_path, calib_ids):
+    from lowbit.runtime import QuantLinear
+
+    model = tiny_llama()
+    _, report = lowbit.quantize(model, _recipe("gptq", bits=3, group_size=24), calib_ids, show_progress=False)
+    lowbit.save(model, tmp_path / "ckpt", report=report)
+    reloaded, tok = lowbit.load_model(tmp_path / "ckpt")
+    assert tok is None  # saved without a tokenizer
+    assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == len(model.lowbit_quant)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight  # tie survives
+    with torch.no_grad():
+        # same codes, same float16 scales, same dequantization: equal up to float32 reassociation
+        torch.testing.assert_close(reloaded(calib_ids).logits, model(calib_ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_checkpoint_size_is_bits_over_16_of_fp16(tmp_path, calib_ids, bits):
+    model = tiny_llama(layers=1)
+    lowbit.quantize(model, _recipe("rtn", bits=bits, group_size=32), show_progress=False)
+    lowbit.save(model, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        quant_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+                          for k in f.keys() if k.rsplit(".", 1)[-1] in ("qweight", "scales", "qzeros", "g_idx"))
+    n_weights = sum(qw.codes.numel() for qw in model.lowbit_quant.values())
+    fp16_bytes = 2 * n_weights
+    # codes take exactly bits/16 of fp16; group-32 scales+zeros add (16 + bits)/32 bits per weight
+    expected = fp16_bytes * bits / 16 + n_weights / 32 * (2 + bits / 8)
+    assert quant_bytes == pytest.approx(expected, rel=0.01)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, calib_ids, monkeypatch):
+    recipe = _recipe("gptq", bits=3, group_size=16)
+    full = tiny_llama(layers=3)
+    quantize_model(full, recipe, calib_ids, show_progress=False)
+
+    real_round = driver.round_weight
+
+    def interrupt_in_block_2(w, h, spec, name):
+        if ".layers.2." in name:
+            raise KeyboardInterrupt
+        return real_round(w, h, spec, name)
+
+    monkeypatch.setattr(driver, "round_weight", interrupt_in_block_2)
+    partial = tiny_llama(layers=3)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(partial, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
+    monkeypatch.setattr(driver, "round_weight", real_round)
+
+    resumed = tiny_llama(layers=3)
+    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    assert report.resumed_blocks == 2
+    for name, qw in full.lowbit_quant.items():
+        assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name
+        assert torch.equal(resumed.get_submodule(name).weight, full.get_submodule(name).weight), name
+
+
+def test_resume_refuses_a_different_recipe(tmp_path, calib_ids):
+    quantize_model(tiny_llama(), _recipe("gptq", bits=3), calib_ids, progress_dir=tmp_path, show_progress=False)
+    with pytest.raises(LowbitError, match="different"):
+        quantize_model(tiny_llama(), _recipe("gptq", bits=4), calib_ids, progress_dir=tmp_path, resume=True,
+                       show_progress=False)

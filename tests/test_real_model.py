@@ -1,0 +1,64 @@
+"""End to end on the real SmolLM2-135M: CLI quantize -> packed checkpoint -> reload -> perplexity."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.data import data_dir
+from lowbit.runtime import QuantLinear
+
+pytestmark = pytest.mark.skipif(data_dir() is None, reason="needs ../shared/data or LOWBIT_DATA")
+
+
+def _cli(*args):
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def gptq_checkpoint(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("gptq")
+    _cli("quantize", "smollm2-135m", "--recipe", "gptq-w4g128", "--out", str(out),
+         "--nsamples", "4", "--seqlen", "256")
+    return out
+
+
+def test_checkpoint_reloads_with_identical_logits(tmp_path, smollm2):
+    model, tok = lowbit.load_model("smollm2-135m")
+    calib = lowbit.data.calibration("c4", tok, n=2, seqlen=128, seed=0)
+    _, report = lowbit.quantize(model, "gptq-w3g128", calib, show_progress=False)
+    lowbit.save(model, tmp_path, tok, report)
+    qmodel, qtok = lowbit.load_model(tmp_path)
+    assert sum(isinstance(m, QuantLinear) for m in qmodel.modules()) == 30 * 7
+    assert qtok("hello world").input_ids == tok("hello world").input_ids
+    ids = lowbit.data.eval_windows("wikitext2", tok, seqlen=256, windows=1)
+    with torch.no_grad():
+        a, b = qmodel(ids).logits, model(ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # identical weights; float32 matmul noise only
+
+
+def test_cli_checkpoint_evaluates_close_to_full_precision(gptq_checkpoint, smollm2):
+    fp = json.loads(_cli("eval", "smollm2-135m", "--ppl", "wikitext2", "--windows", "2", "--seqlen", "512", "--json"))
+    q = json.loads(_cli("eval", str(gptq_checkpoint), "--ppl", "wikitext2", "--windows", "2", "--seqlen", "512",
+                        "--json", "--kl"))
+    fp_ppl, q_ppl = fp["perplexity"]["wikitext2"]["ppl"], q["perplexity"]["wikitext2"]["ppl"]
+    assert q["perplexity"]["wikitext2"]["tokens"] == 2 * 511 and q["perplexity"]["wikitext2"]["windows"] == 2
+    assert math.isfinite(q_ppl) and fp_ppl < q_ppl < 1.5 * fp_ppl  # W4g128 is close to lossless here
+    assert 0 < q["kl"]["wikitext2"] < 0.5
+
+
+def test_checkpoint_is_about_a_quarter_of_fp16_linears(gptq_checkpoint):
+    meta = json.loads((gptq_checkpoint / "lowbit_config.json").read_text())
+    assert meta["base_model"] == "smollm2-135m" and meta["recipe"]["name"] == "gptq-w4g128"
+    n_linear = sum(math.prod(info["shape"]) for info in meta["layers"].values())
+    size = (gptq_checkpoint / "model.safetensors").stat().st_size
+    embedding = 49152 * 576 * 4  # float32, tied with lm_head, stored once
+    norms = (30 * 2 + 1) * 576 * 4
+    linear_bytes = size - embedding - norms
+    assert linear_bytes < 2 * n_linear * (4 / 16) * 1.1  # ≤ 4/16 of fp16 + ~5% scales/zeros + header

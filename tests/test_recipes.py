@@ -1,0 +1,53 @@
+import pytest
+
+from lowbit import recipes
+from lowbit.errors import LowbitError
+
+ISSUE_PRESETS = ["rtn-w4", "gptq-w4", "gptq-w4g128", "gptq-w3g128", "gptq-w2g64"]
+
+
+@pytest.mark.parametrize("name", ISSUE_PRESETS)
+def test_presets_exist_and_validate(name):
+    r = recipes.get(name)
+    assert r.name == name
+    assert r.weights.bits == int(name.split("-w")[1][0])
+
+
+def test_every_preset_loads():
+    for name in recipes.presets():
+        recipes.get(name).validate()
+
+
+def _write(tmp_path, text, suffix=".yaml"):
+    p = tmp_path / f"r{suffix}"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_toml_files(tmp_path):
+    y = recipes.get(_write(tmp_path, "weights: {method: gptq, bits: 3, group_size: 64}\n"))
+    t = recipes.get(_write(tmp_path, "[weights]\nmethod = 'gptq'\nbits = 3\ngroup_size = 64\n", ".toml"))
+    assert y.weights == t.weights and y.weights.group_size == 64
+
+
+@pytest.mark.parametrize("text,message", [
+    ("weights: {bitz: 4}\n", "unknown recipe key 'bitz' in weights"),
+    ("wieghts: {bits: 4}\n", "unknown recipe key 'wieghts'"),
+    ("weights: {bits: 9}\n", "bits must be an integer from 2 to 8"),
+    ("weights: {bits: 1}\n", "bits must be an integer from 2 to 8"),
+    ("weights: {group_size: 0}\n", "group_size must be a positive integer"),
+    ("weights: {group_size: -64}\n", "group_size must be a positive integer"),
+    ("weights: {group_size: 12.5}\n", "group_size must be a positive integer"),
+    ("weights: {method: awq}\n", "weights.method must be one of"),
+    ("calibration: {nsamples: 0}\n", "calibration.nsamples must be a positive integer"),
+    ("calibration: {dataset: ptb}\n", "calibration.dataset must be one of"),
+])
+def test_bad_recipes_give_one_line_errors(tmp_path, text, message):
+    with pytest.raises(LowbitError, match=message) as exc:
+        recipes.get(_write(tmp_path, text))
+    assert "\n" not in str(exc.value)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(LowbitError, match="gptq-w4g128"):
+        recipes.get("gptq-w5")

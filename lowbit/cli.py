@@ -49,6 +49,7 @@ def quantize(
     seed: Optional[int] = typer.Option(None, help="calibration sampling seed"),
     sampling: Optional[str] = typer.Option(None, help="documents (GPTQ) or concat"),
     resume: bool = typer.Option(False, help="continue an interrupted run from its last finished block"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set weights.act_order=false"),
     eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4"),
     windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (quick protocol)"),
 ) -> None:
@@ -60,7 +61,7 @@ def quantize(
     from lowbit.models import load_model
     from lowbit.pipeline import quantize_model
 
-    rec = recipes.get(recipe)
+    rec = recipes.apply_overrides(recipes.get(recipe), set_)
     overrides = {k: v for k, v in dict(nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling).items() if v is not None}
     rec.calibration = dataclasses.replace(rec.calibration, **overrides)
     rec.validate()

@@ -51,3 +51,13 @@ def test_bad_recipes_give_one_line_errors(tmp_path, text, message):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(LowbitError, match="gptq-w4g128"):
         recipes.get("gptq-w5")
+
+
+def test_overrides_are_validated_like_files():
+    r = recipes.apply_overrides(recipes.get("gptq-w4"), ["weights.bits=3", "hessian.skip_first_tokens=1",
+                                                         "weights.group_size=null"])
+    assert r.weights.bits == 3 and r.hessian.skip_first_tokens == 1 and r.weights.group_size is None
+    with pytest.raises(LowbitError, match="unknown recipe key 'bitz'"):
+        recipes.apply_overrides(r, ["weights.bitz=3"])
+    with pytest.raises(LowbitError, match="bits must be an integer from 2 to 8"):
+        recipes.apply_overrides(r, ["weights.bits=12"])

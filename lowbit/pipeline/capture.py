@@ -71,13 +71,37 @@ def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) ->
 
 
 @torch.no_grad()
+def feed_block_until(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], last: nn.Module) -> None:
+    """Forward every sample through ``block`` only until ``last`` has received its input.
+
+    Statistics hooks see everything up to that layer; the rest of the block is not computed
+    (for q/k/v that skips the whole block, for o_proj the MLP).
+    """
+
+    def stop(_module, _args):
+        raise _StopForward
+
+    handle = last.register_forward_pre_hook(stop)  # registered last: runs after statistics hooks
+    try:
+        for i in range(inputs.shape[0]):
+            try:
+                block(inputs[i : i + 1], **kwargs)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
 def sequential_groups(
     block: nn.Module, linears: dict[str, nn.Linear], sample: torch.Tensor, kwargs: dict[str, Any]
 ) -> list[list[str]]:
     """Linears in execution order, grouped when they read the same input tensor (q/k/v, gate/up)."""
-    calls: list[tuple[str, int]] = []
+    # keep the input tensors alive: comparing ids of freed tensors would let a new tensor at a
+    # reused address pass for the same input (that made grouping, and results, nondeterministic)
+    calls: list[tuple[str, torch.Tensor]] = []
     handles = [
-        m.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, id(args[0]))))
+        m.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
         for name, m in linears.items()
     ]
     try:
@@ -88,14 +112,14 @@ def sequential_groups(
     groups: list[list[str]] = []
     last_input = None
     seen: set[str] = set()
-    for name, input_id in calls:
+    for name, tensor in calls:
         if name in seen:
             continue
         seen.add(name)
-        if groups and input_id == last_input:
+        if groups and tensor is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_input = input_id
+        last_input = tensor
     missing = [n for n in linears if n not in seen]
     return groups + ([missing] if missing else [])

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lowbit.hessians import HessianAccumulator
 from lowbit.models import block_linears, find_blocks
-from lowbit.pipeline.capture import capture_block_inputs, run_block, sequential_groups
+from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
 from lowbit.pipeline.report import LayerReport, QuantReport, peak_memory_mb
 from lowbit.pipeline.resume import ProgressStore, fingerprint
 from lowbit.recipes import Recipe
@@ -51,7 +51,7 @@ def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: to
     handles = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0].detach()))
                for n, m in layers.items()]
     try:
-        run_block(block, inputs, kwargs)
+        feed_block_until(block, inputs, kwargs, last=list(layers.values())[-1])
     finally:
         for h in handles:
             h.remove()
@@ -106,10 +106,11 @@ def quantize_model(
             report.resumed_blocks += 1
         else:
             weights = {}
-            if needs_inputs:
-                groups = sequential_groups(block, layers, inputs[:1], block_kwargs[b]) if recipe.pipeline.true_sequential else [list(layers)]
-            else:
-                groups = [list(layers)]
+            groups = [list(layers)]
+            if needs_inputs:  # execution order; one pass per group when true-sequential
+                groups = sequential_groups(block, layers, inputs[:1], block_kwargs[b])
+                if not recipe.pipeline.true_sequential:
+                    groups = [[n for g in groups for n in g]]
             for group in groups:
                 group_layers = {n: layers[n] for n in group}
                 hessians = (_collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)

@@ -11,7 +11,7 @@ import yaml
 from lowbit.errors import LowbitError
 from lowbit.recipes.schema import CalibrationSpec, HessianSpec, PipelineSpec, Recipe, WeightSpec
 
-__all__ = ["CalibrationSpec", "HessianSpec", "PipelineSpec", "Recipe", "WeightSpec", "get", "load_file", "presets"]
+__all__ = ["CalibrationSpec", "HessianSpec", "PipelineSpec", "Recipe", "WeightSpec", "apply_overrides", "get", "load_file", "presets"]
 
 
 def presets() -> list[str]:
@@ -28,6 +28,23 @@ def load_file(path: str | Path) -> Recipe:
     data = data or {}
     data.setdefault("name", path.stem)
     return Recipe.from_dict(data, where="recipe")
+
+
+def apply_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
+    """``["weights.bits=3", "hessian.skip_first_tokens=1"]`` -> a new, validated recipe."""
+    data = recipe.to_dict()
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise LowbitError(f"override '{item}' is not of the form section.key=value")
+        *path, leaf = key.strip().split(".")
+        node = data
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise LowbitError(f"unknown recipe key '{key}' in override '{item}'")
+            node = node[part]
+        node[leaf] = yaml.safe_load(raw)
+    return Recipe.from_dict(data)
 
 
 def get(name_or_path: str | Path | Recipe) -> Recipe:

@@ -33,6 +33,20 @@ def _check_windows(windows: Optional[int]) -> None:
         raise LowbitError(f"--windows must be a positive integer, got {windows}")
 
 
+def _device(name: Optional[str]):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LowbitError(f"unknown device '{name}' (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError(f"device '{name}' asked for, but no CUDA GPU is available")
+    return dev
+
+
 def _ppl_table(rows: dict[str, dict[str, float]], datasets: list[str]) -> str:
     head = "model".ljust(24) + "".join(f"{d:>12s}" for d in datasets)
     lines = [head] + [name.ljust(24) + "".join(f"{vals[d]:12.3f}" for d in datasets) for name, vals in rows.items()]
@@ -52,6 +66,7 @@ def quantize(
     set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set weights.act_order=false"),
     eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4"),
     windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (quick protocol)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
 ) -> None:
     """Quantize MODEL with a recipe and write a packed checkpoint to OUT."""
     from lowbit import recipes
@@ -67,8 +82,10 @@ def quantize(
     rec.validate()
     datasets = _datasets(eval_ppl)
     _check_windows(windows)
+    dev = _device(device)
 
     m, tok = load_model(model)
+    m.to(dev)
     rows: dict[str, dict[str, float]] = {}
     if datasets:
         rows["full precision"] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
@@ -84,6 +101,7 @@ def quantize(
     save(m, out, tok, report)
     shutil.rmtree(progress, ignore_errors=True)
     typer.echo(f"saved {rec.name} checkpoint to {out} ({report.total_seconds:.1f} s, peak {report.peak_memory_mb:.0f} MB)")
+    typer.echo(f"largest relative layer errors (all layers in {out / 'report.json'}):\n{report.worst()}")
     if datasets:
         rows[rec.name] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
         (out / "eval.json").write_text(json.dumps({"windows": windows, "perplexity": rows}, indent=1))
@@ -98,6 +116,7 @@ def evaluate(
     seqlen: int = typer.Option(2048, help="window length in tokens"),
     kl: bool = typer.Option(False, "--kl", help="also KL divergence to the unquantized base model"),
     kl_ref: Optional[str] = typer.Option(None, help="reference model for --kl (default: the checkpoint's base)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ) -> None:
     """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol."""
@@ -106,7 +125,9 @@ def evaluate(
 
     datasets = _datasets(ppl)
     _check_windows(windows)
+    dev = _device(device)
     m, tok = load_model(model)
+    m.to(dev)
     result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}
     for d in datasets:
         r = perplexity(m, tok, d, seqlen=seqlen, windows=windows)
@@ -116,6 +137,7 @@ def evaluate(
         if not ref_name:
             raise LowbitError("--kl needs --kl-ref: this model records no base model")
         ref, _ = load_model(ref_name)
+        ref.to(m.device)
         result["kl"] = {d: kl_divergence(m, ref, tok, d, seqlen=seqlen, windows=windows) for d in datasets}
     if as_json:
         typer.echo(json.dumps(result))

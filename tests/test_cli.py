@@ -16,6 +16,7 @@ def _lowbit(*args, timeout=120):
     (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--eval", "ptb"], "unknown dataset 'ptb'"),
     (["eval", "smollm2-135m", "--windows", "0"], "--windows must be a positive integer"),
     (["eval", "./no/such/dir"], "not a directory with a Hugging Face model"),
+    (["eval", "smollm2-135m", "--device", "tpu9"], "unknown device 'tpu9'"),
 ])
 def test_bad_input_is_one_line_error(args, message):
     r = _lowbit(*args)

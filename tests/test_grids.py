@@ -66,3 +66,25 @@ def test_symmetric_grid_is_centred():
 def test_bad_grid_arguments_raise(kwargs):
     with pytest.raises(LowbitError):
         UniformGrid(**kwargs)
+
+
+def test_clip_search_picks_the_best_shrink_factor_by_brute_force():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 64, generator=g)
+    w[:, 0] *= 8  # one outlier per row stretches the min-max range
+    grid = UniformGrid(3, clip_search=True)
+    got = grid.fit(w)
+    plain = UniformGrid(3)
+    for r in range(w.shape[0]):
+        row = w[r : r + 1].double()
+        best_err, best_scale = None, None
+        for i in range(0, 80):
+            s = 1 - i / 100
+            p = plain._params(s * torch.clamp(row.min(1).values, max=0).float(), s * torch.clamp(row.max(1).values, min=0).float())
+            err = (plain.quantize_dequantize(row.float(), p.scale, p.zero) - row.float()).abs().pow(2.4).sum().item()
+            if best_err is None or err < best_err:
+                best_err, best_scale = err, p.scale.item()
+        assert got.scale[r].item() == pytest.approx(best_scale)
+    mm = plain.fit(w)
+    err = lambda p: (grid.quantize_dequantize(w, p.scale, p.zero) - w).pow(2).sum()  # noqa: E731
+    assert err(got) < err(mm)

@@ -47,6 +47,31 @@ def _check_seqlen(model: nn.Module, seqlen: int) -> None:
 
 
 @torch.no_grad()
+def window_nll(model: nn.Module, windows: torch.Tensor, desc: str = "ppl", show_progress: bool = False) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over token windows ``(n, seqlen)`` and its count."""
+    dev = _device(model)
+    total_nll, total_tokens = 0.0, 0
+    for i in tqdm(range(windows.shape[0]), desc=desc, unit="win", disable=not show_progress):
+        ids = windows[i : i + 1].to(dev)
+        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        total_tokens += ids.shape[1] - 1
+    return total_nll, total_tokens
+
+
+@torch.no_grad()
+def window_kl(model: nn.Module, reference: nn.Module, windows: torch.Tensor, show_progress: bool = False) -> float:
+    """Mean per-token ``KL(p_reference ‖ p_model)`` of next-token distributions, in nats."""
+    total, count = 0.0, 0
+    for i in tqdm(range(windows.shape[0]), desc="kl", unit="win", disable=not show_progress):
+        ids = windows[i : i + 1]
+        logp_ref = F.log_softmax(reference(ids.to(_device(reference)), use_cache=False).logits[0].float(), -1)
+        logp = F.log_softmax(model(ids.to(_device(model)), use_cache=False).logits[0].float(), -1).to(logp_ref.device)
+        total += float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum"))
+        count += ids.shape[1]
+    return total / count
+
+
 def perplexity(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -58,18 +83,10 @@ def perplexity(
 ) -> PerplexityResult:
     _check_seqlen(model, seqlen)
     wins = eval_windows(dataset, tok, seqlen, windows, _model_type(model), bos)
-    dev = _device(model)
-    total_nll, total_tokens = 0.0, 0
-    for i in tqdm(range(wins.shape[0]), desc=f"ppl {dataset}", unit="win", disable=not show_progress):
-        ids = wins[i : i + 1].to(dev)
-        logits = model(ids, use_cache=False).logits[0, :-1].float()
-        total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        total_tokens += ids.shape[1] - 1
-    return PerplexityResult(dataset, math.exp(total_nll / total_tokens), total_nll / total_tokens,
-                            total_tokens, wins.shape[0], seqlen)
+    nll, tokens = window_nll(model, wins, f"ppl {dataset}", show_progress)
+    return PerplexityResult(dataset, math.exp(nll / tokens), nll / tokens, tokens, wins.shape[0], seqlen)
 
 
-@torch.no_grad()
 def kl_divergence(
     model: nn.Module,
     reference: nn.Module,
@@ -80,14 +97,7 @@ def kl_divergence(
     bos: str = "auto",
     show_progress: bool = True,
 ) -> float:
-    """Mean per-token ``KL(p_reference ‖ p_model)`` of next-token distributions, in nats."""
+    """KL of ``model`` to ``reference`` on the evaluation windows of ``dataset``."""
     _check_seqlen(model, seqlen)
     wins = eval_windows(dataset, tok, seqlen, windows, _model_type(model), bos)
-    total, count = 0.0, 0
-    for i in tqdm(range(wins.shape[0]), desc=f"kl {dataset}", unit="win", disable=not show_progress):
-        ids = wins[i : i + 1]
-        logp_ref = F.log_softmax(reference(ids.to(_device(reference)), use_cache=False).logits[0].float(), -1)
-        logp = F.log_softmax(model(ids.to(_device(model)), use_cache=False).logits[0].float(), -1).to(logp_ref.device)
-        total += float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum"))
-        count += ids.shape[1]
-    return total / count
+    return window_kl(model, reference, wins, show_progress)

@@ -37,7 +37,8 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBa
     layers = {}
     for name, qw in quant.items():
         linear = model.get_submodule(name)
-        ql = QuantLinear.from_quantized(qw, linear.bias, group_size)
+        bias = linear.bias.detach().cpu() if linear.bias is not None else None
+        ql = QuantLinear.from_quantized(qw, bias, group_size)
         for key, value in ql.state_dict().items():
             tensors[f"{name}.{key}"] = value
         layers[name] = {"bits": qw.bits, "group_size": group_size, "shape": list(qw.codes.shape),
@@ -53,7 +54,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBa
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = value.detach().contiguous()
+        tensors[key] = value.detach().cpu().contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "lowbit", "version": str(FORMAT_VERSION)})
     model.config.save_pretrained(out)
     if tokenizer is not None:

@@ -121,7 +121,7 @@ def quantize_model(
                     h = hessians.get(n)
                     qw = round_weight(w, h, spec, name=prefix + n)
                     _apply(layer, qw)
-                    weights[n] = qw
+                    weights[n] = qw = qw.cpu()  # codes for packing live on the host, not the GPU
                     model.lowbit_quant[prefix + n] = qw
                     report.layers.append(_layer_report(prefix + n, b, w, qw, h, spec.method, time.perf_counter() - t0))
             if store is not None:

@@ -48,6 +48,14 @@ class QuantReport:
         return "\n".join(rows)
 
 
+    def worst(self, k: int = 5) -> str:
+        """The ``k`` layers with the largest relative output error (weight error without a Hessian)."""
+        key = (lambda r: r.rel_output_error) if all(r.rel_output_error is not None for r in self.layers) else (
+            lambda r: r.rel_weight_error)
+        rows = sorted(self.layers, key=key, reverse=True)[:k]
+        return "\n".join(f"  {r.name:40s} {key(r):.3e}" for r in rows)
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (and of the GPU, if one was used)."""
     mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -24,12 +24,16 @@ def _positive_int(value: Any, what: str) -> None:
 
 @dataclass
 class WeightSpec:
-    """How weights are rounded; ``group_size: null`` means one scale per output channel."""
+    """How weights are rounded; ``group_size: null`` means one scale per output channel.
+
+    ``clip_search``: pick each row's (group's) range by GPTQ's shrink search instead of min-max.
+    """
 
     method: str = "gptq"
     bits: int = 4
     group_size: int | None = None
     symmetric: bool = False
+    clip_search: bool = False
     act_order: bool = False
     damp: float = 0.01
     blocksize: int = 128

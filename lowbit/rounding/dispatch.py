@@ -12,7 +12,8 @@ from lowbit.rounding.rtn import rtn_quantize
 
 
 def grid_for(spec: WeightSpec) -> UniformGrid:
-    return UniformGrid(bits=spec.bits, symmetric=spec.symmetric, group_size=spec.group_size)
+    return UniformGrid(bits=spec.bits, symmetric=spec.symmetric, group_size=spec.group_size,
+                       clip_search=spec.clip_search)
 
 
 def round_weight(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name: str) -> QuantizedWeight:

@@ -20,6 +20,9 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     bits: int
 
+    def cpu(self) -> "QuantizedWeight":
+        return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.g_idx.cpu(), self.bits)
+
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long()
         return self.scale[:, g] * (self.codes.float() - self.zero[:, g])

@@ -1,0 +1,48 @@
+"""Perplexity and KL against float64 computations written out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.eval.perplexity import window_kl, window_nll
+from lowbit.models.aliases import GGUFAlias
+
+from conftest import tiny_llama, tiny_opt
+
+
+def test_window_nll_matches_float64_reference():
+    model = tiny_llama()
+    wins = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    nll, n = window_nll(model, wins)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(wins).logits.double(), -1)
+    ref = -logp[:, :-1].gather(-1, wins[:, 1:, None]).sum().item()
+    assert n == 3 * 19
+    assert nll == pytest.approx(ref, rel=1e-5)
+    assert math.exp(nll / n) > 1
+
+
+def test_window_kl_is_zero_to_itself_and_matches_float64():
+    a, b = tiny_llama(seed=0), tiny_llama(seed=1)
+    wins = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert window_kl(a, a, wins) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        p = torch.log_softmax(b(wins).logits.double(), -1)
+        q = torch.log_softmax(a(wins).logits.double(), -1)
+    ref = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert window_kl(a, b, wins) == pytest.approx(ref, rel=1e-4)
+
+
+def test_missing_model_package_says_what_to_install():
+    alias = GGUFAlias(name="x-1b", package="no-such-package-lowbit", hub_id="x/x", install="pip install no-such-package-lowbit")
+    with pytest.raises(LowbitError, match="needs the package no-such-package-lowbit: pip install"):
+        alias.gguf_path()
+
+
+def test_seqlen_beyond_context_is_refused():
+    from lowbit.eval.perplexity import _check_seqlen
+
+    with pytest.raises(LowbitError, match="exceeds the model's context of 128"):
+        _check_seqlen(tiny_opt(), 2048)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                          OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
@@ -20,6 +21,25 @@ def tiny_opt(seed: int = 0, layers: int = 2) -> OPTForCausalLM:
     cfg = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=layers, num_attention_heads=4,
                     max_position_embeddings=128, word_embed_proj_dim=64)
     return OPTForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed: int = 0, layers: int = 2) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 3) -> Gemma3ForCausalLM:
+    """Sliding-window and full-attention layers get different masks and RoPE: kwargs per block."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                           sliding_window=8, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+ARCHITECTURES = [tiny_llama, tiny_opt, tiny_qwen2, tiny_gemma3]
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from lowbit.data.sources import check_data_available
 from lowbit.errors import LowbitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization of LLMs.")
@@ -83,6 +84,10 @@ def quantize(
     datasets = _datasets(eval_ppl)
     _check_windows(windows)
     dev = _device(device)
+    if out.exists() and not out.is_dir():
+        raise LowbitError(f"--out {out} exists and is not a directory")
+    if datasets or rec.needs_calibration:
+        check_data_available()
 
     m, tok = load_model(model)
     m.to(dev)
@@ -125,7 +130,10 @@ def evaluate(
 
     datasets = _datasets(ppl)
     _check_windows(windows)
+    if seqlen < 2:
+        raise LowbitError(f"--seqlen must be at least 2, got {seqlen}")
     dev = _device(device)
+    check_data_available()
     m, tok = load_model(model)
     m.to(dev)
     result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}
@@ -163,6 +171,9 @@ def main() -> None:
     except LowbitError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

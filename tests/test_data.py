@@ -55,6 +55,26 @@ def test_calibration_is_deterministic_and_follows_gptq_sampling(tok):
         assert any(any(d[j : j + 512] == row for j in range(len(d) - 511)) for d in docs if len(d) > 512)
 
 
+def test_calibration_pins_gptq_random_stream(tok):
+    """Seed 0 draws documents and offsets exactly as GPTQ's get_c4 loop does (written out here)."""
+    import random
+
+    from lowbit.data import c4_documents
+
+    docs = c4_documents("train")
+    random.seed(0)
+    expected = []
+    for _ in range(3):
+        while True:
+            i = random.randint(0, len(docs) - 1)
+            ids = tok(docs[i]).input_ids
+            if len(ids) > 256:
+                break
+        j = random.randint(0, len(ids) - 256 - 1)
+        expected.append(ids[j : j + 256])
+    assert calibration("c4", tok, n=3, seqlen=256, seed=0).tolist() == expected
+
+
 def test_concat_sampling(tok):
     x = calibration("c4", tok, n=3, seqlen=4096, seed=0, sampling="concat")
     assert x.shape == (3, 4096)

@@ -61,6 +61,20 @@ def test_act_order_equals_reference_on_permuted_problem():
     assert torch.equal(qw.codes[:, perm].double(), ref)
 
 
+@pytest.mark.parametrize("group_size,blocksize", [(16, 7), (30, 32), (30, 128)])
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_act_order_with_groups_equals_reference(group_size, blocksize, clip_search):
+    """Act-order permutes the columns; groups are then contiguous in the permuted order (g_idx)."""
+    w, h = _problem(seed=4)
+    grid = UniformGrid(3, group_size=group_size, clip_search=clip_search)
+    qw = gptq_quantize(w, h, grid, act_order=True, blocksize=blocksize, dtype=torch.float64)
+    h_damped = h + 0.01 * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    perm = torch.argsort(torch.diag(h_damped), descending=True)
+    ref = reference_obs(w[:, perm], h[perm][:, perm], grid)
+    assert torch.equal(qw.codes[:, perm].double(), ref)
+    assert torch.equal(qw.g_idx[perm], torch.arange(w.shape[1]) // group_size)
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("bits,group_size,act_order", [(2, 16, False), (3, None, True), (4, 32, True)])
 def test_gptq_proxy_loss_never_above_rtn(seed, bits, group_size, act_order):

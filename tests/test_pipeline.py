@@ -60,6 +60,31 @@ def test_every_block_linear_lands_on_its_grid(factory, method, calib_ids):
         assert int(qw.codes.max()) <= 15
 
 
+def test_one_pass_mode_quantizes_everything_from_full_precision_inputs(calib_ids):
+    """true_sequential=false: every layer's Hessian comes from the block's unquantized inputs."""
+    seq, flat = tiny_llama(), tiny_llama()
+    quantize_model(seq, _recipe("gptq", bits=3), calib_ids, show_progress=False)
+    rec = _recipe("gptq", bits=3)
+    rec.pipeline.true_sequential = False
+    quantize_model(flat, rec, calib_ids, show_progress=False)
+    q = "model.layers.0.self_attn.q_proj"  # first group: same inputs either way
+    assert torch.equal(seq.lowbit_quant[q].codes, flat.lowbit_quant[q].codes)
+    down = "model.layers.0.mlp.down_proj"  # later groups: inputs differ once q/k/v/o are quantized
+    assert not torch.equal(seq.lowbit_quant[down].codes, flat.lowbit_quant[down].codes)
+
+
+def test_reloaded_checkpoint_runs_in_bfloat16_with_biases(tmp_path, calib_ids):
+    from conftest import tiny_opt
+
+    model = tiny_opt()
+    lowbit.quantize(model, _recipe("rtn"), show_progress=False)
+    lowbit.save(model, tmp_path)
+    reloaded, _ = lowbit.load_model(tmp_path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = reloaded(calib_ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
 def test_gptq_beats_rtn_on_layer_output_error(calib_ids):
     calib = torch.randint(0, 128, (16, 64), generator=torch.Generator().manual_seed(3))
     errs = {}

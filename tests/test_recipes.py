@@ -41,6 +41,10 @@ def test_yaml_and_toml_files(tmp_path):
     ("weights: {method: awq}\n", "weights.method must be one of"),
     ("calibration: {nsamples: 0}\n", "calibration.nsamples must be a positive integer"),
     ("calibration: {dataset: ptb}\n", "calibration.dataset must be one of"),
+    ("pipeline: {skip: ['mlp.(']}\n", "not a valid regular expression"),
+    ("pipeline: {true_sequential: maybe}\n", "true_sequential must be true or false"),
+    ("weights: {act_order: 1}\n", "act_order must be true or false"),
+    ("- a\n- b\n", "must hold a mapping"),
 ])
 def test_bad_recipes_give_one_line_errors(tmp_path, text, message):
     with pytest.raises(LowbitError, match=message) as exc:

@@ -100,21 +100,27 @@ def calibration(
         sampling = "concat"
     else:
         raise LowbitError(f"unknown calibration dataset '{dataset}' (known: {', '.join(DATASETS)})")
-    enc = tok(docs, add_special_tokens=not with_bos).input_ids
     random.seed(seed)
     samples = []
     if sampling == "documents":
-        long_docs = [i for i, e in enumerate(enc) if len(e) > body]
-        if not long_docs:
-            raise LowbitError(f"no {dataset} document is longer than {body} tokens; use sampling='concat'")
+        cache: dict[int, list[int]] = {}  # lazily: the hub's full shard has ~356k documents
+
+        def encoded(i: int) -> list[int]:
+            if i not in cache:
+                cache[i] = tok(docs[i], add_special_tokens=not with_bos).input_ids
+            return cache[i]
+
         for _ in range(n):
-            while True:  # GPTQ's rejection loop, so the random stream matches its reference code
-                i = random.randint(0, len(enc) - 1)
-                if len(enc[i]) > body:
+            for _attempt in range(100 * len(docs)):  # GPTQ's rejection loop: same random stream
+                i = random.randint(0, len(docs) - 1)
+                if len(encoded(i)) > body:
                     break
-            j = random.randint(0, len(enc[i]) - body - 1)
-            samples.append(enc[i][j : j + body])
+            else:
+                raise LowbitError(f"no {dataset} document is longer than {body} tokens; use sampling='concat'")
+            j = random.randint(0, len(encoded(i)) - body - 1)
+            samples.append(encoded(i)[j : j + body])
     else:
+        enc = tok(docs, add_special_tokens=not with_bos).input_ids
         sep = tok("\n\n", add_special_tokens=False).input_ids
         stream: list[int] = []
         for e in enc:

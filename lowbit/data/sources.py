@@ -33,6 +33,19 @@ def data_dir() -> Path | None:
     return None
 
 
+def check_data_available() -> None:
+    """Fail fast (before a model is loaded) when neither local files nor the hub loader exist."""
+    if data_dir() is not None:
+        return
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise LowbitError(
+            "no local data found (set LOWBIT_DATA to a folder with wikitext-2-raw/ and c4/) "
+            'and the hub fallback needs `pip install "lowbit[hub]"`'
+        ) from None
+
+
 @functools.lru_cache(maxsize=2)
 def wikitext2_test_rows() -> tuple[str, ...]:
     """The rows of WikiText-2-raw-v1 ``test`` exactly as the ``datasets`` loader yields them."""

@@ -43,5 +43,18 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[
     model.lowbit_source = meta.get("base_model")
     model.lowbit_recipe = meta.get("recipe", {})
     model.lowbit_checkpoint = str(path)
-    has_tokenizer = (path / "tokenizer_config.json").exists()
-    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    if (path / "tokenizer_config.json").exists():
+        return model, AutoTokenizer.from_pretrained(path)
+    return model, _base_tokenizer(meta.get("base_model"))
+
+
+def _base_tokenizer(base: str | None) -> PreTrainedTokenizerBase | None:
+    """A checkpoint saved without a tokenizer borrows its base model's, if that can be found."""
+    from lowbit.models.aliases import ALIASES
+    from lowbit.models.loading import cache_dir
+
+    if base in ALIASES and (cache_dir() / "models" / base / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cache_dir() / "models" / base)
+    if base and Path(base).is_dir() and (Path(base) / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(base)
+    return None

@@ -28,15 +28,19 @@ def cache_dir() -> Path:
 
 
 def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return ``(model, tokenizer)`` in eval mode; ``model.name_or_path`` records where it came from."""
+    """Return ``(model, tokenizer)`` in eval mode; ``model.lowbit_source`` records where it came from.
+
+    ``dtype`` defaults to float32 for float models and to the saved dtype for lowbit checkpoints.
+    """
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir() and (path / CHECKPOINT_MARKER).exists():
         from lowbit.export.load import load_quantized
 
         return load_quantized(path, dtype=dtype)
+    dtype = dtype or torch.float32
     if name in ALIASES:
         model, tok = _load_local(_cached_alias(ALIASES[name]), dtype)
         model.lowbit_source = name

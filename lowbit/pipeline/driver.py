@@ -8,6 +8,7 @@ exactly what the packed runtime computes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -119,11 +120,16 @@ def quantize_model(
                     t0 = time.perf_counter()
                     w = layer.weight.data.clone()
                     h = hessians.get(n)
-                    qw = round_weight(w, h, spec, name=prefix + n)
+                    if h is not None and not torch.any(h):
+                        log.warning("%s saw no calibration input; rounding it with RTN", prefix + n)
+                        h = None
+                        qw = round_weight(w, None, dataclasses.replace(spec, method="rtn"), name=prefix + n)
+                    else:
+                        qw = round_weight(w, h, spec, name=prefix + n)
                     _apply(layer, qw)
+                    report.layers.append(_layer_report(prefix + n, b, w, qw, h, spec.method, time.perf_counter() - t0))
                     weights[n] = qw = qw.cpu()  # codes for packing live on the host, not the GPU
                     model.lowbit_quant[prefix + n] = qw
-                    report.layers.append(_layer_report(prefix + n, b, w, qw, h, spec.method, time.perf_counter() - t0))
             if store is not None:
                 store.save_block(b, weights, [r.__dict__ for r in report.layers if r.block == b])
         if needs_inputs and b + 1 < len(blocks):

@@ -26,6 +26,8 @@ def load_file(path: str | Path) -> Recipe:
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise LowbitError(f"cannot parse recipe file {path}: {exc}".splitlines()[0]) from None
     data = data or {}
+    if not isinstance(data, dict):
+        raise LowbitError(f"recipe file {path} must hold a mapping of sections, got {type(data).__name__}")
     data.setdefault("name", path.stem)
     return Recipe.from_dict(data, where="recipe")
 

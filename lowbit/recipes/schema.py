@@ -7,6 +7,7 @@ out-of-range values are rejected with a one-line message before any model is loa
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -46,6 +47,9 @@ class WeightSpec:
         if self.group_size is not None:
             _positive_int(self.group_size, "weights.group_size")
         _positive_int(self.blocksize, "weights.blocksize")
+        for flag in ("symmetric", "clip_search", "act_order"):
+            if not isinstance(getattr(self, flag), bool):
+                raise LowbitError(f"weights.{flag} must be true or false, got {getattr(self, flag)!r}")
         if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
             raise LowbitError(f"weights.damp must be a number in [0, 1), got {self.damp!r}")
 
@@ -89,6 +93,17 @@ class PipelineSpec:
     true_sequential: bool = True
     skip: list[str] = field(default_factory=list)
 
+    def validate(self) -> None:
+        if not isinstance(self.true_sequential, bool):
+            raise LowbitError(f"pipeline.true_sequential must be true or false, got {self.true_sequential!r}")
+        if not isinstance(self.skip, list) or not all(isinstance(p, str) for p in self.skip):
+            raise LowbitError(f"pipeline.skip must be a list of regular expressions, got {self.skip!r}")
+        for pattern in self.skip:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise LowbitError(f"pipeline.skip pattern {pattern!r} is not a valid regular expression: {exc}") from None
+
 
 @dataclass
 class Recipe:
@@ -103,6 +118,7 @@ class Recipe:
         self.weights.validate()
         self.hessian.validate()
         self.calibration.validate()
+        self.pipeline.validate()
         return self
 
     @property

@@ -35,15 +35,19 @@ def data_dir() -> Path | None:
 
 def check_data_available() -> None:
     """Fail fast (before a model is loaded) when neither local files nor the hub loader exist."""
-    if data_dir() is not None:
-        return
+    if data_dir() is None:
+        _datasets_module()
+
+
+def _datasets_module():
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         raise LowbitError(
             "no local data found (set LOWBIT_DATA to a folder with wikitext-2-raw/ and c4/) "
             'and the hub fallback needs `pip install "lowbit[hub]"`'
         ) from None
+    return datasets
 
 
 @functools.lru_cache(maxsize=2)
@@ -72,13 +76,7 @@ def c4_documents(split: str) -> tuple[str, ...]:
 
 
 def _hub(*args, **kwargs):
-    try:
-        import datasets
-    except ImportError:
-        raise LowbitError(
-            "no local data found (set LOWBIT_DATA to a folder with wikitext-2-raw/ and c4/) "
-            'and the hub fallback needs `pip install "lowbit[hub]"`'
-        ) from None
+    datasets = _datasets_module()
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # network, auth, missing files: say what to do instead

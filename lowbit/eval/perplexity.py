@@ -46,6 +46,13 @@ def _check_seqlen(model: nn.Module, seqlen: int) -> None:
         raise LowbitError(f"seqlen {seqlen} exceeds the model's context of {limit} tokens; pass a smaller --seqlen")
 
 
+def _eval_windows_for(model: nn.Module, tok: PreTrainedTokenizerBase, dataset: str, seqlen: int,
+                      windows: int | None, bos: str) -> torch.Tensor:
+    """The protocol's windows for this model (its context limit and BOS rule applied)."""
+    _check_seqlen(model, seqlen)
+    return eval_windows(dataset, tok, seqlen, windows, _model_type(model), bos)
+
+
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: torch.Tensor, desc: str = "ppl", show_progress: bool = False) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over token windows ``(n, seqlen)`` and its count."""
@@ -81,8 +88,7 @@ def perplexity(
     bos: str = "auto",
     show_progress: bool = True,
 ) -> PerplexityResult:
-    _check_seqlen(model, seqlen)
-    wins = eval_windows(dataset, tok, seqlen, windows, _model_type(model), bos)
+    wins = _eval_windows_for(model, tok, dataset, seqlen, windows, bos)
     nll, tokens = window_nll(model, wins, f"ppl {dataset}", show_progress)
     return PerplexityResult(dataset, math.exp(nll / tokens), nll / tokens, tokens, wins.shape[0], seqlen)
 
@@ -98,6 +104,5 @@ def kl_divergence(
     show_progress: bool = True,
 ) -> float:
     """KL of ``model`` to ``reference`` on the evaluation windows of ``dataset``."""
-    _check_seqlen(model, seqlen)
-    wins = eval_windows(dataset, tok, seqlen, windows, _model_type(model), bos)
+    wins = _eval_windows_for(model, tok, dataset, seqlen, windows, bos)
     return window_kl(model, reference, wins, show_progress)

@@ -16,6 +16,7 @@ from lowbit.errors import LowbitError
 
 MIN_SCALE = 1e-5  # representable in float16; keeps all-zero groups finite
 CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM = 100, 0.8, 2.4  # GPTQ's quantizer defaults
+CLIP_CHUNK_ELEMENTS = 2**24  # candidates evaluated at once (64 MB of float32)
 
 
 def natural_group_index(cols: int, group_size: int | None, device: torch.device | None = None) -> torch.Tensor:
@@ -70,22 +71,24 @@ class UniformGrid:
         zero_t = torch.zeros(w.shape[0], device=w.device)
         xmin = torch.minimum(w.min(dim=1).values, zero_t)
         xmax = torch.maximum(w.max(dim=1).values, zero_t)
-        best = self._params(xmin, xmax)
-        if self.clip_search:
-            best_err = self._error(w, best)
-            for i in range(1, int(CLIP_MAX_SHRINK * CLIP_GRID)):
-                shrink = 1 - i / CLIP_GRID
-                cand = self._params(shrink * xmin, shrink * xmax)
-                err = self._error(w, cand)
-                better = err < best_err
-                if better.any():
-                    best_err = torch.where(better, err, best_err)
-                    best = GridParams(torch.where(better[:, None], cand.scale, best.scale),
-                                      torch.where(better[:, None], cand.zero, best.zero))
-        return best
+        if not self.clip_search:
+            return self._params(xmin, xmax)
+        n_shrink = int(CLIP_MAX_SHRINK * CLIP_GRID)
+        chunk = max(1, CLIP_CHUNK_ELEMENTS // (n_shrink * w.shape[1]))
+        parts = [self._clip(w[r : r + chunk], xmin[r : r + chunk], xmax[r : r + chunk], n_shrink)
+                 for r in range(0, w.shape[0], chunk)]
+        return GridParams(torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]))
 
-    def _error(self, w: torch.Tensor, p: GridParams) -> torch.Tensor:
-        return (self.quantize_dequantize(w, p.scale, p.zero) - w).abs().pow(CLIP_NORM).sum(1)
+    def _clip(self, w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, n_shrink: int) -> GridParams:
+        """Every shrink factor at once, ``(n_shrink, rows, cols)``; ties go to the least shrink."""
+        shrink = 1 - torch.arange(n_shrink, device=w.device) / CLIP_GRID
+        cand = self._params((shrink[:, None] * xmin).reshape(-1), (shrink[:, None] * xmax).reshape(-1))
+        scale = cand.scale.view(n_shrink, -1, 1)
+        zero = cand.zero.view(n_shrink, -1, 1)
+        err = (self.quantize_dequantize(w.unsqueeze(0), scale, zero) - w).abs().pow(CLIP_NORM).sum(2)
+        best = err.argmin(0)
+        rows = torch.arange(w.shape[0], device=w.device)
+        return GridParams(scale[best, rows], zero[best, rows])
 
     def _params(self, xmin: torch.Tensor, xmax: torch.Tensor) -> GridParams:
         if self.symmetric:

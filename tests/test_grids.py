@@ -88,3 +88,14 @@ def test_clip_search_picks_the_best_shrink_factor_by_brute_force():
     mm = plain.fit(w)
     err = lambda p: (grid.quantize_dequantize(w, p.scale, p.zero) - w).pow(2).sum()  # noqa: E731
     assert err(got) < err(mm)
+
+
+def test_clip_search_in_row_chunks_equals_all_at_once(monkeypatch):
+    import lowbit.grids.uniform as uniform
+
+    w = torch.randn(37, 50, generator=torch.Generator().manual_seed(5))
+    grid = UniformGrid(2, clip_search=True)
+    whole = grid.fit(w)
+    monkeypatch.setattr(uniform, "CLIP_CHUNK_ELEMENTS", 80 * 50 * 3)  # 3 rows at a time
+    chunked = grid.fit(w)
+    assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.zero, chunked.zero)

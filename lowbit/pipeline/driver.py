@@ -23,7 +23,7 @@ from lowbit.models import block_linears, find_blocks
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
 from lowbit.pipeline.report import LayerReport, QuantReport, peak_memory_mb
 from lowbit.pipeline.resume import ProgressStore, fingerprint
-from lowbit.recipes import Recipe
+from lowbit.recipes import Recipe, WeightSpec
 from lowbit.rounding import QuantizedWeight, proxy_loss
 from lowbit.rounding.dispatch import round_weight
 
@@ -44,6 +44,20 @@ def _layer_report(name: str, block: int, w: torch.Tensor, qw: QuantizedWeight, h
         rel = loss / max(proxy_loss(w64, h), 1e-30)
     rel_w = float(delta.pow(2).sum() / w64.pow(2).sum().clamp_min(1e-30))
     return LayerReport(name, block, tuple(w.shape), qw.bits, method, loss, rel, rel_w, seconds)
+
+
+def _round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None,
+                 spec: WeightSpec) -> tuple[QuantizedWeight, LayerReport]:
+    """Round one layer in place (fake-quant weights) and return its codes (on the host) and report."""
+    t0 = time.perf_counter()
+    w = layer.weight.data.clone()
+    if h is not None and not torch.any(h):
+        log.warning("%s saw no calibration input; rounding it with RTN", name)
+        h, spec = None, dataclasses.replace(spec, method="rtn")
+    qw = round_weight(w, h, spec, name=name)
+    _apply(layer, qw)
+    report = _layer_report(name, block, w, qw, h, spec.method, time.perf_counter() - t0)
+    return qw.cpu(), report  # codes for packing live on the host, not the GPU
 
 
 def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: torch.Tensor,
@@ -117,19 +131,9 @@ def quantize_model(
                 hessians = (_collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)
                             if needs_inputs else {})
                 for n, layer in group_layers.items():
-                    t0 = time.perf_counter()
-                    w = layer.weight.data.clone()
-                    h = hessians.get(n)
-                    if h is not None and not torch.any(h):
-                        log.warning("%s saw no calibration input; rounding it with RTN", prefix + n)
-                        h = None
-                        qw = round_weight(w, None, dataclasses.replace(spec, method="rtn"), name=prefix + n)
-                    else:
-                        qw = round_weight(w, h, spec, name=prefix + n)
-                    _apply(layer, qw)
-                    report.layers.append(_layer_report(prefix + n, b, w, qw, h, spec.method, time.perf_counter() - t0))
-                    weights[n] = qw = qw.cpu()  # codes for packing live on the host, not the GPU
-                    model.lowbit_quant[prefix + n] = qw
+                    qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), spec)
+                    report.layers.append(layer_report)
+                    weights[n] = model.lowbit_quant[prefix + n] = qw
             if store is not None:
                 store.save_block(b, weights, [r.__dict__ for r in report.layers if r.block == b])
         if needs_inputs and b + 1 < len(blocks):

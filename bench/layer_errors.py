@@ -1,10 +1,13 @@
-"""Why GPTQ closes only part of RTN's gap: per-layer output error on held-out calibration tokens.
+"""Per-layer output error on held-out calibration tokens, for rounding variants side by side.
 
 For one block of the full-precision model, collects Hessians from ``--fit`` calibration samples
-and measures ``tr(ΔW·H·ΔWᵀ)`` on ``--heldout`` other samples, for RTN and GPTQ with and without
-clipping search and act-order, as a ratio to RTN (lower is better). Prints a table, writes JSON.
+and measures ``tr(ΔW·H·ΔWᵀ)`` on ``--heldout`` other samples, as a ratio to RTN (lower is
+better). ``--variants gptq``: GPTQ with and without clipping search and act-order (why GPTQ
+closes only part of RTN's gap); ``--variants quip``: QuIP's pieces (incoherence kind, grid,
+greedy passes, rescaling) against GPTQ. Prints a table, writes JSON.
 
     python bench/layer_errors.py --block 3 --bits 4 --out bench/results/layer-errors-b3-w4.json
+    python bench/layer_errors.py --block 3 --bits 2 --variants quip --out bench/results/layer-errors-b3-w2-quip.json
 """
 
 from __future__ import annotations
@@ -20,7 +23,31 @@ from lowbit.grids import UniformGrid
 from lowbit.hessians import HessianAccumulator
 from lowbit.models import block_linears, find_blocks
 from lowbit.pipeline.capture import capture_block_inputs, run_block
-from lowbit.rounding import gptq_quantize, proxy_loss, rtn_quantize
+from lowbit.recipes import TransformSpec, WeightSpec
+from lowbit.rounding import proxy_loss, rtn_quantize
+from lowbit.rounding.dispatch import round_weight
+
+_GPTQ = dict(method="gptq", act_order=True, clip_search=True)
+_QUIP = dict(method="ldlq", act_order=True, grid="rms", greedy_passes=1)
+VARIANTS = {  # name -> (weights section, transform section)
+    "gptq": {
+        "gptq": (dict(method="gptq"), {}),
+        "gptq+act_order": (dict(method="gptq", act_order=True), {}),
+        "gptq+act_order+clip": (_GPTQ, {}),
+        "rtn+clip": (dict(method="rtn", clip_search=True), {}),
+    },
+    "quip": {
+        "gptq+act+clip": (_GPTQ, {}),
+        "ldlq-rg+rms": (_QUIP, {}),
+        "had+rtn+rms": (dict(method="rtn", grid="rms"), dict(incoherence="hadamard")),
+        "had+gptq+act+clip": (_GPTQ, dict(incoherence="hadamard")),
+        "had+ldlq+rms": (dict(_QUIP, greedy_passes=0, act_order=False), dict(incoherence="hadamard")),
+        "had+ldlq-rg+rms": (_QUIP, dict(incoherence="hadamard")),
+        "had+ldlq-rg+rms,no-rescale": (_QUIP, dict(incoherence="hadamard", rescale=False)),
+        "had+ldlq-rg+rms,3-passes": (dict(_QUIP, greedy_passes=3), dict(incoherence="hadamard")),
+        "kron+ldlq-rg+rms": (_QUIP, dict(incoherence="kron")),
+    },
+}
 
 
 def main() -> None:
@@ -32,6 +59,7 @@ def main() -> None:
     p.add_argument("--fit", type=int, default=16)
     p.add_argument("--heldout", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--variants", choices=sorted(VARIANTS), default="gptq")
     p.add_argument("--out", type=Path, default=Path("bench/results/layer-errors.json"))
     args = p.parse_args()
 
@@ -54,24 +82,20 @@ def main() -> None:
     for h in hooks:
         h.remove()
 
-    variants = {
-        "gptq": dict(clip=False, act_order=False),
-        "gptq+act_order": dict(clip=False, act_order=True),
-        "gptq+act_order+clip": dict(clip=True, act_order=True),
-        "rtn+clip": dict(clip=True, act_order=None),
-    }
+    variants = {name: (WeightSpec(**{"bits": args.bits, "group_size": args.group_size, **ws}), TransformSpec(**ts))
+                for name, (ws, ts) in VARIANTS[args.variants].items()}
     rows = []
-    print(f"{'layer':18s}{'rtn rel.err':>12s}" + "".join(f"{v:>22s}" for v in variants))
+    print(f"{'layer':18s}{'rtn rel.err':>12s}" + "".join(f"{v:>{max(len(v) + 1, 10)}s}" for v in variants))
     for n, m in layers.items():
         w, h, ht = m.weight.data, fit[n].hessian(), held[n].hessian()
         rtn = proxy_loss(rtn_quantize(w, UniformGrid(args.bits, group_size=args.group_size)).dequantize() - w, ht)
         row = {"layer": n, "rtn_rel_output_error": rtn / proxy_loss(w, ht)}
-        for name, v in variants.items():
-            grid = UniformGrid(args.bits, group_size=args.group_size, clip_search=v["clip"])
-            q = rtn_quantize(w, grid) if v["act_order"] is None else gptq_quantize(w, h, grid, act_order=v["act_order"])
-            row[name] = proxy_loss(q.dequantize() - w, ht) / rtn
+        for name, (spec, transform) in variants.items():
+            q = round_weight(w, h if spec.method != "rtn" else None, spec, n, transform)
+            row[name] = proxy_loss(q.weight() - w, ht) / rtn
         rows.append(row)
-        print(f"{n:18s}{row['rtn_rel_output_error']:12.2e}" + "".join(f"{row[v]:22.3f}" for v in variants))
+        print(f"{n:18s}{row['rtn_rel_output_error']:12.2e}" + "".join(f"{row[v]:>{max(len(v) + 1, 10)}.3f}" for v in variants),
+              flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 

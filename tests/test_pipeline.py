@@ -138,10 +138,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, calib_ids, monkeyp
 
     real_round = driver.round_weight
 
-    def interrupt_in_block_2(w, h, spec, name):
+    def interrupt_in_block_2(w, h, spec, name, **kwargs):
         if ".layers.2." in name:
             raise KeyboardInterrupt
-        return real_round(w, h, spec, name)
+        return real_round(w, h, spec, name, **kwargs)
 
     monkeypatch.setattr(driver, "round_weight", interrupt_in_block_2)
     partial = tiny_llama(layers=3)

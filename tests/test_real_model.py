@@ -62,3 +62,24 @@ def test_checkpoint_is_about_a_quarter_of_fp16_linears(gptq_checkpoint):
     norms = (30 * 2 + 1) * 576 * 4
     linear_bytes = size - embedding - norms
     assert linear_bytes < 2 * n_linear * (4 / 16) * 1.1  # ≤ 4/16 of fp16 + ~5% scales/zeros + header
+
+
+def test_quip_preset_from_the_cli_reloads_and_runs_fast_transforms(tmp_path, smollm2):
+    """QuIP-2bit on the real model from the CLI; the reloaded checkpoint's fast Hadamard path equals
+    the dense inverse-transformed weights, and its perplexity is finite."""
+    from lowbit.runtime import QuipLinear
+
+    out = tmp_path / "quip"
+    _cli("quantize", "smollm2-135m", "--recipe", "quip-w2", "--out", str(out), "--nsamples", "2", "--seqlen", "128")
+    qmodel, tok = lowbit.load_model(out)
+    quip_layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuipLinear)}
+    assert len(quip_layers) == 30 * 7
+    dense, _ = lowbit.load_model("smollm2-135m")
+    for name, layer in quip_layers.items():
+        dense.get_submodule(name).weight.data = layer.quantized().weight()
+    ids = lowbit.data.eval_windows("wikitext2", tok, seqlen=256, windows=1)
+    with torch.no_grad():
+        fast, ref = qmodel(ids).logits, dense(ids).logits
+    torch.testing.assert_close(fast, ref, atol=2e-3, rtol=1e-3)  # float32 transforms vs dense matmul
+    q = json.loads(_cli("eval", str(out), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256", "--json"))
+    assert math.isfinite(q["perplexity"]["wikitext2"]["ppl"])

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from lowbit.errors import LowbitError
 from lowbit.models.loading import CHECKPOINT_MARKER
-from lowbit.runtime import QuantLinear
+from lowbit.runtime import empty_module
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
@@ -25,10 +25,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[
     tensors = load_file(str(path / "model.safetensors"))
     for name, info in meta["layers"].items():
         old = model.get_submodule(name)
-        out_f, in_f = info["shape"]
-        n_groups = tensors[f"{name}.scales"].shape[1]
-        ql = QuantLinear(in_f, out_f, info["bits"], n_groups, old.bias is not None, info["act_order"], info["group_size"])
-        model.set_submodule(name, ql)
+        scales = tensors.get(f"{name}.scales", tensors.get(f"{name}.inner.scales"))
+        model.set_submodule(name, empty_module(info, scales.shape[1], old.bias is not None))
     result = model.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys) - set(meta["aliases"])
     if missing or result.unexpected_keys:

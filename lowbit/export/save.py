@@ -1,7 +1,8 @@
 """Write a quantized model as ``model.safetensors`` + ``config.json`` + ``lowbit_config.json``.
 
 Quantized linears are stored as :class:`~lowbit.runtime.QuantLinear` buffers (packed codes,
-float16 scales, packed zeros, ``g_idx`` only when act-order permuted the groups); every other
+float16 scales, packed zeros, ``g_idx`` only when act-order permuted the groups), inside a
+:class:`~lowbit.runtime.QuipLinear` (``in_scale`` + transform seeds) for QuIP layers; every other
 tensor keeps its dtype. Tensors that share storage (tied embeddings) are written once.
 """
 
@@ -18,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from lowbit.errors import LowbitError
 from lowbit.models.loading import CHECKPOINT_MARKER
 from lowbit.pipeline.report import QuantReport
-from lowbit.runtime import QuantLinear
+from lowbit.runtime import layer_metadata, packed_module
 
 FORMAT_VERSION = 1
 
@@ -38,11 +39,10 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBa
     for name, qw in quant.items():
         linear = model.get_submodule(name)
         bias = linear.bias.detach().cpu() if linear.bias is not None else None
-        ql = QuantLinear.from_quantized(qw, bias, group_size)
-        for key, value in ql.state_dict().items():
+        module = packed_module(qw, bias, group_size)
+        for key, value in module.state_dict().items():
             tensors[f"{name}.{key}"] = value
-        layers[name] = {"bits": qw.bits, "group_size": group_size, "shape": list(qw.codes.shape),
-                        "act_order": ql.g_idx is not None}
+        layers[name] = layer_metadata(module, group_size)
     skip = {f"{name}.{p}" for name in quant for p in ("weight", "bias")}
     seen: dict[tuple, str] = {}
     aliases = {}

@@ -35,7 +35,35 @@ def add_damping(h: torch.Tensor, damp: float) -> None:
 def robust_cholesky_inverse(
     h: torch.Tensor, damp: float, name: str = "layer", retries: int = 6
 ) -> torch.Tensor:
-    """Upper Cholesky factor of ``H⁻¹``; on failure add 10× more damping and try again.
+    """Upper Cholesky factor of ``H⁻¹`` (GPTQ's form), with :func:`with_damping_retries`."""
+
+    def factor(m: torch.Tensor) -> torch.Tensor:
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(m))
+        return torch.linalg.cholesky(hinv, upper=True)
+
+    return with_damping_retries(factor, h, damp, name, retries)
+
+
+def robust_udu(
+    h: torch.Tensor, damp: float, name: str = "layer", retries: int = 6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H = (I+A)·diag(d)·(I+A)ᵀ`` with ``A`` strictly upper triangular (LDLQ's form).
+
+    The reversed-order LDL: the Cholesky factor of ``H`` with rows and columns flipped is lower
+    triangular, so flipping it back gives an upper ``V`` with ``H = V·Vᵀ``; ``V = (I+A)·diag(√d)``.
+    """
+
+    def factor(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = torch.linalg.cholesky(m.flip(0, 1)).flip(0, 1)
+        s = torch.diagonal(v)
+        unit = v / s.unsqueeze(0)
+        return unit - torch.eye(m.shape[0], dtype=m.dtype, device=m.device), s * s
+
+    return with_damping_retries(factor, h, damp, name, retries)
+
+
+def with_damping_retries(factor, h: torch.Tensor, damp: float, name: str = "layer", retries: int = 6):
+    """``factor(h)``; when ``h`` is not positive definite add 10× more damping and try again.
 
     ``h`` must already carry ``damp``; each retry raises the total damping tenfold. The last
     failure raises a :class:`LowbitError` naming the layer.
@@ -44,14 +72,13 @@ def robust_cholesky_inverse(
     current = damp
     for attempt in range(retries + 1):
         try:
-            lower = torch.linalg.cholesky(h)
-            hinv = torch.cholesky_inverse(lower)
-            upper = torch.linalg.cholesky(hinv, upper=True)
-            if not torch.isfinite(upper).all():
+            result = factor(h)
+            parts = result if isinstance(result, tuple) else (result,)
+            if not all(torch.isfinite(p).all() for p in parts):
                 raise torch.linalg.LinAlgError("non-finite factor")
             if attempt:
                 log.warning("%s: Hessian needed damping %.3g to be positive definite", name, current)
-            return upper
+            return result
         except torch.linalg.LinAlgError:
             new = max(current, 1e-6) * 10
             diag = torch.arange(h.shape[0], device=h.device)

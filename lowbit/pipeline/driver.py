@@ -23,7 +23,7 @@ from lowbit.models import block_linears, find_blocks
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
 from lowbit.pipeline.report import LayerReport, QuantReport, peak_memory_mb
 from lowbit.pipeline.resume import ProgressStore, fingerprint
-from lowbit.recipes import Recipe, WeightSpec
+from lowbit.recipes import Recipe, TransformSpec, WeightSpec
 from lowbit.rounding import QuantizedWeight, proxy_loss
 from lowbit.rounding.dispatch import round_weight
 
@@ -31,12 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def _apply(layer: nn.Linear, qw: QuantizedWeight) -> None:
-    layer.weight.data = qw.dequantize().to(layer.weight.dtype).to(layer.weight.device)
+    layer.weight.data = qw.weight().to(layer.weight.dtype).to(layer.weight.device)
 
 
 def _layer_report(name: str, block: int, w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor | None,
                   method: str, seconds: float) -> LayerReport:
-    delta = qw.dequantize().to(torch.float64) - w.to(torch.float64)
+    delta = qw.weight().to(torch.float64) - w.to(torch.float64)
     w64 = w.to(torch.float64)
     loss = rel = None
     if h is not None:
@@ -47,14 +47,14 @@ def _layer_report(name: str, block: int, w: torch.Tensor, qw: QuantizedWeight, h
 
 
 def _round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None,
-                 spec: WeightSpec) -> tuple[QuantizedWeight, LayerReport]:
+                 spec: WeightSpec, transform: TransformSpec) -> tuple[QuantizedWeight, LayerReport]:
     """Round one layer in place (fake-quant weights) and return its codes (on the host) and report."""
     t0 = time.perf_counter()
     w = layer.weight.data.clone()
     if h is not None and not torch.any(h):
         log.warning("%s saw no calibration input; rounding it with RTN", name)
         h, spec = None, dataclasses.replace(spec, method="rtn")
-    qw = round_weight(w, h, spec, name=name)
+    qw = round_weight(w, h, spec, name=name, transform=transform)
     _apply(layer, qw)
     report = _layer_report(name, block, w, qw, h, spec.method, time.perf_counter() - t0)
     return qw.cpu(), report  # codes for packing live on the host, not the GPU
@@ -131,7 +131,7 @@ def quantize_model(
                 hessians = (_collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)
                             if needs_inputs else {})
                 for n, layer in group_layers.items():
-                    qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), spec)
+                    qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), spec, recipe.transform)
                     report.layers.append(layer_report)
                     weights[n] = model.lowbit_quant[prefix + n] = qw
             if store is not None:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
 from lowbit.rounding import QuantizedWeight
+from lowbit.transforms.incoherence import Incoherence
 
 FIELDS = ("codes", "scale", "zero", "g_idx")
 
@@ -60,7 +61,10 @@ class ProgressStore:
 
     def save_block(self, index: int, weights: dict[str, QuantizedWeight], report: list[dict]) -> None:
         tensors = {f"{name}.{f}": getattr(qw, f).contiguous() for name, qw in weights.items() for f in FIELDS}
-        meta = {name: str(qw.bits) for name, qw in weights.items()}
+        tensors.update({f"{name}.in_scale": qw.transform.in_scale.contiguous()
+                        for name, qw in weights.items() if qw.transform is not None})
+        meta = {name: json.dumps({"bits": qw.bits, "transform": qw.transform.metadata() if qw.transform else None})
+                for name, qw in weights.items()}
         path = self.root / f"block_{index:04d}.safetensors"
         save_file(tensors, str(path) + ".tmp", metadata=meta)
         os.replace(str(path) + ".tmp", path)
@@ -75,9 +79,14 @@ class ProgressStore:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         tensors = load_file(str(path))
-        weights = {
-            name: QuantizedWeight(*(tensors[f"{name}.{f}"] for f in FIELDS), bits=int(bits))
-            for name, bits in meta.items()
-        }
+        weights = {}
+        for name, raw in meta.items():
+            info = json.loads(raw)
+            qw = QuantizedWeight(*(tensors[f"{name}.{f}"] for f in FIELDS), bits=info["bits"])
+            if info["transform"] is not None:
+                t = info["transform"]
+                qw.transform = Incoherence(t["kind"], t["seed_out"], t["seed_in"], tensors[f"{name}.in_scale"]).bind(
+                    *qw.codes.shape)
+            weights[name] = qw
         report = json.loads((self.root / f"block_{index:04d}.json").read_text())
         return weights, report

@@ -14,7 +14,9 @@ from typing import Any
 from lowbit.data.protocol import DATASETS, SAMPLING
 from lowbit.errors import LowbitError
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "ldlq")
+GRIDS = ("minmax", "rms")
+INCOHERENCE = ("none", "hadamard", "kron")
 HESSIAN_SOURCES = ("layerwise",)
 
 
@@ -28,6 +30,8 @@ class WeightSpec:
     """How weights are rounded; ``group_size: null`` means one scale per output channel.
 
     ``clip_search``: pick each row's (group's) range by GPTQ's shrink search instead of min-max.
+    ``grid: rms``: QuIP's one scale per matrix, ``±rms_mult·RMS(W)`` (no groups, no clip search).
+    ``greedy_passes``: QuIP's coordinate-descent passes after rounding (LDLQ-RG = act_order + passes).
     """
 
     method: str = "gptq"
@@ -38,6 +42,9 @@ class WeightSpec:
     act_order: bool = False
     damp: float = 0.01
     blocksize: int = 128
+    grid: str = "minmax"
+    rms_mult: float = 2.4
+    greedy_passes: int = 0
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -52,6 +59,35 @@ class WeightSpec:
                 raise LowbitError(f"weights.{flag} must be true or false, got {getattr(self, flag)!r}")
         if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
             raise LowbitError(f"weights.damp must be a number in [0, 1), got {self.damp!r}")
+        if self.grid not in GRIDS:
+            raise LowbitError(f"weights.grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if self.grid == "rms":
+            if self.group_size is not None or self.clip_search:
+                raise LowbitError("weights.grid: rms has one scale per matrix: set group_size: null and clip_search: false")
+            if isinstance(self.rms_mult, bool) or not isinstance(self.rms_mult, (int, float)) or self.rms_mult <= 0:
+                raise LowbitError(f"weights.rms_mult must be a positive number, got {self.rms_mult!r}")
+        if isinstance(self.greedy_passes, bool) or not isinstance(self.greedy_passes, int) or self.greedy_passes < 0:
+            raise LowbitError(f"weights.greedy_passes must be a non-negative integer, got {self.greedy_passes!r}")
+
+
+@dataclass
+class TransformSpec:
+    """Rewrites of each layer before rounding. ``incoherence``: QuIP's two-sided random orthogonal
+    transform (``kron``: the paper's Kronecker of small random orthogonals with a permutation;
+    ``hadamard``: randomized Hadamard), with the diagonal rescaling ``rescale``; ``seed`` makes
+    the per-layer transforms (stored as seeds) reproducible."""
+
+    incoherence: str = "none"
+    rescale: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.incoherence not in INCOHERENCE:
+            raise LowbitError(f"transform.incoherence must be one of {', '.join(INCOHERENCE)}, got {self.incoherence!r}")
+        if not isinstance(self.rescale, bool):
+            raise LowbitError(f"transform.rescale must be true or false, got {self.rescale!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise LowbitError(f"transform.seed must be a non-negative integer, got {self.seed!r}")
 
 
 @dataclass
@@ -110,12 +146,14 @@ class Recipe:
     name: str = "custom"
     description: str = ""
     weights: WeightSpec = field(default_factory=WeightSpec)
+    transform: TransformSpec = field(default_factory=TransformSpec)
     hessian: HessianSpec = field(default_factory=HessianSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)
 
     def validate(self) -> "Recipe":
         self.weights.validate()
+        self.transform.validate()
         self.hessian.validate()
         self.calibration.validate()
         self.pipeline.validate()

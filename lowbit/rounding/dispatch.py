@@ -1,25 +1,53 @@
-"""Maps a recipe's ``weights`` section to the rounding algorithm that implements it."""
+"""Maps a recipe's ``weights`` and ``transform`` sections to the pieces that implement them.
+
+A method is a composition: optional incoherence transform of ``(W, H)`` → rounding (RTN, GPTQ or
+LDLQ) on a grid (min-max or QuIP's RMS) → optional greedy passes; the transform travels with
+the codes so that the runtime can apply it to activations.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from lowbit.grids import UniformGrid
-from lowbit.recipes.schema import WeightSpec
+from lowbit.grids import RMSGrid, UniformGrid
+from lowbit.hessians import condition_hessian
+from lowbit.recipes.schema import TransformSpec, WeightSpec
 from lowbit.rounding.gptq import gptq_quantize
+from lowbit.rounding.greedy import greedy_refine
+from lowbit.rounding.ldlq import ldlq_quantize
 from lowbit.rounding.quantized import QuantizedWeight
 from lowbit.rounding.rtn import rtn_quantize
+from lowbit.transforms.incoherence import Incoherence
+
+SEQUENTIAL = {"gptq": gptq_quantize, "ldlq": ldlq_quantize}
 
 
-def grid_for(spec: WeightSpec) -> UniformGrid:
+def grid_for(spec: WeightSpec) -> UniformGrid | RMSGrid:
+    if spec.grid == "rms":
+        return RMSGrid(bits=spec.bits, rms_mult=spec.rms_mult)
     return UniformGrid(bits=spec.bits, symmetric=spec.symmetric, group_size=spec.group_size,
                        clip_search=spec.clip_search)
 
 
-def round_weight(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name: str) -> QuantizedWeight:
+def round_weight(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name: str,
+                 transform: TransformSpec | None = None) -> QuantizedWeight:
     grid = grid_for(spec)
+    t = None
+    if transform is not None and transform.incoherence != "none":
+        t = Incoherence.fit(w, h, transform.incoherence, transform.seed, name, rescale=transform.rescale)
+        if h is not None:  # without a Hessian (RTN) the weights are only rotated
+            h = t.forward_hessian(h.to(torch.float64))
+        w = t.forward_weight(w.to(torch.float64))
     if spec.method == "rtn":
-        return rtn_quantize(w, grid)
-    if h is None:
-        raise ValueError(f"{spec.method} needs a Hessian for {name}")
-    return gptq_quantize(w, h, grid, blocksize=spec.blocksize, damp=spec.damp, act_order=spec.act_order, name=name)
+        qw = rtn_quantize(w.float(), grid)
+    else:
+        if h is None:
+            raise ValueError(f"{spec.method} needs a Hessian for {name}")
+        qw = SEQUENTIAL[spec.method](w, h, grid, blocksize=spec.blocksize, damp=spec.damp,
+                                     act_order=spec.act_order, name=name)
+    if spec.greedy_passes and h is not None:
+        hd, wd = condition_hessian(h.to(torch.float64), w.to(torch.float64), spec.damp)
+        order = torch.argsort(torch.diag(hd), descending=True) if spec.act_order else None
+        qw = greedy_refine(wd, hd, qw, grid, spec.greedy_passes, order=order)
+    qw.transform = t
+    return qw

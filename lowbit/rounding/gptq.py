@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from lowbit.grids import UniformGrid
-from lowbit.hessians import condition_hessian, robust_cholesky_inverse
+from lowbit.hessians import robust_cholesky_inverse
 from lowbit.rounding.quantized import QuantizedWeight
+from lowbit.rounding.sequential import SequentialProblem, empty_params
 
 
 def gptq_quantize(
@@ -29,19 +30,12 @@ def gptq_quantize(
 ) -> QuantizedWeight:
     """Quantize ``w`` (out, in) given the Hessian ``h`` (in, in) of its inputs."""
     rows, cols = w.shape
-    hd, wd = condition_hessian(h.to(torch.float64), w.to(torch.float64), damp)
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(hd), descending=True)
-        wd, hd = wd[:, perm], hd[perm][:, perm]
-    upper = robust_cholesky_inverse(hd, damp, name).to(dtype)
-    W = wd.to(dtype)
+    prob = SequentialProblem.build(w, h, damp, act_order)
+    upper = robust_cholesky_inverse(prob.h, damp, name).to(dtype)
+    W = prob.w.to(dtype)
 
     gs = grid.group_size
-    n_groups = grid.n_groups(cols)
-    scale = torch.zeros(rows, n_groups, dtype=torch.float32, device=w.device)
-    zero = torch.zeros_like(scale)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=w.device)
+    scale, zero, codes = empty_params(rows, cols, grid, w.device)
     if gs is None:
         p = grid.fit(W)
         scale[:, :1], zero[:, :1] = p.scale, p.zero
@@ -71,9 +65,4 @@ def gptq_quantize(
             err1[:, i] = err
         W[:, i2:] -= err1 @ upper[i1:i2, i2:]
 
-    g_idx = grid.group_index(cols, device=w.device)
-    if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-        g_idx = g_idx[inv]
-    return QuantizedWeight(codes, scale, zero, g_idx, grid.bits)
+    return prob.result(codes, scale, zero, grid)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lowbit.transforms.incoherence import Incoherence
 
 
 @dataclass
@@ -12,6 +16,7 @@ class QuantizedWeight:
     """Codes (out, in) with per-(row, group) scale/zero; ``g_idx`` maps each column to its group.
 
     ``g_idx`` is the natural ``col // group_size`` unless act-order permuted the groups.
+    ``transform``: the codes live in a rotated space (QuIP's incoherence); :meth:`weight` undoes it.
     """
 
     codes: torch.Tensor
@@ -19,13 +24,23 @@ class QuantizedWeight:
     zero: torch.Tensor
     g_idx: torch.Tensor
     bits: int
+    transform: "Incoherence | None" = None
 
     def cpu(self) -> "QuantizedWeight":
-        return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.g_idx.cpu(), self.bits)
+        return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.g_idx.cpu(), self.bits,
+                               self.transform)
 
     def dequantize(self) -> torch.Tensor:
+        """The grid values of the codes (in the transformed space, if there is one)."""
         g = self.g_idx.long()
         return self.scale[:, g] * (self.codes.float() - self.zero[:, g])
+
+    def weight(self) -> torch.Tensor:
+        """The dense weight that acts on the layer's original inputs (float32)."""
+        w = self.dequantize()
+        if self.transform is None:
+            return w
+        return self.transform.inverse_weight(w.to(torch.float64)).to(torch.float32)
 
 
 def proxy_loss(delta: torch.Tensor, h: torch.Tensor) -> float:

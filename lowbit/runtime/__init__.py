@@ -1,5 +1,7 @@
 """Modules that run quantized weights at inference time."""
 
+from lowbit.runtime.build import empty_module, layer_metadata, packed_module
 from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.quip import QuipLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "QuipLinear", "empty_module", "layer_metadata", "packed_module"]

@@ -1,7 +1,8 @@
 """A linear layer that stores packed integer codes and dequantizes them when it runs.
 
 Memory holds ``bits/8`` bytes per weight plus float16 scales and packed zeros; the dequantized
-matrix exists only during the call (CPU path in plain torch).
+matrix exists only during the call (CPU path in plain torch). Grids whose zero point is not an
+integer (QuIP's midrise RMS grid: ``maxq/2``) keep float16 ``zeros`` instead of packed ones.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from lowbit.rounding import QuantizedWeight
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int,
-                 bias: bool, has_g_idx: bool, group_size: int | None):
+                 bias: bool, has_g_idx: bool, group_size: int | None, float_zeros: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        self.n_groups, self.group_size = n_groups, group_size
+        self.n_groups, self.group_size, self.float_zeros = n_groups, group_size, float_zeros
         self.register_buffer("qweight", torch.zeros(packed_nbytes(in_features * out_features, bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
-        self.register_buffer("qzeros", torch.zeros(packed_nbytes(out_features * n_groups, bits), dtype=torch.uint8))
+        if float_zeros:
+            self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        else:
+            self.register_buffer("qzeros", torch.zeros(packed_nbytes(out_features * n_groups, bits), dtype=torch.uint8))
         if has_g_idx:
             self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         else:
@@ -34,10 +38,14 @@ class QuantLinear(nn.Module):
         out_f, in_f = qw.codes.shape
         natural = natural_group_index(in_f, group_size, qw.g_idx.device)
         has_g_idx = not torch.equal(qw.g_idx.long(), natural)
-        m = cls(in_f, out_f, qw.bits, qw.scale.shape[1], bias is not None, has_g_idx, group_size)
+        float_zeros = not torch.equal(qw.zero, qw.zero.round())
+        m = cls(in_f, out_f, qw.bits, qw.scale.shape[1], bias is not None, has_g_idx, group_size, float_zeros)
         m.qweight.copy_(pack_codes(qw.codes, qw.bits))
         m.scales.copy_(qw.scale.to(torch.float16))
-        m.qzeros.copy_(pack_codes(qw.zero.round().to(torch.int64), qw.bits))
+        if float_zeros:
+            m.zeros.copy_(qw.zero.to(torch.float16))
+        else:
+            m.qzeros.copy_(pack_codes(qw.zero.round().to(torch.int64), qw.bits))
         if has_g_idx:
             m.g_idx.copy_(qw.g_idx.to(torch.int32))
         if bias is not None:
@@ -46,7 +54,8 @@ class QuantLinear(nn.Module):
 
     def quantized(self) -> QuantizedWeight:
         codes = unpack_codes(self.qweight, self.bits, self.in_features * self.out_features)
-        zero = unpack_codes(self.qzeros, self.bits, self.out_features * self.n_groups).float()
+        zero = (self.zeros.float() if self.float_zeros
+                else unpack_codes(self.qzeros, self.bits, self.out_features * self.n_groups).float())
         g_idx = self.g_idx if self.g_idx is not None else natural_group_index(self.in_features, self.group_size, self.qweight.device)
         return QuantizedWeight(codes.view(self.out_features, self.in_features), self.scales.float(),
                                zero.view(self.out_features, self.n_groups), g_idx, self.bits)

@@ -1,0 +1,46 @@
+"""What GPTQ and LDLQ share: the conditioned (optionally act-ordered) problem and the result.
+
+Both round columns one after another with error feedback; they differ only in how the feedback
+is written (GPTQ: through the Cholesky factor of ``H⁻¹``; LDLQ: through the LDL factor of ``H``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.hessians import condition_hessian
+from lowbit.rounding.quantized import QuantizedWeight
+
+
+@dataclass
+class SequentialProblem:
+    """Damped Hessian and weights (float64), columns in rounding order (``perm``, or natural)."""
+
+    w: torch.Tensor
+    h: torch.Tensor
+    perm: torch.Tensor | None
+
+    @classmethod
+    def build(cls, w: torch.Tensor, h: torch.Tensor, damp: float, act_order: bool) -> "SequentialProblem":
+        hd, wd = condition_hessian(h.to(torch.float64), w.to(torch.float64), damp)
+        perm = None
+        if act_order:  # columns with the most input energy first (GPTQ act-order, LDLQ-RG's ordering)
+            perm = torch.argsort(torch.diag(hd), descending=True)
+            wd, hd = wd[:, perm], hd[perm][:, perm]
+        return cls(wd, hd, perm)
+
+    def result(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid) -> QuantizedWeight:
+        """Codes back in natural column order; ``g_idx`` follows the permutation."""
+        g_idx = grid.group_index(codes.shape[1], device=codes.device)
+        if self.perm is not None:
+            inv = torch.argsort(self.perm)
+            codes, g_idx = codes[:, inv], g_idx[inv]
+        return QuantizedWeight(codes, scale, zero, g_idx, grid.bits)
+
+
+def empty_params(rows: int, cols: int, grid, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zeroed ``scale``/``zero`` (rows × groups) and ``codes`` (rows × cols)."""
+    scale = torch.zeros(rows, grid.n_groups(cols), dtype=torch.float32, device=device)
+    return scale, torch.zeros_like(scale), torch.zeros(rows, cols, dtype=torch.uint8, device=device)

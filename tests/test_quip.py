@@ -1,0 +1,242 @@
+"""QuIP: structured orthogonal transforms, incoherence processing, LDLQ ≡ GPTQ, greedy passes,
+the RMS grid, and QuIP layers through the pipeline, save and reload.
+
+References are float64 dense computations; tolerances are stated where they are not exact.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.export import load_quantized, save
+from lowbit.grids import RMSGrid, UniformGrid
+from lowbit.hessians import condition_hessian, robust_udu
+from lowbit.pipeline import quantize_model
+from lowbit.recipes import CalibrationSpec, Recipe, TransformSpec, WeightSpec
+from lowbit.recipes import get as get_recipe
+from lowbit.rounding import gptq_quantize, proxy_loss, rtn_quantize
+from lowbit.rounding.greedy import greedy_refine
+from lowbit.rounding.ldlq import ldlq_quantize
+from lowbit.runtime import QuipLinear
+from lowbit.transforms import Incoherence, RandomHadamard, RandomKronecker, fwht, incoherence
+from conftest import ARCHITECTURES
+
+WIDTHS = [64, 96, 576, 1536, 7]  # power of two, 2^k·3, SmolLM2's 576 = 64·9 and 1536 = 512·3, a prime
+
+
+def _problem(rows=24, cols=96, seed=0, tokens=600, spiky=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=g, dtype=torch.float64) @ torch.randn(cols, cols, generator=g, dtype=torch.float64) * 0.3
+    w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    if spiky:  # a few heavy input channels and outlier weights: what incoherence processing is for
+        x[:, :3] *= 25
+        w[2, 5], w[7, 40] = 30.0, -25.0
+    return w, 2 * x.T @ x / tokens
+
+
+@pytest.mark.parametrize("cls", [RandomHadamard, RandomKronecker])
+@pytest.mark.parametrize("n", WIDTHS)
+def test_structured_transforms_are_orthogonal_and_invert_exactly(cls, n):
+    t = cls(n, seed=5)
+    v = t.matrix()
+    assert torch.allclose(v.T @ v, torch.eye(n, dtype=torch.float64), atol=1e-6, rtol=0)
+    x = torch.randn(3, 4, n, dtype=torch.float64)
+    assert torch.allclose(t.apply(x), x @ v.T, atol=1e-12, rtol=0)  # apply = V·x per row vector
+    assert torch.allclose(t.apply_t(t.apply(x)), x, atol=1e-12, rtol=0)
+    assert torch.equal(cls(n, seed=5).matrix(), v)  # rebuilt from the seed alone
+    assert not torch.equal(cls(n, seed=6).matrix(), v) or n == 1
+
+
+def test_fwht_matches_sylvester_hadamard():
+    n = 32
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    x = torch.randn(5, n, dtype=torch.float64)
+    assert torch.allclose(fwht(x), x @ h.T / math.sqrt(n), atol=1e-12, rtol=0)
+    with pytest.raises(LowbitError, match="power-of-two"):
+        fwht(torch.zeros(2, 12))
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "kron"])
+def test_incoherence_round_trip_and_proxy_loss(kind):
+    w, h = _problem(spiky=True)
+    t = Incoherence.fit(w, h, kind, seed=0, name="layer")
+    w2, h2 = t.forward_weight(w), t.forward_hessian(h)
+    assert torch.allclose(t.inverse_weight(w2), w, atol=1e-10, rtol=0)
+    # U·W·D·Vᵀ with V·D⁻¹HD⁻¹·Vᵀ keeps tr(W H Wᵀ) up to the trace normalisation n/tr(D⁻¹HD⁻¹)
+    d_inv = 1 / t.in_scale.double()
+    norm = h.shape[0] / torch.trace(h * d_inv[None] * d_inv[:, None])
+    assert proxy_loss(w2, h2) == pytest.approx(proxy_loss(w, h) * float(norm), rel=1e-9)
+    assert torch.trace(h2).item() == pytest.approx(h.shape[0], rel=1e-12)
+    # and any quantization error maps back with the same loss: the rounding problem is equivalent
+    e2 = torch.randn_like(w2) * 0.1
+    assert proxy_loss(t.inverse_weight(w2 + e2) - w, h) * float(norm) == pytest.approx(proxy_loss(e2, h2), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "kron"])
+def test_incoherence_lowers_mu_as_the_paper_predicts(kind):
+    """QuIP Lemma 5: after the random orthogonal multiply μ_H and μ_W are O(√log n)-ish; a spiky
+    problem starts far above that. Bound used: μ ≤ 2·√(2·log(n·m)) (with high probability)."""
+    w, h = _problem(rows=96, cols=192, spiky=True)
+    mu_w, mu_h = incoherence(w, h)
+    t = Incoherence.fit(w, h, kind, seed=1, name="layer", rescale=False)
+    mu_w2, mu_h2 = incoherence(t.forward_weight(w), t.forward_hessian(h))
+    bound = 2 * math.sqrt(2 * math.log(w.numel()))
+    assert mu_w > 2 * bound and mu_w2 < bound
+    assert mu_h2 < mu_h and mu_h2 < bound
+
+
+def test_udu_factor_reconstructs_the_hessian():
+    _, h = _problem()
+    hd, _ = condition_hessian(h, torch.zeros(1, h.shape[0], dtype=torch.float64), 0.01)
+    a, d = robust_udu(hd, 0.01)
+    assert torch.equal(a, torch.triu(a, diagonal=1))  # strictly upper
+    unit = a + torch.eye(h.shape[0], dtype=torch.float64)
+    assert torch.allclose(unit @ torch.diag(d) @ unit.T, hd, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("group_size", [None, 16, 30])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("blocksize", [128, 7])
+def test_ldlq_equals_gptq(group_size, act_order, blocksize):
+    """QuIP Theorem 6: LDLQ and OPTQ are the same algorithm — same codes and grids in float64."""
+    w, h = _problem(seed=2)
+    grid = UniformGrid(3, group_size=group_size, clip_search=group_size == 16)
+    a = gptq_quantize(w, h, grid, act_order=act_order, blocksize=blocksize, dtype=torch.float64)
+    b = ldlq_quantize(w, h, grid, act_order=act_order, blocksize=blocksize, dtype=torch.float64)
+    assert torch.equal(a.codes, b.codes)
+    assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero) and torch.equal(a.g_idx, b.g_idx)
+
+
+def test_ldlq_loss_is_the_ldl_weighted_rounding_noise():
+    """LDLQ's loss is Σ_k D_k·‖η_k‖², η the per-column rounding noise of the fed-back values."""
+    w, h = _problem(seed=4)
+    grid = RMSGrid(2)
+    hd, wd = condition_hessian(h, w, 0.01)
+    a, d = robust_udu(hd, 0.01)
+    qw = ldlq_quantize(w, h, grid, dtype=torch.float64)
+    what = qw.dequantize().double()
+    fed = wd + (wd - what) @ a  # z_k = w_k + (W − Ŵ)_{<k}·A_{<k,k} (A strictly upper)
+    eta = what - fed
+    assert proxy_loss(what - wd, hd) == pytest.approx(float((eta.pow(2).sum(0) * d).sum()), rel=1e-9)
+
+
+def test_greedy_passes_never_increase_the_loss_and_help():
+    w, h = _problem(seed=5, spiky=True)
+    grid = UniformGrid(2, group_size=32)
+    hd, wd = condition_hessian(h, w, 0.01)
+    losses = [proxy_loss(rtn_quantize(wd, grid).dequantize() - wd, hd)]
+    q = rtn_quantize(wd, grid)
+    for _ in range(3):
+        q = greedy_refine(wd, hd, q, grid, passes=1, dtype=torch.float64)
+        losses.append(proxy_loss(q.dequantize() - wd, hd))
+    assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))
+    assert losses[-1] < 0.9 * losses[0]
+    ldlq = ldlq_quantize(w, h, grid, dtype=torch.float64)
+    refined = greedy_refine(wd, hd, ldlq, grid, passes=2, dtype=torch.float64)
+    assert proxy_loss(refined.dequantize() - wd, hd) <= proxy_loss(ldlq.dequantize() - wd, hd) + 1e-9
+
+
+def test_rms_grid_levels_are_midrise_and_scaled_by_rms():
+    w = torch.randn(8, 64, dtype=torch.float64)
+    grid = RMSGrid(2, rms_mult=2.4)
+    p = grid.fit(w)
+    assert torch.all(p.scale == p.scale[0, 0]) and torch.all(p.zero == 1.5)
+    rms = float(w.pow(2).mean().sqrt())
+    levels = grid.dequantize(torch.arange(4, dtype=torch.float64), p.scale[0, 0].double(), 1.5)
+    assert torch.allclose(levels, torch.tensor([-1, -1 / 3, 1 / 3, 1], dtype=torch.float64) * 2.4 * rms, rtol=1e-3)
+    q = grid.quantize(w, p.scale, p.zero)
+    assert q.min() >= 0 and q.max() <= 3
+    # nearest level: no weight is farther than half a step from its level unless clamped at ±c·RMS
+    err = (grid.dequantize(q, p.scale, p.zero) - w).abs()
+    inside = w.abs() <= 2.4 * rms
+    assert torch.all(err[inside] <= p.scale[0, 0] / 2 + 1e-9)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "kron"])
+def test_quip_beats_gptq_at_2_bits_on_a_spiky_problem(kind):
+    """The paper's claim in miniature: incoherence + LDLQ beats OPTQ at 2 bits per channel."""
+    w, h = _problem(rows=64, cols=192, seed=7, spiky=True)
+    from lowbit.rounding.dispatch import round_weight
+
+    gptq = round_weight(w, h, WeightSpec(method="gptq", bits=2, act_order=True, clip_search=True), "l")
+    quip = round_weight(w, h, WeightSpec(method="ldlq", bits=2, grid="rms", act_order=True, greedy_passes=1), "l",
+                        TransformSpec(incoherence=kind))
+    assert proxy_loss(quip.weight().double() - w, h) < 0.7 * proxy_loss(gptq.weight().double() - w, h)
+
+
+def _quip_recipe(kind="hadamard", bits=2, method="ldlq", **weights):
+    return Recipe(name=f"quip-{kind}", weights=WeightSpec(method=method, bits=bits, grid="rms", act_order=True,
+                                                          greedy_passes=1, **weights),
+                  transform=TransformSpec(incoherence=kind), calibration=CalibrationSpec(nsamples=6, seqlen=32))
+
+
+@pytest.mark.parametrize("make", ARCHITECTURES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kind", ["hadamard", "kron"])
+def test_quip_checkpoint_reloads_with_equal_logits(make, kind, calib_ids, tmp_path):
+    model = make()
+    report = quantize_model(model, _quip_recipe(kind), calib_ids, show_progress=False)
+    ids = calib_ids[:2, :20]
+    with torch.no_grad():
+        expected = model(ids).logits
+    save(model, tmp_path, None, report)
+    reloaded, _ = load_quantized(tmp_path)
+    layer = reloaded.get_submodule(next(iter(model.lowbit_quant)))
+    assert isinstance(layer, QuipLinear) and layer.inner.float_zeros
+    with torch.no_grad():
+        got = reloaded(ids).logits
+    # fast transforms on activations vs the dense inverse-transformed weight: float32 rounding only
+    assert torch.allclose(got, expected, atol=2e-5, rtol=1e-4), float((got - expected).abs().max())
+    # the checkpoint stores seeds and packed 2-bit codes, not n×n matrices
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = next(iter(model.lowbit_quant))
+    out_f, in_f = model.lowbit_quant[name].codes.shape
+    assert tensors[f"{name}.inner.qweight"].numel() == math.ceil(out_f * in_f * 2 / 8)
+    assert set(k.removeprefix(name + ".") for k in tensors if k.startswith(name + ".")) <= {
+        "inner.qweight", "inner.scales", "inner.zeros", "inner.g_idx", "in_scale", "bias"}
+
+
+def test_quip_resume_gives_the_same_model(calib_ids, tmp_path, monkeypatch):
+    from conftest import tiny_llama
+    from lowbit.pipeline import driver
+
+    recipe = _quip_recipe("kron")
+    full = tiny_llama()
+    quantize_model(full, recipe, calib_ids, show_progress=False)
+    real_round = driver.round_weight
+
+    def interrupt_in_block_1(w, h, spec, name, **kwargs):
+        if ".layers.1." in name:
+            raise KeyboardInterrupt
+        return real_round(w, h, spec, name, **kwargs)
+
+    monkeypatch.setattr(driver, "round_weight", interrupt_in_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(tiny_llama(), recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
+    monkeypatch.setattr(driver, "round_weight", real_round)
+    resumed = tiny_llama()
+    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    assert report.resumed_blocks == 1
+    for name, qw in full.lowbit_quant.items():
+        other = resumed.lowbit_quant[name]
+        assert torch.equal(qw.codes, other.codes) and torch.equal(qw.transform.in_scale, other.transform.in_scale)
+        assert torch.equal(full.get_submodule(name).weight, resumed.get_submodule(name).weight)
+
+
+def test_quip_presets_and_bad_input():
+    for bits in (2, 3, 4):
+        r = get_recipe(f"quip-w{bits}")
+        assert r.weights.method == "ldlq" and r.weights.bits == bits and r.transform.incoherence != "none"
+    with pytest.raises(LowbitError, match="transform.incoherence"):
+        Recipe.from_dict({"transform": {"incoherence": "fourier"}})
+    with pytest.raises(LowbitError, match="one scale per matrix"):
+        Recipe.from_dict({"weights": {"grid": "rms", "group_size": 128}})
+    with pytest.raises(LowbitError, match="greedy_passes"):
+        Recipe.from_dict({"weights": {"greedy_passes": -1}})
+    with pytest.raises(LowbitError, match="unknown recipe key 'hadamard'"):
+        Recipe.from_dict({"transform": {"hadamard": True}})

@@ -42,6 +42,20 @@ def tiny_gemma3(seed: int = 0, layers: int = 3) -> Gemma3ForCausalLM:
 ARCHITECTURES = [tiny_llama, tiny_opt, tiny_qwen2, tiny_gemma3]
 
 
+def interrupt_rounding_in_block(monkeypatch, block: int) -> None:
+    """Make the pipeline die (as Ctrl-C would) when it starts rounding a layer of ``block``."""
+    from lowbit.pipeline import driver
+
+    real_round = driver.round_weight
+
+    def interrupted(w, h, spec, name, **kwargs):
+        if f".layers.{block}." in name:
+            raise KeyboardInterrupt
+        return real_round(w, h, spec, name, **kwargs)
+
+    monkeypatch.setattr(driver, "round_weight", interrupted)
+
+
 @pytest.fixture
 def calib_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)

@@ -11,7 +11,7 @@ from lowbit.pipeline import driver, quantize_model
 from lowbit.pipeline.capture import capture_block_inputs, sequential_groups
 from lowbit.recipes import Recipe, WeightSpec
 
-from conftest import ARCHITECTURES, tiny_llama
+from conftest import ARCHITECTURES, interrupt_rounding_in_block, tiny_llama
 
 
 def _recipe(method="gptq", bits=4, group_size=16, act_order=True, **kw) -> Recipe:
@@ -136,18 +136,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, calib_ids, monkeyp
     full = tiny_llama(layers=3)
     quantize_model(full, recipe, calib_ids, show_progress=False)
 
-    real_round = driver.round_weight
-
-    def interrupt_in_block_2(w, h, spec, name, **kwargs):
-        if ".layers.2." in name:
-            raise KeyboardInterrupt
-        return real_round(w, h, spec, name, **kwargs)
-
-    monkeypatch.setattr(driver, "round_weight", interrupt_in_block_2)
+    interrupt_rounding_in_block(monkeypatch, 2)
     partial = tiny_llama(layers=3)
     with pytest.raises(KeyboardInterrupt):
         quantize_model(partial, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
-    monkeypatch.setattr(driver, "round_weight", real_round)
+    monkeypatch.undo()
 
     resumed = tiny_llama(layers=3)
     report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)

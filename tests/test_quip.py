@@ -202,23 +202,15 @@ def test_quip_checkpoint_reloads_with_equal_logits(make, kind, calib_ids, tmp_pa
 
 
 def test_quip_resume_gives_the_same_model(calib_ids, tmp_path, monkeypatch):
-    from conftest import tiny_llama
-    from lowbit.pipeline import driver
+    from conftest import interrupt_rounding_in_block, tiny_llama
 
     recipe = _quip_recipe("kron")
     full = tiny_llama()
     quantize_model(full, recipe, calib_ids, show_progress=False)
-    real_round = driver.round_weight
-
-    def interrupt_in_block_1(w, h, spec, name, **kwargs):
-        if ".layers.1." in name:
-            raise KeyboardInterrupt
-        return real_round(w, h, spec, name, **kwargs)
-
-    monkeypatch.setattr(driver, "round_weight", interrupt_in_block_1)
+    interrupt_rounding_in_block(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         quantize_model(tiny_llama(), recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
-    monkeypatch.setattr(driver, "round_weight", real_round)
+    monkeypatch.undo()
     resumed = tiny_llama()
     report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
     assert report.resumed_blocks == 1

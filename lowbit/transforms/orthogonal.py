@@ -68,6 +68,17 @@ class _Structured:
     n: int
     seed: int
 
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The factors on ``x``'s device (floats in its dtype), cached per (dtype, device)."""
+        key = (x.dtype, x.device)
+        if key not in self._cache:
+            self._cache[key] = tuple(t.to(x.device, x.dtype if t.is_floating_point() else t.dtype)
+                                     for t in self._tensors())
+        return self._cache[key]
+
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense ``n×n`` matrix — for tests and small problems only."""
         return self.apply(torch.eye(self.n, dtype=dtype)).T
@@ -89,11 +100,8 @@ class RandomHadamard(_Structured):
         self.block = haar_orthogonal(self.odd, g)
         self._cache: dict = {}
 
-    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (x.dtype, x.device)
-        if key not in self._cache:
-            self._cache[key] = (self.signs.to(x.device, x.dtype), self.block.to(x.device, x.dtype))
-        return self._cache[key]
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.signs, self.block
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         signs, block = self._params(x)
@@ -127,12 +135,8 @@ class RandomKronecker(_Structured):
         self.inv_perm = torch.argsort(self.perm)
         self._cache: dict = {}
 
-    def _params(self, x: torch.Tensor):
-        key = (x.dtype, x.device)
-        if key not in self._cache:
-            self._cache[key] = (self.left.to(x.device, x.dtype), self.right.to(x.device, x.dtype),
-                                self.perm.to(x.device), self.inv_perm.to(x.device))
-        return self._cache[key]
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.left, self.right, self.perm, self.inv_perm
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         left, right, perm, _ = self._params(x)

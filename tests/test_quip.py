@@ -20,7 +20,8 @@ from lowbit.rounding import gptq_quantize, proxy_loss, rtn_quantize
 from lowbit.rounding.greedy import greedy_refine
 from lowbit.rounding.ldlq import ldlq_quantize
 from lowbit.runtime import QuipLinear
-from lowbit.transforms import Incoherence, RandomHadamard, RandomKronecker, fwht, incoherence
+from lowbit.transforms import Incoherence, RandomHadamard, RandomKronecker, incoherence
+from lowbit.transforms.orthogonal import hadamard_blocks, kron_apply, sylvester
 from conftest import ARCHITECTURES
 
 WIDTHS = [64, 96, 576, 1536, 7]  # power of two, 2^k·3, SmolLM2's 576 = 64·9 and 1536 = 512·3, a prime
@@ -49,15 +50,25 @@ def test_structured_transforms_are_orthogonal_and_invert_exactly(cls, n):
     assert not torch.equal(cls(n, seed=6).matrix(), v) or n == 1
 
 
-def test_fwht_matches_sylvester_hadamard():
-    n = 32
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    x = torch.randn(5, n, dtype=torch.float64)
-    assert torch.allclose(fwht(x), x @ h.T / math.sqrt(n), atol=1e-12, rtol=0)
-    with pytest.raises(LowbitError, match="power-of-two"):
-        fwht(torch.zeros(2, 12))
+def _radix2_fwht(x: torch.Tensor) -> torch.Tensor:
+    """Textbook butterfly, the O(n log n) reference: pairs (a, b) -> (a+b, a−b), log2(n) passes."""
+    n = x.shape[-1]
+    y, h = x.clone(), 1
+    while h < n:
+        y = y.view(-1, n // (2 * h), 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2).reshape(-1, n)
+        h *= 2
+    return y / math.sqrt(n)
+
+
+@pytest.mark.parametrize("n", [2, 32, 64, 512, 2048])
+def test_blocked_hadamard_is_the_walsh_hadamard_transform(n):
+    """The runtime's radix-≤32 passes compute exactly the butterfly's transform."""
+    blocks = hadamard_blocks(n)
+    assert math.prod(blocks) == n and max(blocks) <= 32
+    x = torch.randn(3, n, dtype=torch.float64)
+    assert torch.allclose(kron_apply(x, [sylvester(b) for b in blocks]), _radix2_fwht(x), atol=1e-12, rtol=0)
+    assert torch.allclose(_radix2_fwht(x), x @ sylvester(n).T, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["hadamard", "kron"])

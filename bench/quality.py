@@ -24,6 +24,7 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
     import lowbit
     from lowbit.pipeline.report import peak_memory_mb
     from lowbit.recipes import apply_overrides
+    from lowbit.rounding import effective_bits
 
     import torch
 
@@ -39,7 +40,8 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
         _, report = lowbit.quantize(model, rec, tokenizer=tok, show_progress=False)
         row.update(quant_seconds=time.perf_counter() - t0, quant_peak_memory_mb=report.peak_memory_mb, nsamples=rec.calibration.nsamples,
                    calib_seqlen=rec.calibration.seqlen, bits=rec.weights.bits, group_size=rec.weights.group_size,
-                   mean_rel_output_error=_mean([r.rel_output_error for r in report.layers]))
+                   mean_rel_output_error=_mean([r.rel_output_error for r in report.layers]),
+                   effective_bits=effective_bits(model.lowbit_quant))
     for d in args.datasets.split(","):
         r = lowbit.eval.perplexity(model, tok, d, windows=args.windows, show_progress=False)
         row[d] = r.ppl
@@ -92,12 +94,13 @@ def _protocol(args) -> dict:
 def _print(rows, args, header):
     ds = args.datasets.split(",")
     if header:
-        print(f"{'recipe':16s}" + "".join(f"{d:>11s}" for d in ds) + f"{'quant s':>9s}{'quant MB':>9s}")
+        print(f"{'recipe':16s}{'bits/w':>7s}" + "".join(f"{d:>11s}" for d in ds) + f"{'quant s':>9s}{'quant MB':>9s}")
     for r in rows:
         if "error" in r:
             print(f"{r['recipe']:16s} ERROR {r['error']}")
             continue
-        print(f"{r['recipe']:16s}" + "".join(f"{r[d]:11.3f}" for d in ds)
+        bits = f"{r['effective_bits']:7.3f}" if "effective_bits" in r else f"{'-':>7s}"
+        print(f"{r['recipe']:16s}{bits}" + "".join(f"{r[d]:11.3f}" for d in ds)
               + f"{r.get('quant_seconds', 0):9.1f}{r.get('quant_peak_memory_mb', r['peak_memory_mb']):9.0f}", flush=True)
 
 

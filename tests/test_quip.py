@@ -243,3 +243,26 @@ def test_quip_presets_and_bad_input():
         Recipe.from_dict({"weights": {"greedy_passes": -1}})
     with pytest.raises(LowbitError, match="unknown recipe key 'hadamard'"):
         Recipe.from_dict({"transform": {"hadamard": True}})
+
+
+@pytest.mark.parametrize("recipe", [
+    _quip_recipe("hadamard"),
+    Recipe(name="g", weights=WeightSpec(method="gptq", bits=3, group_size=16, act_order=True),
+           calibration=CalibrationSpec(nsamples=6, seqlen=32)),
+    Recipe(name="q", weights=WeightSpec(method="ldlq", bits=2, clip_search=True, act_order=True),
+           transform=TransformSpec(incoherence="kron"), calibration=CalibrationSpec(nsamples=6, seqlen=32)),
+], ids=["quip-rms", "gptq-g16-act", "quip-minmax"])
+def test_storage_bits_match_the_checkpoint(recipe, calib_ids, tmp_path):
+    """Effective bits per weight, as reported, are what the saved tensors really take."""
+    from safetensors import safe_open
+
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    quantize_model(model, recipe, calib_ids, show_progress=False)
+    save(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        for name, qw in model.lowbit_quant.items():
+            stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8
+                         for k in f.keys() if k.startswith(name + ".") and not k.endswith("bias"))
+            assert qw.storage_bits() <= stored < qw.storage_bits() + 2 * 8  # packing pads ≤ 1 byte per stream

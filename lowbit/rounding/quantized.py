@@ -35,12 +35,32 @@ class QuantizedWeight:
         g = self.g_idx.long()
         return self.scale[:, g] * (self.codes.float() - self.zero[:, g])
 
+    def storage_bits(self) -> int:
+        """Bits the packed checkpoint spends on this layer: codes, float16 scales, zeros (packed, or
+        float16 when not integral), ``g_idx`` when act-order permuted groups, QuIP's ``in_scale``."""
+        rows, cols = self.codes.shape
+        n_groups = self.scale.shape[1]
+        float_zeros = not torch.equal(self.zero, self.zero.round())
+        total = rows * cols * self.bits + rows * n_groups * (16 + (16 if float_zeros else self.bits))
+        g = self.g_idx.long()
+        if n_groups > 1 and not torch.all(g[1:] >= g[:-1]):  # act-order permuted the groups
+            total += 32 * cols
+        if self.transform is not None:
+            total += 32 * cols
+        return total
+
     def weight(self) -> torch.Tensor:
         """The dense weight that acts on the layer's original inputs (float32)."""
         w = self.dequantize()
         if self.transform is None:
             return w
         return self.transform.inverse_weight(w.to(torch.float64)).to(torch.float32)
+
+
+def effective_bits(weights: dict[str, "QuantizedWeight"]) -> float:
+    """Bits per quantized weight including scales, zeros, ``g_idx`` and transform vectors."""
+    numel = sum(qw.codes.numel() for qw in weights.values())
+    return sum(qw.storage_bits() for qw in weights.values()) / max(numel, 1)
 
 
 def proxy_loss(delta: torch.Tensor, h: torch.Tensor) -> float:

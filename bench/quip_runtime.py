@@ -51,7 +51,7 @@ def main() -> None:
         packed = QuantLinear.from_quantized(round_weight(w, None, spec, label), None, None)
         quip = {k: packed_module(round_weight(w, None, spec, label, TransformSpec(incoherence=k)), None, None)
                 for k in ("hadamard", "kron")}
-        v, u = (quip["hadamard"]._transform.v.matrix(torch.float32), quip["hadamard"]._transform.u.matrix(torch.float32))
+        v, u = (quip["hadamard"].transform.v.matrix(torch.float32), quip["hadamard"].transform.u.matrix(torch.float32))
         row = {"layer": label, "tokens": args.tokens,
                "dense_ms": _time(dense, x, args.repeats), "packed_ms": _time(packed, x, args.repeats),
                "quip_hadamard_ms": _time(quip["hadamard"], x, args.repeats),

@@ -241,6 +241,8 @@ def test_quip_presets_and_bad_input():
         Recipe.from_dict({"weights": {"grid": "rms", "group_size": 128}})
     with pytest.raises(LowbitError, match="greedy_passes"):
         Recipe.from_dict({"weights": {"greedy_passes": -1}})
+    with pytest.raises(LowbitError, match="greedy_passes needs a Hessian"):
+        Recipe.from_dict({"weights": {"method": "rtn", "greedy_passes": 1}})
     with pytest.raises(LowbitError, match="unknown recipe key 'hadamard'"):
         Recipe.from_dict({"transform": {"hadamard": True}})
 

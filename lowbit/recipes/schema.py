@@ -68,6 +68,8 @@ class WeightSpec:
                 raise LowbitError(f"weights.rms_mult must be a positive number, got {self.rms_mult!r}")
         if isinstance(self.greedy_passes, bool) or not isinstance(self.greedy_passes, int) or self.greedy_passes < 0:
             raise LowbitError(f"weights.greedy_passes must be a non-negative integer, got {self.greedy_passes!r}")
+        if self.greedy_passes and self.method == "rtn":
+            raise LowbitError("weights.greedy_passes needs a Hessian: use method gptq or ldlq, not rtn")
 
 
 @dataclass

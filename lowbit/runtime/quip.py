@@ -22,7 +22,7 @@ class QuipLinear(nn.Module):
         self.in_features, self.out_features, self.bits = inner.in_features, inner.out_features, inner.bits
         self.kind, self.seed_out, self.seed_in = transform.kind, transform.seed_out, transform.seed_in
         self.register_buffer("in_scale", transform.in_scale.to(torch.float32).clone())
-        self._transform = transform.bind(inner.out_features, inner.in_features)
+        self.transform = transform.bind(inner.out_features, inner.in_features)
         self.bias = nn.Parameter(torch.zeros(inner.out_features)) if bias else None
 
     @classmethod
@@ -39,7 +39,7 @@ class QuipLinear(nn.Module):
         return qw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._transform
+        t = self.transform  # U and V only: the scale is the in_scale buffer (it follows .to(device))
         y = t.u.apply_t(self.inner(t.v.apply(x / self.in_scale.to(x.dtype))))
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 

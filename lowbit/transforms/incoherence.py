@@ -52,7 +52,7 @@ class Incoherence:
     in_scale: torch.Tensor
 
     def __post_init__(self) -> None:
-        self._u = self._v = None
+        self.u = self.v = None  # the structured orthogonals, rebuilt from the seeds by bind()
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -74,45 +74,30 @@ class Incoherence:
 
     def bind(self, out_features: int, in_features: int) -> "Incoherence":
         """Rebuild ``U`` and ``V`` for a layer of this shape (after loading from a checkpoint)."""
-        self._u = make_orthogonal(self.kind, out_features, self.seed_out)
-        self._v = make_orthogonal(self.kind, in_features, self.seed_in)
+        self.u = make_orthogonal(self.kind, out_features, self.seed_out)
+        self.v = make_orthogonal(self.kind, in_features, self.seed_in)
         return self
-
-    @property
-    def u(self):
-        return self._u
-
-    @property
-    def v(self):
-        return self._v
 
     # -- weights and Hessians ----------------------------------------------------------
     def forward_weight(self, w: torch.Tensor) -> torch.Tensor:
         """``U·(W·D)·Vᵀ``"""
         w = w * self.in_scale.to(w)
-        w = self._v.apply(w)  # rows: (W D) Vᵀ
-        return self._u.apply(w.T).T  # columns: U (·)
+        w = self.v.apply(w)  # rows: (W D) Vᵀ
+        return self.u.apply(w.T).T  # columns: U (·)
 
     def inverse_weight(self, w: torch.Tensor) -> torch.Tensor:
         """The dense weight that acts on the original inputs: ``Uᵀ·W'·V·D⁻¹``."""
-        w = self._u.apply_t(w.T).T
-        w = self._v.apply_t(w)
+        w = self.u.apply_t(w.T).T
+        w = self.v.apply_t(w)
         return w / self.in_scale.to(w)
 
     def forward_hessian(self, h: torch.Tensor) -> torch.Tensor:
         """``V·D⁻¹·H·D⁻¹·Vᵀ``, normalised to ``tr = n``."""
         inv = 1 / self.in_scale.to(h)
         h = h * inv.unsqueeze(0) * inv.unsqueeze(1)
-        h = self._v.apply(self._v.apply(h).T).T
+        h = self.v.apply(self.v.apply(h).T).T
         h = (h + h.T) / 2
         return h * (h.shape[0] / torch.trace(h).clamp_min(1e-300))
-
-    # -- activations (inference) -------------------------------------------------------
-    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self._v.apply(x / self.in_scale.to(x))
-
-    def transform_output(self, y: torch.Tensor) -> torch.Tensor:
-        return self._u.apply_t(y)
 
     def metadata(self) -> dict:
         return {"kind": self.kind, "seed_out": self.seed_out, "seed_in": self.seed_in}

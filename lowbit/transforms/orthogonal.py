@@ -125,9 +125,6 @@ class _Structured:
         """The dense ``n×n`` matrix — for tests and small problems only."""
         return self.apply(torch.eye(self.n, dtype=dtype)).T
 
-    def describe(self) -> dict:
-        return {"kind": self.kind, "n": self.n, "seed": self.seed}
-
 
 @dataclass
 class RandomHadamard(_Structured):

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.hessians import HessianAccumulator
+from lowbit.hessians.output_adaptive import output_adaptive_hessians
 from lowbit.models import block_linears, find_blocks
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
 from lowbit.pipeline.report import LayerReport, QuantReport, peak_memory_mb
@@ -73,6 +74,10 @@ def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: to
     return {n: a.hessian() for n, a in accs.items()}
 
 
+def _quantizable(block: nn.Module, prefix: str, skip: list[re.Pattern]) -> dict[str, nn.Linear]:
+    return {n: m for n, m in block_linears(block).items() if not any(p.search(prefix + n) for p in skip)}
+
+
 def quantize_model(
     model: nn.Module,
     recipe: Recipe,
@@ -92,15 +97,24 @@ def quantize_model(
     model.lowbit_quant = getattr(model, "lowbit_quant", {})
     model.lowbit_recipe = recipe.to_dict()
 
-    needs_inputs = recipe.needs_calibration
-    if needs_inputs and calib is None:
+    if recipe.needs_calibration and calib is None:
         raise ValueError(f"recipe {recipe.name} needs calibration data")
+    # layer-wise Hessians need each block's (quantized) inputs; output-adaptive ones are computed
+    # once, up front, from the full-precision model's gradients — no block inputs at all
+    output_adaptive = recipe.needs_calibration and recipe.hessian.source == "output_adaptive"
+    needs_inputs = recipe.needs_calibration and not output_adaptive
     store = None
     if progress_dir is not None:
         source = str(getattr(model, "lowbit_source", type(model).__name__))
         store = ProgressStore(Path(progress_dir), fingerprint(source, recipe.to_dict(), calib if calib is not None else torch.zeros(0)), resume)
 
     inputs = block_kwargs = None
+    done = set(store.done) if store is not None else set()
+    precomputed: dict[str, torch.Tensor] = {}
+    if output_adaptive and len(done) < len(blocks):  # before any block is rounded: gradients of the full model
+        targets = {f"{blocks_path}.{b}.{n}": m for b in range(len(blocks)) if b not in done
+                   for n, m in _quantizable(blocks[b], f"{blocks_path}.{b}.", skip).items()}
+        precomputed, report.hessian_pass = output_adaptive_hessians(model, targets, calib, show_progress=show_progress)
     if needs_inputs:
         t0 = time.perf_counter()
         inputs, block_kwargs = capture_block_inputs(model, blocks, calib)
@@ -111,8 +125,8 @@ def quantize_model(
         t_block = time.perf_counter()
         block = blocks[b]
         prefix = f"{blocks_path}.{b}."
-        layers = {n: m for n, m in block_linears(block).items() if not any(p.search(prefix + n) for p in skip)}
-        if store is not None and b in store.done:
+        layers = _quantizable(block, prefix, skip)
+        if b in done:
             weights, layer_reports = store.load_block(b)
             for n, qw in weights.items():
                 _apply(layers[n], qw)
@@ -128,8 +142,12 @@ def quantize_model(
                     groups = [[n for g in groups for n in g]]
             for group in groups:
                 group_layers = {n: layers[n] for n in group}
-                hessians = (_collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)
-                            if needs_inputs else {})
+                if output_adaptive:
+                    hessians = {n: precomputed.pop(prefix + n) for n in group}
+                elif needs_inputs:
+                    hessians = _collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)
+                else:
+                    hessians = {}
                 for n, layer in group_layers.items():
                     qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), spec, recipe.transform)
                     report.layers.append(layer_report)

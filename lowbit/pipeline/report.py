@@ -29,6 +29,7 @@ class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
     block_seconds: list[float] = field(default_factory=list)
     capture_seconds: float = 0.0
+    hessian_pass: dict = field(default_factory=dict)  # output-adaptive gradient pass: seconds, peak memory
     total_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     resumed_blocks: int = 0

@@ -17,7 +17,7 @@ from lowbit.errors import LowbitError
 METHODS = ("rtn", "gptq", "ldlq")
 GRIDS = ("minmax", "rms")
 INCOHERENCE = ("none", "hadamard", "kron")
-HESSIAN_SOURCES = ("layerwise",)
+HESSIAN_SOURCES = ("layerwise", "output_adaptive")
 
 
 def _positive_int(value: Any, what: str) -> None:
@@ -94,7 +94,10 @@ class TransformSpec:
 
 @dataclass
 class HessianSpec:
-    """Where curvature comes from; ``skip_first_tokens`` drops attention-sink positions."""
+    """Where curvature comes from: ``layerwise`` (``2·XᵀX/n`` of each layer's calibration inputs)
+    or ``output_adaptive`` (OAC: Fisher of the output cross-entropy's gradients, one gradient pass
+    on the full-precision model up front). ``skip_first_tokens`` (layer-wise only) drops
+    attention-sink positions."""
 
     source: str = "layerwise"
     skip_first_tokens: int = 0

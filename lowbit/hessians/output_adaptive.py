@@ -1,0 +1,82 @@
+"""OAC's output-adaptive Hessian: curvature of the model's output cross-entropy, one per layer.
+
+The increase of the loss under a weight change is ``ΔL ≈ ½·δwᵀ·H_out·δw``; OAC approximates
+``H_out`` by the empirical Fisher of per-sample gradients and assumes independence across layers
+and across output rows, which leaves one ``d_in × d_in`` matrix per layer:
+
+    H̄ = 1/(N·d_out) · Σ_n G_nᵀ·G_n,    G_n = ∂ℓ_n/∂W = δ_nᵀ·X_n  (d_out × d_in)
+
+with ``ℓ_n`` the mean next-token cross-entropy of calibration sequence ``n`` (a batch of one),
+``X_n`` the layer's inputs and ``δ_n`` the loss gradient at its outputs. ``G_n`` is formed from
+those two in a backward hook and ``G_nᵀ·G_n`` added at once, so no layer's weight gradient is
+ever stored, let alone all of them for all samples. Interpretations (METHODS.md marks them
+uncertain): the normalisation ``1/(N·d_out)`` (it cancels in GPTQ's update but sets the scale
+against which damping is relative — damping is relative to ``mean(diag H̄)`` here, so it cancels
+too) and the per-sequence *mean* loss (a sum would scale every ``G_n`` by the same constant).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.pipeline.report import peak_memory_mb
+
+
+class _Accumulator:
+    def __init__(self, layer: nn.Linear):
+        self.sum = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=layer.weight.device)
+        self.d_out = layer.out_features
+        self.inputs: torch.Tensor | None = None
+
+    def add(self, grad_out: torch.Tensor) -> None:
+        dtype = torch.promote_types(grad_out.dtype, torch.float32)  # bf16/fp16 gradients: products in fp32
+        x = self.inputs.reshape(-1, self.inputs.shape[-1]).to(dtype)
+        d = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        g = d.T @ x  # ∂ℓ/∂W for this sequence, (d_out, d_in)
+        self.sum += (g.T @ g).to(torch.float64)
+        self.inputs = None
+
+
+def output_adaptive_hessians(
+    model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor, *, show_progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """``H̄`` for every layer in ``layers`` from the sequences ``calib`` (n, seqlen); and the pass's cost.
+
+    The model's parameters are left untouched (no ``.grad`` is written): gradients flow from a
+    leaf made of the input embeddings, and only activation gradients are computed.
+    """
+    t0 = time.perf_counter()
+    accs = {name: _Accumulator(m) for name, m in layers.items()}
+    device = next(model.parameters()).device
+    handles = []
+
+    def forward_hook(name: str):
+        def hook(_module, args, out):
+            accs[name].inputs = args[0].detach()
+            out.register_hook(accs[name].add)
+
+        return hook
+
+    handles = [m.register_forward_hook(forward_hook(n)) for n, m in layers.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        for i in tqdm(range(calib.shape[0]), desc="output-adaptive Hessians", unit="seq", disable=not show_progress):
+            ids = calib[i : i + 1].to(device)
+            with torch.enable_grad():
+                loss = model(ids, labels=ids, use_cache=False).loss
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    n = calib.shape[0]
+    hessians = {name: a.sum / (n * a.d_out) for name, a in accs.items()}
+    return hessians, {"seconds": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb()}

@@ -26,6 +26,7 @@ from lowbit.pipeline.capture import capture_block_inputs, run_block
 from lowbit.recipes import TransformSpec, WeightSpec
 from lowbit.rounding import proxy_loss, rtn_quantize
 from lowbit.rounding.dispatch import round_weight
+from lowbit.transforms import Incoherence, incoherence
 
 _GPTQ = dict(method="gptq", act_order=True, clip_search=True)
 _QUIP = dict(method="ldlq", act_order=True, grid="rms", greedy_passes=1)
@@ -50,6 +51,16 @@ VARIANTS = {  # name -> (weights section, transform section)
 }
 
 
+def _mu(w: torch.Tensor, h: torch.Tensor, name: str) -> dict[str, float]:
+    """μ_W and μ_H (QuIP's incoherence) as they are, and after each transform (with rescaling)."""
+    mu_w, mu_h = incoherence(w, h)
+    out = {"mu_w": mu_w, "mu_h": mu_h}
+    for kind in ("hadamard", "kron"):
+        t = Incoherence.fit(w, h, kind, 0, name)
+        out[f"mu_w_{kind}"], out[f"mu_h_{kind}"] = incoherence(t.forward_weight(w.double()), t.forward_hessian(h))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -60,6 +71,7 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--variants", choices=sorted(VARIANTS), default="gptq")
+    p.add_argument("--mu", action="store_true", help="also QuIP's incoherence μ of W and H before/after the transforms")
     p.add_argument("--out", type=Path, default=Path("bench/results/layer-errors.json"))
     args = p.parse_args()
 
@@ -93,9 +105,16 @@ def main() -> None:
         for name, (spec, transform) in variants.items():
             q = round_weight(w, h if spec.method != "rtn" else None, spec, n, transform)
             row[name] = proxy_loss(q.weight() - w, ht) / rtn
+        if args.mu:
+            row.update(_mu(w, h, n))
         rows.append(row)
         print(f"{n:18s}{row['rtn_rel_output_error']:12.2e}" + "".join(f"{row[v]:>{max(len(v) + 1, 10)}.3f}" for v in variants),
               flush=True)
+    if args.mu:
+        keys = [k for k in rows[0] if k.startswith("mu_")]
+        print(f"{'layer':18s}" + "".join(f"{k:>16s}" for k in keys))
+        for row in rows:
+            print(f"{row['layer']:18s}" + "".join(f"{row[k]:16.2f}" for k in keys))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 

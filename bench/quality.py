@@ -41,7 +41,7 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
         row.update(quant_seconds=time.perf_counter() - t0, quant_peak_memory_mb=report.peak_memory_mb, nsamples=rec.calibration.nsamples,
                    calib_seqlen=rec.calibration.seqlen, bits=rec.weights.bits, group_size=rec.weights.group_size,
                    mean_rel_output_error=_mean([r.rel_output_error for r in report.layers]),
-                   effective_bits=effective_bits(model.lowbit_quant))
+                   effective_bits=effective_bits(model.lowbit_quant), hessian_pass=report.hessian_pass)
     for d in args.datasets.split(","):
         r = lowbit.eval.perplexity(model, tok, d, windows=args.windows, show_progress=False)
         row[d] = r.ppl

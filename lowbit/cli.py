@@ -106,6 +106,9 @@ def quantize(
     save(m, out, tok, report)
     shutil.rmtree(progress, ignore_errors=True)
     typer.echo(f"saved {rec.name} checkpoint to {out} ({report.total_seconds:.1f} s, peak {report.peak_memory_mb:.0f} MB)")
+    if report.hessian_pass:
+        typer.echo(f"output-adaptive Hessian pass: {report.hessian_pass['seconds']:.1f} s, "
+                   f"peak {report.hessian_pass['peak_memory_mb']:.0f} MB")
     typer.echo(f"largest relative layer errors (all layers in {out / 'report.json'}):\n{report.worst()}")
     if datasets:
         rows[rec.name] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}

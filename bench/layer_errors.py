@@ -31,6 +31,7 @@ from lowbit.transforms import Incoherence, incoherence
 _GPTQ = dict(method="gptq", act_order=True, clip_search=True)
 _QUIP = dict(method="ldlq", act_order=True, grid="rms", greedy_passes=1)
 VARIANTS = {  # name -> (weights section, transform section)
+    "none": {},  # RTN only (with --mu: just the incoherence measurement)
     "gptq": {
         "gptq": (dict(method="gptq"), {}),
         "gptq+act_order": (dict(method="gptq", act_order=True), {}),

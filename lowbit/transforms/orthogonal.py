@@ -81,6 +81,7 @@ def kron_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
     return x.reshape(*lead, n)
 
 
+@dataclass
 class _Structured:
     """An orthogonal ``V = (F_1 ⊗ … ⊗ F_m)·S`` with small dense factors and a signed permutation ``S``."""
 
@@ -130,8 +131,6 @@ class _Structured:
 class RandomHadamard(_Structured):
     """``(H_{2^k} ⊗ Q_b)·diag(s)``: Sylvester blocks of ≤ 32 with the odd block folded into the last."""
 
-    n: int
-    seed: int
     kind: str = field(default="hadamard", init=False)
 
     def _build(self, g):
@@ -147,8 +146,6 @@ class RandomHadamard(_Structured):
 class RandomKronecker(_Structured):
     """``(Q_p ⊗ Q_q)·P``: the paper's two Haar-random orthogonal factors and a random permutation."""
 
-    n: int
-    seed: int
     kind: str = field(default="kron", init=False)
 
     def _build(self, g):

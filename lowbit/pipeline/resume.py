@@ -84,9 +84,8 @@ class ProgressStore:
             info = json.loads(raw)
             qw = QuantizedWeight(*(tensors[f"{name}.{f}"] for f in FIELDS), bits=info["bits"])
             if info["transform"] is not None:
-                t = info["transform"]
-                qw.transform = Incoherence(t["kind"], t["seed_out"], t["seed_in"], tensors[f"{name}.in_scale"]).bind(
-                    *qw.codes.shape)
+                qw.transform = Incoherence.from_metadata(info["transform"], tensors[f"{name}.in_scale"],
+                                                         qw.codes.shape[0])
             weights[name] = qw
         report = json.loads((self.root / f"block_{index:04d}.json").read_text())
         return weights, report

@@ -14,7 +14,7 @@ import torch
 from lowbit.grids import UniformGrid
 from lowbit.hessians import robust_cholesky_inverse
 from lowbit.rounding.quantized import QuantizedWeight
-from lowbit.rounding.sequential import SequentialProblem, empty_params
+from lowbit.rounding.sequential import SequentialProblem, initial_params
 
 
 def gptq_quantize(
@@ -35,12 +35,7 @@ def gptq_quantize(
     W = prob.w.to(dtype)
 
     gs = grid.group_size
-    scale, zero, codes = empty_params(rows, cols, grid, w.device)
-    if gs is None:
-        p = grid.fit(W)
-        scale[:, :1], zero[:, :1] = p.scale, p.zero
-    col_scale = scale[:, 0].to(dtype)
-    col_zero = zero[:, 0].to(dtype)
+    scale, zero, codes, col_scale, col_zero = initial_params(W, grid, dtype)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)

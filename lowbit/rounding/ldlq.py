@@ -18,7 +18,7 @@ import torch
 
 from lowbit.hessians import robust_udu
 from lowbit.rounding.quantized import QuantizedWeight
-from lowbit.rounding.sequential import SequentialProblem, empty_params
+from lowbit.rounding.sequential import SequentialProblem, initial_params
 
 
 def ldlq_quantize(
@@ -39,11 +39,7 @@ def ldlq_quantize(
     A, W = a.to(dtype), prob.w.to(dtype)
     err = torch.zeros_like(W)  # W − Ŵ, filled column by column
     gs = grid.group_size
-    scale, zero, codes = empty_params(rows, cols, grid, w.device)
-    if gs is None:
-        p = grid.fit(W)
-        scale[:, :1], zero[:, :1] = p.scale, p.zero
-    col_scale, col_zero = scale[:, 0].to(dtype), zero[:, 0].to(dtype)
+    scale, zero, codes, col_scale, col_zero = initial_params(W, grid, dtype)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)

@@ -40,7 +40,14 @@ class SequentialProblem:
         return QuantizedWeight(codes, scale, zero, g_idx, grid.bits)
 
 
-def empty_params(rows: int, cols: int, grid, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zeroed ``scale``/``zero`` (rows × groups) and ``codes`` (rows × cols)."""
-    scale = torch.zeros(rows, grid.n_groups(cols), dtype=torch.float32, device=device)
-    return scale, torch.zeros_like(scale), torch.zeros(rows, cols, dtype=torch.uint8, device=device)
+def initial_params(w: torch.Tensor, grid, dtype: torch.dtype):
+    """``scale``/``zero`` (rows × groups), ``codes`` (rows × cols) and the current column's scale and
+    zero: fitted on all of ``w`` for a per-channel grid, zero until the first group is fitted."""
+    rows, cols = w.shape
+    scale = torch.zeros(rows, grid.n_groups(cols), dtype=torch.float32, device=w.device)
+    zero = torch.zeros_like(scale)
+    if grid.group_size is None:
+        p = grid.fit(w)
+        scale[:, :1], zero[:, :1] = p.scale, p.zero
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=w.device)
+    return scale, zero, codes, scale[:, 0].to(dtype), zero[:, 0].to(dtype)

@@ -23,7 +23,7 @@ def layer_metadata(module: nn.Module, group_size: int | None) -> dict:
     info = {"bits": inner.bits, "group_size": group_size, "shape": [inner.out_features, inner.in_features],
             "act_order": inner.g_idx is not None, "float_zeros": inner.float_zeros}
     if isinstance(module, QuipLinear):
-        info["incoherence"] = {"kind": module.kind, "seed_out": module.seed_out, "seed_in": module.seed_in}
+        info["incoherence"] = module.transform.metadata()
     return info
 
 
@@ -35,5 +35,4 @@ def empty_module(info: dict, n_groups: int, bias: bool) -> nn.Module:
                         info["group_size"], info.get("float_zeros", False))
     if inc is None:
         return inner
-    transform = Incoherence(inc["kind"], inc["seed_out"], inc["seed_in"], torch.ones(in_f))
-    return QuipLinear(inner, transform, bias)
+    return QuipLinear(inner, Incoherence.from_metadata(inc, torch.ones(in_f), out_f), bias)

@@ -20,9 +20,8 @@ class QuipLinear(nn.Module):
         super().__init__()
         self.inner = inner
         self.in_features, self.out_features, self.bits = inner.in_features, inner.out_features, inner.bits
-        self.kind, self.seed_out, self.seed_in = transform.kind, transform.seed_out, transform.seed_in
         self.register_buffer("in_scale", transform.in_scale.to(torch.float32).clone())
-        self.transform = transform.bind(inner.out_features, inner.in_features)
+        self.transform = transform.bind(inner.out_features, inner.in_features)  # seeds, U and V
         self.bias = nn.Parameter(torch.zeros(inner.out_features)) if bias else None
 
     @classmethod
@@ -34,8 +33,7 @@ class QuipLinear(nn.Module):
 
     def quantized(self) -> QuantizedWeight:
         qw = self.inner.quantized()
-        qw.transform = Incoherence(self.kind, self.seed_out, self.seed_in, self.in_scale.cpu()).bind(
-            self.out_features, self.in_features)
+        qw.transform = Incoherence.from_metadata(self.transform.metadata(), self.in_scale.cpu(), self.out_features)
         return qw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,4 +42,5 @@ class QuipLinear(nn.Module):
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"transform={self.kind}, seeds=({self.seed_out}, {self.seed_in})"
+        t = self.transform
+        return f"transform={t.kind}, seeds=({t.seed_out}, {t.seed_in})"

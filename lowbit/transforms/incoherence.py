@@ -100,4 +100,9 @@ class Incoherence:
         return h * (h.shape[0] / torch.trace(h).clamp_min(1e-300))
 
     def metadata(self) -> dict:
+        """What a checkpoint records besides ``in_scale``: :meth:`from_metadata` rebuilds the rest."""
         return {"kind": self.kind, "seed_out": self.seed_out, "seed_in": self.seed_in}
+
+    @classmethod
+    def from_metadata(cls, meta: dict, in_scale: torch.Tensor, out_features: int) -> "Incoherence":
+        return cls(meta["kind"], meta["seed_out"], meta["seed_in"], in_scale).bind(out_features, in_scale.numel())

@@ -41,7 +41,9 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
         row.update(quant_seconds=time.perf_counter() - t0, quant_peak_memory_mb=report.peak_memory_mb, nsamples=rec.calibration.nsamples,
                    calib_seqlen=rec.calibration.seqlen, bits=rec.weights.bits, group_size=rec.weights.group_size,
                    mean_rel_output_error=_mean([r.rel_output_error for r in report.layers]),
-                   effective_bits=effective_bits(model.lowbit_quant), hessian_pass=report.hessian_pass)
+                   effective_bits=effective_bits(model.lowbit_quant) if model.lowbit_quant else None,
+                   hessian_pass=report.hessian_pass, a_bits=rec.activations.bits, kv_bits=rec.activations.kv_bits,
+                   act_granularity=rec.activations.granularity if rec.activations.enabled else None)
     for d in args.datasets.split(","):
         r = lowbit.eval.perplexity(model, tok, d, windows=args.windows, show_progress=False)
         row[d] = r.ppl
@@ -99,7 +101,7 @@ def _print(rows, args, header):
         if "error" in r:
             print(f"{r['recipe']:16s} ERROR {r['error']}")
             continue
-        bits = f"{r['effective_bits']:7.3f}" if "effective_bits" in r else f"{'-':>7s}"
+        bits = f"{r['effective_bits']:7.3f}" if r.get("effective_bits") is not None else f"{'-':>7s}"
         print(f"{r['recipe']:16s}{bits}" + "".join(f"{r[d]:11.3f}" for d in ds)
               + f"{r.get('quant_seconds', 0):9.1f}{r.get('quant_peak_memory_mb', r['peak_memory_mb']):9.0f}", flush=True)
 

@@ -109,7 +109,13 @@ def quantize(
     if report.hessian_pass:
         typer.echo(f"output-adaptive Hessian pass: {report.hessian_pass['seconds']:.1f} s, "
                    f"peak {report.hessian_pass['peak_memory_mb']:.0f} MB")
-    typer.echo(f"largest relative layer errors (all layers in {out / 'report.json'}):\n{report.worst()}")
+    if report.activation_quantizers:
+        a = rec.activations
+        typer.echo(f"activations: {a.bits}-bit, KV cache {a.kv_bits}-bit, {a.granularity} ranges"
+                   f"{' (reordered)' if a.reorder and a.granularity == 'cluster' else ''}; "
+                   f"{report.activation_quantizers} quantizers calibrated in {report.activation_seconds:.1f} s")
+    if report.layers:
+        typer.echo(f"largest relative layer errors (all layers in {out / 'report.json'}):\n{report.worst()}")
     if datasets:
         rows[rec.name] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
         (out / "eval.json").write_text(json.dumps({"windows": windows, "perplexity": rows}, indent=1))

@@ -80,7 +80,7 @@ def test_clip_search_picks_the_best_shrink_factor_by_brute_force():
         best_err, best_scale = None, None
         for i in range(0, 80):
             s = 1 - i / 100
-            p = plain._params(s * torch.clamp(row.min(1).values, max=0).float(), s * torch.clamp(row.max(1).values, min=0).float())
+            p = plain.range_params(s * torch.clamp(row.min(1).values, max=0).float(), s * torch.clamp(row.max(1).values, min=0).float())
             err = (plain.quantize_dequantize(row.float(), p.scale, p.zero) - row.float()).abs().pow(2.4).sum().item()
             if best_err is None or err < best_err:
                 best_err, best_scale = err, p.scale.item()

@@ -83,3 +83,46 @@ def test_quip_preset_from_the_cli_reloads_and_runs_fast_transforms(tmp_path, smo
     torch.testing.assert_close(fast, ref, atol=2e-3, rtol=1e-3)  # float32 transforms vs dense matmul
     q = json.loads(_cli("eval", str(out), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256", "--json"))
     assert math.isfinite(q["perplexity"]["wikitext2"]["ppl"])
+
+
+def test_rptq_folding_preserves_smollm2_within_float32_rounding():
+    """Folding all four permutation points into every block of the real model. The issue asks for
+    ≤ 1e-5, but float32 itself is not that exact here: the unmodified model's float32 logits differ
+    from a float64 run by 6.6e-5 (logits reach ±33), and any permutation changes summation order.
+    So the bound is: the folded model stays as close to the original as float32 rounding allows
+    (measured 9.3e-5 on this input; bound 2× the float32-vs-float64 gap and 2e-4 absolute)."""
+    import copy
+
+    from test_rptq import fold_all_blocks
+
+    from lowbit.recipes import ActivationSpec
+
+    model, _ = lowbit.load_model("smollm2-135m")  # its own copy: folding rewrites the weights
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (1, 128), generator=g)
+    calib = torch.randint(0, 49152, (2, 128), generator=g)
+    with torch.no_grad():
+        ref = model(ids).logits
+        ref64 = copy.deepcopy(model).double()(ids).logits
+        perms = fold_all_blocks(model, calib, ActivationSpec(bits=4, kv_bits=4))
+        out = model(ids).logits
+    assert all({"attn_in", "attn_out", "mlp_in", "mlp_mid"} <= set(p) for p in perms)
+    float32_noise = float((ref.double() - ref64).abs().max())
+    diff = float((out - ref).abs().max())
+    assert diff <= min(2 * float32_noise, 2e-4), (diff, float32_noise)
+
+
+def test_rptq_preset_from_the_cli_saves_and_reloads_clusters(tmp_path, smollm2):
+    from lowbit.activations import ActQuantizer
+    from lowbit.transforms.reorder import ReorderedNorm
+
+    out = tmp_path / "rptq"
+    log = _cli("quantize", "smollm2-135m", "--recipe", "rptq-w4a4kv4", "--out", str(out), "--nsamples", "2", "--seqlen", "128")
+    assert "activations: 4-bit, KV cache 4-bit, cluster ranges (reordered); 180 quantizers" in log
+    qmodel, _ = lowbit.load_model(out)
+    assert sum(isinstance(m, ReorderedNorm) for m in qmodel.modules()) == 60
+    quantizers = [m for m in qmodel.modules() if isinstance(m, ActQuantizer)]
+    assert len(quantizers) == 30 * 6 and all(q.bits == 4 and not q.dynamic for q in quantizers)
+    assert sum(isinstance(m, QuantLinear) for m in qmodel.modules()) == 30 * 7
+    q = json.loads(_cli("eval", str(out), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256", "--json"))
+    assert math.isfinite(q["perplexity"]["wikitext2"]["ppl"])

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lowbit.activations.install import restore
 from lowbit.errors import LowbitError
 from lowbit.models.loading import CHECKPOINT_MARKER
 from lowbit.runtime import empty_module
@@ -27,6 +28,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[
         old = model.get_submodule(name)
         scales = tensors.get(f"{name}.scales", tensors.get(f"{name}.inner.scales"))
         model.set_submodule(name, empty_module(info, scales.shape[1], old.bias is not None))
+    restore(model, meta.get("activations", {}))
     result = model.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys) - set(meta["aliases"])
     if missing or result.unexpected_keys:

@@ -4,6 +4,8 @@ Quantized linears are stored as :class:`~lowbit.runtime.QuantLinear` buffers (pa
 float16 scales, packed zeros, ``g_idx`` only when act-order permuted the groups), inside a
 :class:`~lowbit.runtime.QuipLinear` (``in_scale`` + transform seeds) for QuIP layers; every other
 tensor keeps its dtype. Tensors that share storage (tied embeddings) are written once.
+Activation quantizers (calibrated ranges) and RPTQ's reordered norms (permutations) are ordinary
+buffers of the model; ``lowbit_config.json`` names them so that loading can re-create them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lowbit.activations.install import activation_metadata
 from lowbit.errors import LowbitError
 from lowbit.models.loading import CHECKPOINT_MARKER
 from lowbit.pipeline.report import QuantReport
@@ -26,8 +29,9 @@ FORMAT_VERSION = 1
 
 def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
          report: QuantReport | None = None) -> Path:
-    quant = getattr(model, "lowbit_quant", None)
-    if not quant:
+    quant = getattr(model, "lowbit_quant", None) or {}
+    activations = activation_metadata(model)
+    if not quant and not activations:
         raise LowbitError("model has not been quantized (no lowbit_quant); run lowbit.quantize first")
     recipe = getattr(model, "lowbit_recipe", {})
     group_size = recipe.get("weights", {}).get("group_size")
@@ -66,6 +70,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBa
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "aliases": aliases,
         "layers": layers,
+        "activations": activations,
     }
     (out / CHECKPOINT_MARKER).write_text(json.dumps(meta, indent=1))
     if report is not None:

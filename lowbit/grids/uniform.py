@@ -72,7 +72,7 @@ class UniformGrid:
         xmin = torch.minimum(w.min(dim=1).values, zero_t)
         xmax = torch.maximum(w.max(dim=1).values, zero_t)
         if not self.clip_search:
-            return self._params(xmin, xmax)
+            return self.range_params(xmin, xmax)
         n_shrink = int(CLIP_MAX_SHRINK * CLIP_GRID)
         chunk = max(1, CLIP_CHUNK_ELEMENTS // (n_shrink * w.shape[1]))
         parts = [self._clip(w[r : r + chunk], xmin[r : r + chunk], xmax[r : r + chunk], n_shrink)
@@ -82,7 +82,7 @@ class UniformGrid:
     def _clip(self, w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, n_shrink: int) -> GridParams:
         """Every shrink factor at once, ``(n_shrink, rows, cols)``; ties go to the least shrink."""
         shrink = 1 - torch.arange(n_shrink, device=w.device) / CLIP_GRID
-        cand = self._params((shrink[:, None] * xmin).reshape(-1), (shrink[:, None] * xmax).reshape(-1))
+        cand = self.range_params((shrink[:, None] * xmin).reshape(-1), (shrink[:, None] * xmax).reshape(-1))
         scale = cand.scale.view(n_shrink, -1, 1)
         zero = cand.zero.view(n_shrink, -1, 1)
         err = (self.quantize_dequantize(w.unsqueeze(0), scale, zero) - w).abs().pow(CLIP_NORM).sum(2)
@@ -90,7 +90,7 @@ class UniformGrid:
         rows = torch.arange(w.shape[0], device=w.device)
         return GridParams(scale[best, rows], zero[best, rows])
 
-    def _params(self, xmin: torch.Tensor, xmax: torch.Tensor) -> GridParams:
+    def range_params(self, xmin: torch.Tensor, xmax: torch.Tensor) -> GridParams:
         if self.symmetric:
             xmax = torch.maximum(xmin.abs(), xmax)
             xmin = torch.where(xmin < 0, -xmax, xmin)

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_block
 from lowbit.hessians import HessianAccumulator
 from lowbit.hessians.output_adaptive import output_adaptive_hessians
 from lowbit.models import block_linears, find_blocks
+from lowbit.models.layout import block_layout
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
 from lowbit.pipeline.report import LayerReport, QuantReport, peak_memory_mb
 from lowbit.pipeline.resume import ProgressStore, fingerprint
@@ -96,6 +98,8 @@ def quantize_model(
     skip = [re.compile(p) for p in recipe.pipeline.skip]
     model.lowbit_quant = getattr(model, "lowbit_quant", {})
     model.lowbit_recipe = recipe.to_dict()
+    act = recipe.activations
+    layouts = [block_layout(block, model.config) for block in blocks] if act.enabled else []
 
     if recipe.needs_calibration and calib is None:
         raise ValueError(f"recipe {recipe.name} needs calibration data")
@@ -127,6 +131,10 @@ def quantize_model(
         prefix = f"{blocks_path}.{b}."
         layers = _quantizable(block, prefix, skip)
         if b in done:
+            if act.enabled:
+                plan = BlockActPlan.from_state(*store.load_activation_plan(b))
+                apply_plan(block, layouts[b], plan, model.config)
+                report.activation_quantizers += len(plan.quantizers)
             weights, layer_reports = store.load_block(b)
             for n, qw in weights.items():
                 _apply(layers[n], qw)
@@ -135,8 +143,15 @@ def quantize_model(
             report.resumed_blocks += 1
         else:
             weights = {}
-            groups = [list(layers)]
-            if needs_inputs:  # execution order; one pass per group when true-sequential
+            if act.enabled:  # before the Hessians: GPTQ sees the quantized activations it will get
+                t0 = time.perf_counter()
+                plan = calibrate_block(block, layouts[b], inputs, block_kwargs[b] if block_kwargs else None, act, model.config)
+                report.activation_seconds += time.perf_counter() - t0
+                report.activation_quantizers += len(plan.quantizers)
+                if store is not None:
+                    store.save_activation_plan(b, *plan.state())
+            groups = [list(layers)] if spec.method != "none" else []
+            if needs_inputs and groups:  # execution order; one pass per group when true-sequential
                 groups = sequential_groups(block, layers, inputs[:1], block_kwargs[b])
                 if not recipe.pipeline.true_sequential:
                     groups = [[n for g in groups for n in g]]
@@ -144,6 +159,8 @@ def quantize_model(
                 group_layers = {n: layers[n] for n in group}
                 if output_adaptive:
                     hessians = {n: precomputed.pop(prefix + n) for n in group}
+                elif needs_inputs and spec.method == "rtn" and act.enabled:
+                    hessians = {}  # calibration was for the activation ranges only
                 elif needs_inputs:
                     hessians = _collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)
                 else:

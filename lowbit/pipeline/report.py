@@ -30,6 +30,8 @@ class QuantReport:
     block_seconds: list[float] = field(default_factory=list)
     capture_seconds: float = 0.0
     hessian_pass: dict = field(default_factory=dict)  # output-adaptive gradient pass: seconds, peak memory
+    activation_seconds: float = 0.0  # observing ranges, clustering, folding (activation quantization)
+    activation_quantizers: int = 0
     total_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     resumed_blocks: int = 0

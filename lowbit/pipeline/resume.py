@@ -72,6 +72,21 @@ class ProgressStore:
         self.done.append(index)
         self._write_manifest()
 
+    def save_activation_plan(self, index: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Written before the block's weights: the block counts as done only once both exist."""
+        path = self.root / f"block_{index:04d}_act.safetensors"
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(path) + ".tmp", metadata={"quantizers": json.dumps(meta)})
+        os.replace(str(path) + ".tmp", path)
+
+    def load_activation_plan(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
+        from safetensors import safe_open
+
+        path = self.root / f"block_{index:04d}_act.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["quantizers"])
+        return load_file(str(path)), meta
+
     def load_block(self, index: int) -> tuple[dict[str, QuantizedWeight], list[dict]]:
         path = self.root / f"block_{index:04d}.safetensors"
         from safetensors import safe_open

@@ -14,10 +14,12 @@ from typing import Any
 from lowbit.data.protocol import DATASETS, SAMPLING
 from lowbit.errors import LowbitError
 
-METHODS = ("rtn", "gptq", "ldlq")
+METHODS = ("none", "rtn", "gptq", "ldlq")  # none: weights stay in float (activation-only ablations)
 GRIDS = ("minmax", "rms")
 INCOHERENCE = ("none", "hadamard", "kron")
 HESSIAN_SOURCES = ("layerwise", "output_adaptive")
+ACT_GRANULARITY = ("tensor", "token", "cluster")
+FLOAT_BITS = 16  # activations (or the KV cache) left in floating point
 
 
 def _positive_int(value: Any, what: str) -> None:
@@ -68,7 +70,7 @@ class WeightSpec:
                 raise LowbitError(f"weights.rms_mult must be a positive number, got {self.rms_mult!r}")
         if isinstance(self.greedy_passes, bool) or not isinstance(self.greedy_passes, int) or self.greedy_passes < 0:
             raise LowbitError(f"weights.greedy_passes must be a non-negative integer, got {self.greedy_passes!r}")
-        if self.greedy_passes and self.method == "rtn":
+        if self.greedy_passes and self.method in ("rtn", "none"):
             raise LowbitError("weights.greedy_passes needs a Hessian: use method gptq or ldlq, not rtn")
 
 
@@ -107,6 +109,52 @@ class HessianSpec:
             raise LowbitError(f"hessian.source must be one of {', '.join(HESSIAN_SOURCES)}, got {self.source!r}")
         if isinstance(self.skip_first_tokens, bool) or not isinstance(self.skip_first_tokens, int) or self.skip_first_tokens < 0:
             raise LowbitError(f"hessian.skip_first_tokens must be a non-negative integer, got {self.skip_first_tokens!r}")
+
+
+@dataclass
+class ActivationSpec:
+    """Activation and KV-cache quantization (``bits``/``kv_bits`` 16: left in float).
+
+    ``granularity``: ``tensor`` — one static range per tensor, calibrated; ``token`` — one range
+    per token, computed at run time; ``cluster`` — RPTQ: channels clustered by KMeans on their
+    calibrated (max, min), one static range per cluster (``clusters_norm`` for the norm outputs,
+    ``clusters_mlp`` for the down-projection input, ``clusters_head`` per head for the attention
+    output and K/V). ``reorder`` folds the cluster permutations into the weights so that each
+    cluster is a contiguous slice (q/k are not permuted under RoPE).
+    """
+
+    bits: int = FLOAT_BITS
+    kv_bits: int = FLOAT_BITS
+    granularity: str = "cluster"
+    symmetric: bool = False
+    reorder: bool = True
+    clusters_norm: int = 32
+    clusters_mlp: int = 32
+    clusters_head: int = 4
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < FLOAT_BITS or self.kv_bits < FLOAT_BITS
+
+    @property
+    def static(self) -> bool:
+        return self.enabled and self.granularity != "token"
+
+    def validate(self) -> None:
+        for key in ("bits", "kv_bits"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or not (2 <= v <= 8 or v == FLOAT_BITS):
+                raise LowbitError(f"activations.{key} must be an integer from 2 to 8, or 16 for float, got {v!r}")
+        if self.granularity not in ACT_GRANULARITY:
+            raise LowbitError(f"activations.granularity must be one of {', '.join(ACT_GRANULARITY)}, got {self.granularity!r}")
+        for flag in ("symmetric", "reorder"):
+            if not isinstance(getattr(self, flag), bool):
+                raise LowbitError(f"activations.{flag} must be true or false, got {getattr(self, flag)!r}")
+        for key in ("clusters_norm", "clusters_mlp", "clusters_head"):
+            _positive_int(getattr(self, key), f"activations.{key}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise LowbitError(f"activations.seed must be a non-negative integer, got {self.seed!r}")
 
 
 @dataclass
@@ -155,6 +203,7 @@ class Recipe:
     hessian: HessianSpec = field(default_factory=HessianSpec)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)
+    activations: ActivationSpec = field(default_factory=ActivationSpec)
 
     def validate(self) -> "Recipe":
         self.weights.validate()
@@ -162,11 +211,14 @@ class Recipe:
         self.hessian.validate()
         self.calibration.validate()
         self.pipeline.validate()
+        self.activations.validate()
+        if self.activations.enabled and self.hessian.source == "output_adaptive":
+            raise LowbitError("activation quantization needs layer-wise Hessians (hessian.source: layerwise)")
         return self
 
     @property
     def needs_calibration(self) -> bool:
-        return self.weights.method != "rtn"
+        return self.weights.method not in ("rtn", "none") or self.activations.static
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,188 @@
+"""Per block: observe activation ranges, cluster channels (RPTQ), fold the permutations, attach quantizers.
+
+Sites, named after RPTQ's reorder points: ``attn_in`` (R1, attention-norm output), ``attn_out``
+(R3, input of the attention's output projection, clustered per K/V head), ``mlp_in`` (R4,
+MLP-norm output), ``mlp_mid`` (R5, down-projection input), ``k_cache`` (R2) and ``v_cache``
+(which shares R3's clusters: the attention output's channel order is V's). Everything a block
+needs is a :class:`BlockActPlan` — permutations plus quantizers — so that a resumed run can
+apply a saved plan instead of recalibrating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.activations.attention import use_lowbit_attention
+from lowbit.activations.clustering import cluster_labels, head_labels, permutation_from_labels
+from lowbit.activations.install import attach
+from lowbit.activations.observer import RangeObserver
+from lowbit.activations.quantizer import ActQuantizer
+from lowbit.models.layout import BlockLayout
+from lowbit.recipes.schema import ActivationSpec
+from lowbit.transforms.reorder import expand_kv_perm, fold_permutations
+
+LINEAR_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
+KV_SITES = ("k_cache", "v_cache")
+
+
+@dataclass
+class BlockActPlan:
+    perms: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors and metadata to store the plan (for resume)."""
+        tensors = {f"perm.{k}": v for k, v in self.perms.items()}
+        for site, q in self.quantizers.items():
+            tensors.update({f"quant.{site}.{k}": v for k, v in q.state_dict().items()})
+        return tensors, {site: q.metadata() for site, q in self.quantizers.items()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> BlockActPlan:
+        perms = {k[5:]: v for k, v in tensors.items() if k.startswith("perm.")}
+        quantizers = {}
+        for site, info in meta.items():
+            q = ActQuantizer.from_metadata(info)
+            q.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"quant.{site}.")})
+            quantizers[site] = q
+        return cls(perms, quantizers)
+
+
+def _site_bits(site: str, spec: ActivationSpec) -> int:
+    return spec.kv_bits if site in KV_SITES else spec.bits
+
+
+def active_sites(spec: ActivationSpec) -> list[str]:
+    return [s for s in LINEAR_SITES + KV_SITES if _site_bits(s, spec) < 16]
+
+
+@torch.no_grad()
+def observe_block(block: nn.Module, layout: BlockLayout, inputs: torch.Tensor, kwargs: dict,
+                  sites: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel (min, max) at each site over all calibration tokens; K/V as ``(kv_heads, head_dim)``."""
+    obs = {s: RangeObserver(2 if s in KV_SITES else 1) for s in sites}
+    get = block.get_submodule
+    handles = []
+    for site, (path, pre) in {"attn_in": (layout.attn_norm, False), "mlp_in": (layout.mlp_norm, False),
+                              "attn_out": (layout.o, True), "mlp_mid": (layout.down, True)}.items():
+        if site in obs:
+            o = obs[site]
+            if pre:
+                handles.append(get(path).register_forward_pre_hook(lambda _m, a, o=o: o(a[0])))
+            else:
+                handles.append(get(path).register_forward_hook(lambda _m, _a, out, o=o: o(out)))
+    attn = get(layout.attention)
+    if "k_cache" in obs or "v_cache" in obs:
+        def observe_kv(key, value):  # (b, kv, s, d) -> channels (kv, d)
+            if "k_cache" in obs:
+                obs["k_cache"](key.transpose(1, 2))
+            if "v_cache" in obs:
+                obs["v_cache"](value.transpose(1, 2))
+        attn.lowbit_kv_observe = observe_kv
+        use_lowbit_attention(attn.config)
+    try:
+        for i in range(inputs.shape[0]):
+            block(inputs[i : i + 1], **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        attn.__dict__.pop("lowbit_kv_observe", None)
+    return {s: o.ranges() for s, o in obs.items()}
+
+
+def _per_kv_head(lo: torch.Tensor, hi: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention-output ranges ``(heads·d)`` pooled over the query heads sharing a K/V head -> ``(kv, d)``."""
+    shape = (layout.kv_heads, layout.group, layout.head_dim)
+    return lo.view(shape).amin(1), hi.view(shape).amax(1)
+
+
+def plan_block(ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: BlockLayout,
+               spec: ActivationSpec) -> BlockActPlan:
+    """Clusters, permutations (in the old channel order) and quantizers (in the new order)."""
+    plan = BlockActPlan()
+    sites = active_sites(spec)
+    if spec.granularity == "token":
+        plan.quantizers = {s: ActQuantizer(_site_bits(s, spec), spec.symmetric, dynamic=True) for s in sites}
+        return plan
+    if spec.granularity == "tensor":
+        for s in sites:
+            lo, hi = ranges[s]
+            plan.quantizers[s] = ActQuantizer.from_ranges(lo.min().view(1), hi.max().view(1), _site_bits(s, spec), spec.symmetric)
+        return plan
+
+    labels: dict[str, torch.Tensor] = {}
+    for s, k in (("attn_in", spec.clusters_norm), ("mlp_in", spec.clusters_norm), ("mlp_mid", spec.clusters_mlp)):
+        if s in ranges:
+            labels[s] = cluster_labels(*ranges[s], k, spec.seed)
+    kv_labels_out = None
+    if "attn_out" in ranges or "v_cache" in ranges:  # one clustering per K/V head serves both
+        lo, hi = _per_kv_head(*ranges["attn_out"], layout) if "attn_out" in ranges else ranges["v_cache"]
+        kv_labels_out = head_labels(lo, hi, spec.clusters_head, spec.seed)
+        if "attn_out" in ranges:
+            labels["attn_out"] = torch.cat([kv_labels_out[h // layout.group] for h in range(layout.heads)])
+        if "v_cache" in ranges:
+            labels["v_cache"] = kv_labels_out.reshape(-1)
+    if "k_cache" in ranges:
+        labels["k_cache"] = head_labels(*ranges["k_cache"], spec.clusters_head, spec.seed).reshape(-1)
+
+    order: dict[str, torch.Tensor] = {}  # per site: new channel i is old channel order[i]
+    if spec.reorder:
+        for s in ("attn_in", "mlp_in", "mlp_mid"):
+            if s in labels:
+                plan.perms[s] = order[s] = permutation_from_labels(labels[s])
+        if kv_labels_out is not None:
+            plan.perms["attn_out"] = perm_kv = permutation_from_labels(kv_labels_out)
+            if "attn_out" in labels:
+                order["attn_out"] = expand_kv_perm(perm_kv, layout)
+            if "v_cache" in labels:
+                order["v_cache"] = perm_kv
+        if "k_cache" in labels and not layout.rope:  # q/k pair up under RoPE: K keeps its order
+            plan.perms["qk"] = order["k_cache"] = permutation_from_labels(labels["k_cache"].view(layout.kv_heads, -1))
+    heads = {"attn_out": layout.heads, "k_cache": layout.kv_heads, "v_cache": layout.kv_heads}
+    for s in sites:
+        lo, hi = (r.reshape(-1) for r in ranges[s])
+        lab = labels[s]
+        if s in order:
+            lo, hi, lab = lo[order[s]], hi[order[s]], lab[order[s]]
+        if s in heads:  # labels are numbered per head: offset them so that clusters never span heads
+            lab = lab + torch.arange(heads[s]).repeat_interleave(layout.head_dim) * (int(lab.max()) + 1)
+        q = ActQuantizer.from_ranges(lo, hi, _site_bits(s, spec), spec.symmetric, lab)
+        if s in KV_SITES:
+            q = _reshape_kv(q, layout)
+        plan.quantizers[s] = q
+    return plan
+
+
+def _reshape_kv(q: ActQuantizer, layout: BlockLayout) -> ActQuantizer:
+    shape = (layout.kv_heads, 1, layout.head_dim)
+    out = ActQuantizer(q.bits, q.symmetric, False, shape)
+    out.scale.copy_(q.scale.view(shape))
+    out.zero.copy_(q.zero.view(shape))
+    return out
+
+
+SITE_HOME = {"attn_in": ("attn_norm", "act_out"), "mlp_in": ("mlp_norm", "act_out"), "attn_out": ("o", "act_in"),
+             "mlp_mid": ("down", "act_in"), "k_cache": ("attention", "k_quant"), "v_cache": ("attention", "v_quant")}
+
+
+def apply_plan(block: nn.Module, layout: BlockLayout, plan: BlockActPlan, config) -> None:
+    """Fold the plan's permutations into the block and attach its quantizers."""
+    if plan.perms:
+        fold_permutations(block, layout, plan.perms)
+    for site, q in plan.quantizers.items():
+        field_name, kind = SITE_HOME[site]
+        module = block.get_submodule(getattr(layout, field_name))
+        ref = next(module.parameters(), None)
+        attach(module, kind, q.to(ref.device) if ref is not None else q, config)
+
+
+def calibrate_block(block: nn.Module, layout: BlockLayout, inputs: torch.Tensor | None, kwargs: dict | None,
+                    spec: ActivationSpec, config) -> BlockActPlan:
+    sites = active_sites(spec)
+    ranges = observe_block(block, layout, inputs, kwargs, sites) if spec.static else {}
+    plan = plan_block(ranges, layout, spec)
+    apply_plan(block, layout, plan, config)
+    return plan

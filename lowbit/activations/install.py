@@ -8,6 +8,7 @@ interface). Hooks are not saved; :func:`restore` re-creates them from the checkp
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lowbit.activations.attention import use_lowbit_attention
@@ -53,8 +54,6 @@ def activation_metadata(model: nn.Module) -> dict:
 
 def restore(model: nn.Module, meta: dict) -> None:
     """Empty quantizers and reordered norms of the right shapes, for ``load_state_dict`` to fill."""
-    import torch
-
     for path, size in meta.get("reordered_norms", {}).items():
         model.set_submodule(path, ReorderedNorm(model.get_submodule(path), torch.arange(size)))
     for full, info in meta.get("quantizers", {}).items():

@@ -43,13 +43,21 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
                    mean_rel_output_error=_mean([r.rel_output_error for r in report.layers]),
                    effective_bits=effective_bits(model.lowbit_quant) if model.lowbit_quant else None,
                    hessian_pass=report.hessian_pass, a_bits=rec.activations.bits, kv_bits=rec.activations.kv_bits,
-                   act_granularity=rec.activations.granularity if rec.activations.enabled else None)
+                   act_granularity=rec.activations.granularity if rec.activations.enabled else None,
+                   lowrank_extra_params=_lowrank_share(model.lowbit_quant))
     for d in args.datasets.split(","):
         r = lowbit.eval.perplexity(model, tok, d, windows=args.windows, show_progress=False)
         row[d] = r.ppl
         row[f"{d}_windows"] = r.windows
     row["peak_memory_mb"] = peak_memory_mb()  # whole process: load + quantize + evaluate
     return row
+
+
+def _lowrank_share(quant: dict) -> float | None:
+    """Extra parameters (and multiply-adds per token) of the low-rank branches, as a share of the
+    quantized layers': Σ r·(m+n) / Σ m·n."""
+    branch = sum(qw.lowrank.rank * sum(qw.codes.shape) for qw in quant.values() if qw.lowrank is not None)
+    return branch / sum(qw.codes.numel() for qw in quant.values()) if branch else None
 
 
 def _mean(xs):

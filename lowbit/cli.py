@@ -164,6 +164,22 @@ def evaluate(
         typer.echo(f"{d:10s} ppl {r['ppl']:10.3f}  ({r['windows']} windows, {r['tokens']} tokens){extra}")
 
 
+@app.command("export-lora")
+def export_lora_cmd(
+    checkpoint: Path = typer.Argument(..., help="a lowbit checkpoint whose recipe has a lowrank branch"),
+    out: Path = typer.Argument(..., help="directory for adapter_config.json + adapter_model.safetensors"),
+) -> None:
+    """Write the checkpoint's low-rank error branches as a PEFT LoRA adapter."""
+    from lowbit.export import export_lora, load_quantized
+    from lowbit.models.loading import CHECKPOINT_MARKER
+
+    if not (checkpoint / CHECKPOINT_MARKER).exists():
+        raise LowbitError(f"{checkpoint} is not a lowbit checkpoint (no {CHECKPOINT_MARKER})")
+    model, _ = load_quantized(checkpoint)
+    export_lora(model, out)
+    typer.echo(f"wrote a LoRA adapter for {checkpoint} to {out}")
+
+
 @app.command("recipes")
 def list_recipes() -> None:
     """List the preset recipes."""

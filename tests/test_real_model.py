@@ -126,3 +126,18 @@ def test_rptq_preset_from_the_cli_saves_and_reloads_clusters(tmp_path, smollm2):
     assert sum(isinstance(m, QuantLinear) for m in qmodel.modules()) == 30 * 7
     q = json.loads(_cli("eval", str(out), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256", "--json"))
     assert math.isfinite(q["perplexity"]["wikitext2"]["ppl"])
+
+
+def test_aser_preset_from_the_cli_keeps_its_branch_and_exports_lora(tmp_path, smollm2):
+    from lowbit.runtime import LowRankLinear
+
+    out = tmp_path / "aser"
+    _cli("quantize", "smollm2-135m", "--recipe", "aser-w4a8", "--out", str(out), "--nsamples", "2", "--seqlen", "128")
+    qmodel, _ = lowbit.load_model(out)
+    branches = [m for m in qmodel.modules() if isinstance(m, LowRankLinear)]
+    assert len(branches) == 30 * 7 and all(m.a.shape[1] == 16 for m in branches)
+    q = json.loads(_cli("eval", str(out), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256", "--json"))
+    assert math.isfinite(q["perplexity"]["wikitext2"]["ppl"])
+    _cli("export-lora", str(out), str(tmp_path / "lora"))
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 16 and len(config["rank_pattern"]) == 30 * 7

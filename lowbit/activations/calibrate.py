@@ -21,8 +21,9 @@ from lowbit.activations.install import attach
 from lowbit.activations.observer import RangeObserver
 from lowbit.activations.quantizer import ActQuantizer
 from lowbit.models.layout import BlockLayout
-from lowbit.recipes.schema import ActivationSpec
+from lowbit.recipes.schema import ActivationSpec, SmoothingSpec
 from lowbit.transforms.reorder import expand_kv_perm, fold_permutations
+from lowbit.transforms.smoothing import column_absmax, expand_kv, fold_smoothing, kv_shared, smoothing_scales
 
 LINEAR_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 KV_SITES = ("k_cache", "v_cache")
@@ -30,12 +31,16 @@ KV_SITES = ("k_cache", "v_cache")
 
 @dataclass
 class BlockActPlan:
+    """Smoothing scales (folded first), then permutations, then quantizers (in the final order)."""
+
     perms: dict[str, torch.Tensor] = field(default_factory=dict)
     quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors and metadata to store the plan (for resume)."""
         tensors = {f"perm.{k}": v for k, v in self.perms.items()}
+        tensors.update({f"smooth.{k}": v for k, v in self.scales.items()})
         for site, q in self.quantizers.items():
             tensors.update({f"quant.{site}.{k}": v for k, v in q.state_dict().items()})
         return tensors, {site: q.metadata() for site, q in self.quantizers.items()}
@@ -43,12 +48,13 @@ class BlockActPlan:
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> BlockActPlan:
         perms = {k[5:]: v for k, v in tensors.items() if k.startswith("perm.")}
+        scales = {k[7:]: v for k, v in tensors.items() if k.startswith("smooth.")}
         quantizers = {}
         for site, info in meta.items():
             q = ActQuantizer.from_metadata(info)
             q.load_state_dict({k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"quant.{site}.")})
             quantizers[site] = q
-        return cls(perms, quantizers)
+        return cls(perms, quantizers, scales)
 
 
 def _site_bits(site: str, spec: ActivationSpec) -> int:
@@ -104,6 +110,7 @@ def plan_block(ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: Blo
     """Clusters, permutations (in the old channel order) and quantizers (in the new order)."""
     plan = BlockActPlan()
     sites = active_sites(spec)
+    ranges = {s: r for s, r in ranges.items() if s in sites}  # smoothing may have observed more
     if spec.granularity == "token":
         plan.quantizers = {s: ActQuantizer(_site_bits(s, spec), spec.symmetric, dynamic=True) for s in sites}
         return plan
@@ -169,7 +176,9 @@ SITE_HOME = {"attn_in": ("attn_norm", "act_out"), "mlp_in": ("mlp_norm", "act_ou
 
 
 def apply_plan(block: nn.Module, layout: BlockLayout, plan: BlockActPlan, config) -> None:
-    """Fold the plan's permutations into the block and attach its quantizers."""
+    """Fold the plan's smoothing scales and permutations into the block and attach its quantizers."""
+    if plan.scales:
+        fold_smoothing(block, layout, plan.scales)
     if plan.perms:
         fold_permutations(block, layout, plan.perms)
     for site, q in plan.quantizers.items():
@@ -179,10 +188,40 @@ def apply_plan(block: nn.Module, layout: BlockLayout, plan: BlockActPlan, config
         attach(module, kind, q.to(ref.device) if ref is not None else q, config)
 
 
+def smoothing_plan(block: nn.Module, layout: BlockLayout, ranges: dict, smoothing: SmoothingSpec) -> dict[str, torch.Tensor]:
+    """SmoothQuant scales per site (``attn_out``: one per K/V channel) from observed ranges."""
+    scales = {}
+    for site in smoothing.sites:
+        lo, hi = ranges[site]
+        x = torch.maximum(-lo, hi)
+        w = column_absmax(block, layout, site)
+        if site == "attn_out":
+            x, w = kv_shared(x, layout), kv_shared(w, layout)
+        scales[site] = smoothing_scales(x, w, smoothing.alpha)
+    return scales
+
+
+def _smoothed(ranges: dict, scales: dict[str, torch.Tensor], layout: BlockLayout) -> dict:
+    """Channel ranges after dividing by the (positive) smoothing scales."""
+    out = dict(ranges)
+    for site, s in scales.items():
+        if site in out:
+            s = expand_kv(s, layout) if site == "attn_out" else s
+            out[site] = (out[site][0] / s, out[site][1] / s)
+        if site == "attn_out" and "v_cache" in out:
+            s_kv = scales[site].view(layout.kv_heads, layout.head_dim)
+            out["v_cache"] = (out["v_cache"][0] / s_kv, out["v_cache"][1] / s_kv)
+    return out
+
+
 def calibrate_block(block: nn.Module, layout: BlockLayout, inputs: torch.Tensor | None, kwargs: dict | None,
-                    spec: ActivationSpec, config) -> BlockActPlan:
-    sites = active_sites(spec)
-    ranges = observe_block(block, layout, inputs, kwargs, sites) if spec.static else {}
-    plan = plan_block(ranges, layout, spec)
+                    spec: ActivationSpec, config, smoothing: SmoothingSpec | None = None) -> BlockActPlan:
+    """Observe, smooth, cluster, fold and attach, for one block (before its weights are rounded)."""
+    smooth = smoothing is not None and smoothing.enabled
+    sites = sorted(set(active_sites(spec)) | (set(smoothing.sites) if smooth else set()))
+    ranges = observe_block(block, layout, inputs, kwargs, sites) if spec.static or smooth else {}
+    scales = smoothing_plan(block, layout, ranges, smoothing) if smooth else {}
+    plan = plan_block(_smoothed(ranges, scales, layout), layout, spec)
+    plan.scales = scales
     apply_plan(block, layout, plan, config)
     return plan

@@ -13,6 +13,7 @@ from lowbit.activations.install import restore
 from lowbit.errors import LowbitError
 from lowbit.models.loading import CHECKPOINT_MARKER
 from lowbit.runtime import empty_module
+from lowbit.runtime.build import scales_key
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
@@ -26,7 +27,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[
     tensors = load_file(str(path / "model.safetensors"))
     for name, info in meta["layers"].items():
         old = model.get_submodule(name)
-        scales = tensors.get(f"{name}.scales", tensors.get(f"{name}.inner.scales"))
+        scales = tensors[scales_key(name, info)]
         model.set_submodule(name, empty_module(info, scales.shape[1], old.bias is not None))
     restore(model, meta.get("activations", {}))
     result = model.load_state_dict(tensors, strict=False)

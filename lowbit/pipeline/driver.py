@@ -26,7 +26,7 @@ from lowbit.models.layout import block_layout
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
 from lowbit.pipeline.report import LayerReport, QuantReport, peak_memory_mb
 from lowbit.pipeline.resume import ProgressStore, fingerprint
-from lowbit.recipes import Recipe, TransformSpec, WeightSpec
+from lowbit.recipes import Recipe
 from lowbit.rounding import QuantizedWeight, proxy_loss
 from lowbit.rounding.dispatch import round_weight
 
@@ -50,14 +50,17 @@ def _layer_report(name: str, block: int, w: torch.Tensor, qw: QuantizedWeight, h
 
 
 def _round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None,
-                 spec: WeightSpec, transform: TransformSpec) -> tuple[QuantizedWeight, LayerReport]:
+                 recipe: Recipe) -> tuple[QuantizedWeight, LayerReport]:
     """Round one layer in place (fake-quant weights) and return its codes (on the host) and report."""
     t0 = time.perf_counter()
+    spec, lowrank = recipe.weights, recipe.lowrank
     w = layer.weight.data.clone()
     if h is not None and not torch.any(h):
         log.warning("%s saw no calibration input; rounding it with RTN", name)
         h, spec = None, dataclasses.replace(spec, method="rtn")
-    qw = round_weight(w, h, spec, name=name, transform=transform)
+        lowrank = dataclasses.replace(lowrank, whiten=False)
+    qw = round_weight(w, h, spec, name=name, transform=recipe.transform, lowrank=lowrank,
+                      outliers=recipe.smoothing.outliers)
     _apply(layer, qw)
     report = _layer_report(name, block, w, qw, h, spec.method, time.perf_counter() - t0)
     return qw.cpu(), report  # codes for packing live on the host, not the GPU
@@ -99,7 +102,8 @@ def quantize_model(
     model.lowbit_quant = getattr(model, "lowbit_quant", {})
     model.lowbit_recipe = recipe.to_dict()
     act = recipe.activations
-    layouts = [block_layout(block, model.config) for block in blocks] if act.enabled else []
+    per_block_plan = act.enabled or recipe.smoothing.enabled  # activation quantizers and/or smoothing
+    layouts = [block_layout(block, model.config) for block in blocks] if per_block_plan else []
 
     if recipe.needs_calibration and calib is None:
         raise ValueError(f"recipe {recipe.name} needs calibration data")
@@ -131,7 +135,7 @@ def quantize_model(
         prefix = f"{blocks_path}.{b}."
         layers = _quantizable(block, prefix, skip)
         if b in done:
-            if act.enabled:
+            if per_block_plan:
                 plan = BlockActPlan.from_state(*store.load_activation_plan(b))
                 apply_plan(block, layouts[b], plan, model.config)
                 report.activation_quantizers += len(plan.quantizers)
@@ -143,9 +147,10 @@ def quantize_model(
             report.resumed_blocks += 1
         else:
             weights = {}
-            if act.enabled:  # before the Hessians: GPTQ sees the quantized activations it will get
+            if per_block_plan:  # before the Hessians: GPTQ sees the (smoothed, quantized) inputs it will get
                 t0 = time.perf_counter()
-                plan = calibrate_block(block, layouts[b], inputs, block_kwargs[b] if block_kwargs else None, act, model.config)
+                plan = calibrate_block(block, layouts[b], inputs, block_kwargs[b] if block_kwargs else None, act,
+                                       model.config, recipe.smoothing)
                 report.activation_seconds += time.perf_counter() - t0
                 report.activation_quantizers += len(plan.quantizers)
                 if store is not None:
@@ -159,14 +164,12 @@ def quantize_model(
                 group_layers = {n: layers[n] for n in group}
                 if output_adaptive:
                     hessians = {n: precomputed.pop(prefix + n) for n in group}
-                elif needs_inputs and spec.method == "rtn" and act.enabled:
-                    hessians = {}  # calibration was for the activation ranges only
-                elif needs_inputs:
+                elif needs_inputs and recipe.needs_hessians:
                     hessians = _collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)
                 else:
                     hessians = {}
                 for n, layer in group_layers.items():
-                    qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), spec, recipe.transform)
+                    qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), recipe)
                     report.layers.append(layer_report)
                     weights[n] = model.lowbit_quant[prefix + n] = qw
             if store is not None:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from lowbit.errors import LowbitError
 from lowbit.rounding import QuantizedWeight
 from lowbit.transforms.incoherence import Incoherence
+from lowbit.transforms.lowrank import LowRank
 
 FIELDS = ("codes", "scale", "zero", "g_idx")
 
@@ -63,6 +64,9 @@ class ProgressStore:
         tensors = {f"{name}.{f}": getattr(qw, f).contiguous() for name, qw in weights.items() for f in FIELDS}
         tensors.update({f"{name}.in_scale": qw.transform.in_scale.contiguous()
                         for name, qw in weights.items() if qw.transform is not None})
+        for name, qw in weights.items():
+            if qw.lowrank is not None:
+                tensors[f"{name}.lowrank_a"], tensors[f"{name}.lowrank_b"] = qw.lowrank.a.contiguous(), qw.lowrank.b.contiguous()
         meta = {name: json.dumps({"bits": qw.bits, "transform": qw.transform.metadata() if qw.transform else None})
                 for name, qw in weights.items()}
         path = self.root / f"block_{index:04d}.safetensors"
@@ -101,6 +105,8 @@ class ProgressStore:
             if info["transform"] is not None:
                 qw.transform = Incoherence.from_metadata(info["transform"], tensors[f"{name}.in_scale"],
                                                          qw.codes.shape[0])
+            if f"{name}.lowrank_a" in tensors:
+                qw.lowrank = LowRank(tensors[f"{name}.lowrank_a"], tensors[f"{name}.lowrank_b"])
             weights[name] = qw
         report = json.loads((self.root / f"block_{index:04d}.json").read_text())
         return weights, report

@@ -9,9 +9,10 @@ from pathlib import Path
 import yaml
 
 from lowbit.errors import LowbitError
-from lowbit.recipes.schema import ActivationSpec, CalibrationSpec, HessianSpec, PipelineSpec, Recipe, TransformSpec, WeightSpec
+from lowbit.recipes.schema import (ActivationSpec, CalibrationSpec, HessianSpec, LowRankSpec, PipelineSpec, Recipe,
+                                  SmoothingSpec, TransformSpec, WeightSpec)
 
-__all__ = ["ActivationSpec", "CalibrationSpec", "HessianSpec", "PipelineSpec", "Recipe", "TransformSpec", "WeightSpec", "apply_overrides", "get", "load_file", "presets"]
+__all__ = ["ActivationSpec", "CalibrationSpec", "HessianSpec", "LowRankSpec", "PipelineSpec", "Recipe", "SmoothingSpec", "TransformSpec", "WeightSpec", "apply_overrides", "get", "load_file", "presets"]
 
 
 def presets() -> list[str]:

@@ -19,6 +19,7 @@ GRIDS = ("minmax", "rms")
 INCOHERENCE = ("none", "hadamard", "kron")
 HESSIAN_SOURCES = ("layerwise", "output_adaptive")
 ACT_GRANULARITY = ("tensor", "token", "cluster")
+SMOOTHING_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 FLOAT_BITS = 16  # activations (or the KV cache) left in floating point
 
 
@@ -158,6 +159,67 @@ class ActivationSpec:
 
 
 @dataclass
+class SmoothingSpec:
+    """SmoothQuant's migration of activation range into the weights, per input channel
+    ``s_j = max|X_j|^α / max|W_:,j|^(1−α)`` folded into the producing norm / linear
+    (``alpha: null``: off) at ``sites`` (SmoothQuant's: the two norm outputs; ``attn_out`` and
+    ``mlp_mid`` fold into V and up-projection rows), and ASER's outlier extraction: the ``outliers`` input columns of each
+    layer with the largest (smoothed) weight magnitude are left out of the quantized weight, so
+    the quantization error the low-rank branch reconstructs holds them whole."""
+
+    alpha: float | None = None
+    outliers: int = 0
+    sites: list[str] = field(default_factory=lambda: ["attn_in", "mlp_in"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.alpha is not None
+
+    def validate(self) -> None:
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                                       or not 0 <= self.alpha <= 1):
+            raise LowbitError(f"smoothing.alpha must be a number in [0, 1] or null, got {self.alpha!r}")
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, int) or self.outliers < 0:
+            raise LowbitError(f"smoothing.outliers must be a non-negative integer, got {self.outliers!r}")
+        if not isinstance(self.sites, list) or not self.sites or any(x not in SMOOTHING_SITES for x in self.sites):
+            raise LowbitError(f"smoothing.sites must be a non-empty list of {', '.join(SMOOTHING_SITES)}, got {self.sites!r}")
+
+
+@dataclass
+class LowRankSpec:
+    """Low-rank error reconstruction after rounding (ASER): ``E = W − Q(W)`` ≈ ``A·B``, served as
+    ``y = Q(W)·x + A·(B·x)`` with A and B in float16. ``whiten``: truncate the SVD of ``E·S``
+    (``S`` the Cholesky factor of the calibration Gram ``XᵀX``, damped by ``damp``), optimal for the
+    output error; ``false``: plain SVD of ``E`` (LoRC). Rank: ``rank`` fixed, or the smallest rank
+    keeping ``energy`` of the (whitened) error energy; ``budget`` caps the extra parameters at
+    that fraction of the layer's."""
+
+    rank: int = 0
+    energy: float | None = None
+    budget: float | None = None
+    whiten: bool = True
+    damp: float = 0.01
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 or self.energy is not None
+
+    def validate(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise LowbitError(f"lowrank.rank must be a non-negative integer, got {self.rank!r}")
+        for key in ("energy", "budget"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+                raise LowbitError(f"lowrank.{key} must be a number in (0, 1] or null, got {v!r}")
+        if self.rank and self.energy is not None:
+            raise LowbitError("lowrank: give either rank or energy, not both")
+        if not isinstance(self.whiten, bool):
+            raise LowbitError(f"lowrank.whiten must be true or false, got {self.whiten!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise LowbitError(f"lowrank.damp must be a number in [0, 1), got {self.damp!r}")
+
+
+@dataclass
 class CalibrationSpec:
     dataset: str = "c4"
     nsamples: int = 128
@@ -204,6 +266,8 @@ class Recipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)
     activations: ActivationSpec = field(default_factory=ActivationSpec)
+    smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
+    lowrank: LowRankSpec = field(default_factory=LowRankSpec)
 
     def validate(self) -> "Recipe":
         self.weights.validate()
@@ -212,13 +276,27 @@ class Recipe:
         self.calibration.validate()
         self.pipeline.validate()
         self.activations.validate()
+        self.smoothing.validate()
+        self.lowrank.validate()
+        if self.smoothing.outliers and not self.lowrank.enabled:
+            raise LowbitError("smoothing.outliers leaves columns out of the quantized weight: it needs lowrank.rank or lowrank.energy")
+        if (self.smoothing.enabled or self.lowrank.enabled) and self.hessian.source == "output_adaptive":
+            raise LowbitError("smoothing and lowrank need layer-wise calibration statistics (hessian.source: layerwise)")
+        if self.lowrank.enabled and self.weights.method == "none":
+            raise LowbitError("lowrank reconstructs a quantization error: weights.method none has none")
         if self.activations.enabled and self.hessian.source == "output_adaptive":
             raise LowbitError("activation quantization needs layer-wise Hessians (hessian.source: layerwise)")
         return self
 
     @property
     def needs_calibration(self) -> bool:
-        return self.weights.method not in ("rtn", "none") or self.activations.static
+        return (self.weights.method not in ("rtn", "none") or self.activations.static or self.smoothing.enabled
+                or self.lowrank.enabled)
+
+    @property
+    def needs_hessians(self) -> bool:
+        """Rounding or the whitened low-rank branch use the layer Hessians."""
+        return self.weights.method in ("gptq", "ldlq") or (self.lowrank.enabled and self.lowrank.whiten)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

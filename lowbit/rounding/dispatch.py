@@ -1,8 +1,9 @@
-"""Maps a recipe's ``weights`` and ``transform`` sections to the pieces that implement them.
+"""Maps a recipe's ``weights``, ``transform`` and ``lowrank`` sections to the pieces that implement them.
 
-A method is a composition: optional incoherence transform of ``(W, H)`` → rounding (RTN, GPTQ or
-LDLQ) on a grid (min-max or QuIP's RMS) → optional greedy passes; the transform travels with
-the codes so that the runtime can apply it to activations.
+A method is a composition: optional outlier extraction (ASER: columns left out of the quantized
+weight) → optional incoherence transform of ``(W, H)`` → rounding (RTN, GPTQ or LDLQ) on a grid
+(min-max or QuIP's RMS) → optional greedy passes → optional low-rank reconstruction of the error
+``W − Q(W)``; the transform and the low-rank branch travel with the codes to the runtime.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import torch
 
 from lowbit.grids import RMSGrid, UniformGrid
 from lowbit.hessians import condition_hessian
-from lowbit.recipes.schema import TransformSpec, WeightSpec
+from lowbit.recipes.schema import LowRankSpec, TransformSpec, WeightSpec
 from lowbit.rounding.gptq import gptq_quantize
 from lowbit.rounding.greedy import greedy_refine
 from lowbit.rounding.ldlq import ldlq_quantize
 from lowbit.rounding.quantized import QuantizedWeight
 from lowbit.rounding.rtn import rtn_quantize
 from lowbit.transforms.incoherence import Incoherence
+from lowbit.transforms.lowrank import reconstruct_error
 
 SEQUENTIAL = {"gptq": gptq_quantize, "ldlq": ldlq_quantize}
 
@@ -29,8 +31,29 @@ def grid_for(spec: WeightSpec) -> UniformGrid | RMSGrid:
                        clip_search=spec.clip_search)
 
 
+def outlier_columns(w: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` input columns with the largest weight magnitude (after smoothing, where
+    activation outliers have migrated to)."""
+    return torch.topk(w.abs().amax(0), min(count, w.shape[1])).indices
+
+
 def round_weight(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name: str,
-                 transform: TransformSpec | None = None) -> QuantizedWeight:
+                 transform: TransformSpec | None = None, lowrank: LowRankSpec | None = None,
+                 outliers: int = 0) -> QuantizedWeight:
+    original, h_original = w, h
+    if outliers:
+        w = w.clone()
+        w[:, outlier_columns(w, outliers)] = 0
+    qw = _round(w, h, spec, name, transform)
+    if lowrank is not None and lowrank.enabled:
+        error = original.to(torch.float64) - qw.weight().to(torch.float64)
+        qw.lowrank = reconstruct_error(error, h_original, lowrank.rank, lowrank.energy, lowrank.budget,
+                                       lowrank.whiten, lowrank.damp, name)
+    return qw
+
+
+def _round(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name: str,
+           transform: TransformSpec | None) -> QuantizedWeight:
     grid = grid_for(spec)
     t = None
     if transform is not None and transform.incoherence != "none":

@@ -9,6 +9,7 @@ import torch
 
 if TYPE_CHECKING:
     from lowbit.transforms.incoherence import Incoherence
+    from lowbit.transforms.lowrank import LowRank
 
 
 @dataclass
@@ -17,6 +18,7 @@ class QuantizedWeight:
 
     ``g_idx`` is the natural ``col // group_size`` unless act-order permuted the groups.
     ``transform``: the codes live in a rotated space (QuIP's incoherence); :meth:`weight` undoes it.
+    ``lowrank``: a float16 ``A·B`` branch added to the dequantized weight (ASER / LoRC).
     """
 
     codes: torch.Tensor
@@ -25,10 +27,11 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     bits: int
     transform: "Incoherence | None" = None
+    lowrank: "LowRank | None" = None
 
     def cpu(self) -> "QuantizedWeight":
         return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.g_idx.cpu(), self.bits,
-                               self.transform)
+                               self.transform, self.lowrank.cpu() if self.lowrank is not None else None)
 
     def dequantize(self) -> torch.Tensor:
         """The grid values of the codes (in the transformed space, if there is one)."""
@@ -47,14 +50,18 @@ class QuantizedWeight:
             total += 32 * cols
         if self.transform is not None:
             total += 32 * cols
+        if self.lowrank is not None:
+            total += 16 * self.lowrank.rank * (rows + cols)
         return total
 
     def weight(self) -> torch.Tensor:
         """The dense weight that acts on the layer's original inputs (float32)."""
         w = self.dequantize()
-        if self.transform is None:
-            return w
-        return self.transform.inverse_weight(w.to(torch.float64)).to(torch.float32)
+        if self.transform is not None:
+            w = self.transform.inverse_weight(w.to(torch.float64)).to(torch.float32)
+        if self.lowrank is not None:
+            w = w + self.lowrank.product().to(w.device)
+        return w
 
 
 def effective_bits(weights: dict[str, "QuantizedWeight"]) -> float:

@@ -1,7 +1,8 @@
 """Modules that run quantized weights at inference time."""
 
 from lowbit.runtime.build import empty_module, layer_metadata, packed_module
+from lowbit.runtime.lowrank import LowRankLinear
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.runtime.quip import QuipLinear
 
-__all__ = ["QuantLinear", "QuipLinear", "empty_module", "layer_metadata", "packed_module"]
+__all__ = ["LowRankLinear", "QuantLinear", "QuipLinear", "empty_module", "layer_metadata", "packed_module"]

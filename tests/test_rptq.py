@@ -168,3 +168,13 @@ def test_bad_activation_settings_are_rejected(act, message):
 def test_activation_quantization_needs_layerwise_hessians():
     with pytest.raises(LowbitError, match="layer-wise"):
         Recipe.from_dict({"activations": {"bits": 8}, "hessian": {"source": "output_adaptive"}})
+
+
+def test_sites_select_which_linear_inputs_are_quantized(calib_ids):
+    model = tiny_llama()
+    quantize_model(model, _recipe(method="none", kv_bits=16, sites=["mlp_mid"]), calib_ids, show_progress=False)
+    attached = {(n.rsplit(".", 1)[-1], kind) for n, m in model.named_modules()
+                for kind in ("act_in", "act_out") if isinstance(m._modules.get(kind), ActQuantizer)}
+    assert attached == {("down_proj", "act_in")}
+    with pytest.raises(LowbitError, match="activations.sites"):
+        Recipe.from_dict({"activations": {"sites": ["q_proj"]}})

@@ -62,7 +62,7 @@ def _site_bits(site: str, spec: ActivationSpec) -> int:
 
 
 def active_sites(spec: ActivationSpec) -> list[str]:
-    return [s for s in LINEAR_SITES + KV_SITES if _site_bits(s, spec) < 16]
+    return [s for s in LINEAR_SITES + KV_SITES if _site_bits(s, spec) < 16 and (s in KV_SITES or s in spec.sites)]
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ GRIDS = ("minmax", "rms")
 INCOHERENCE = ("none", "hadamard", "kron")
 HESSIAN_SOURCES = ("layerwise", "output_adaptive")
 ACT_GRANULARITY = ("tensor", "token", "cluster")
-SMOOTHING_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
+ACT_SITES = SMOOTHING_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")  # the linear inputs
 FLOAT_BITS = 16  # activations (or the KV cache) left in floating point
 
 
@@ -121,7 +121,9 @@ class ActivationSpec:
     calibrated (max, min), one static range per cluster (``clusters_norm`` for the norm outputs,
     ``clusters_mlp`` for the down-projection input, ``clusters_head`` per head for the attention
     output and K/V). ``reorder`` folds the cluster permutations into the weights so that each
-    cluster is a contiguous slice (q/k are not permuted under RoPE).
+    cluster is a contiguous slice (q/k are not permuted under RoPE). ``sites``: which linear
+    inputs ``bits`` applies to (attention-norm output, attention output, MLP-norm output,
+    down-projection input); the K/V cache follows ``kv_bits``.
     """
 
     bits: int = FLOAT_BITS
@@ -133,10 +135,11 @@ class ActivationSpec:
     clusters_mlp: int = 32
     clusters_head: int = 4
     seed: int = 0
+    sites: list[str] = field(default_factory=lambda: list(ACT_SITES))
 
     @property
     def enabled(self) -> bool:
-        return self.bits < FLOAT_BITS or self.kv_bits < FLOAT_BITS
+        return (self.bits < FLOAT_BITS and bool(self.sites)) or self.kv_bits < FLOAT_BITS
 
     @property
     def static(self) -> bool:
@@ -156,6 +159,8 @@ class ActivationSpec:
             _positive_int(getattr(self, key), f"activations.{key}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise LowbitError(f"activations.seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.sites, list) or any(x not in ACT_SITES for x in self.sites):
+            raise LowbitError(f"activations.sites must be a list of {', '.join(ACT_SITES)}, got {self.sites!r}")
 
 
 @dataclass

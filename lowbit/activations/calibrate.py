@@ -21,12 +21,15 @@ from lowbit.activations.install import attach
 from lowbit.activations.observer import RangeObserver
 from lowbit.activations.quantizer import ActQuantizer
 from lowbit.models.layout import BlockLayout
-from lowbit.recipes.schema import ActivationSpec, SmoothingSpec
+from lowbit.recipes.schema import FLOAT_BITS, ActivationSpec, SmoothingSpec
 from lowbit.transforms.reorder import expand_kv_perm, fold_permutations
 from lowbit.transforms.smoothing import column_absmax, expand_kv, fold_smoothing, kv_shared, smoothing_scales
 
 LINEAR_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 KV_SITES = ("k_cache", "v_cache")
+# where each site's quantizer sits: (BlockLayout field, quantizer kind in activations.install)
+SITE_HOME = {"attn_in": ("attn_norm", "act_out"), "mlp_in": ("mlp_norm", "act_out"), "attn_out": ("o", "act_in"),
+             "mlp_mid": ("down", "act_in"), "k_cache": ("attention", "k_quant"), "v_cache": ("attention", "v_quant")}
 
 
 @dataclass
@@ -62,7 +65,7 @@ def _site_bits(site: str, spec: ActivationSpec) -> int:
 
 
 def active_sites(spec: ActivationSpec) -> list[str]:
-    return [s for s in LINEAR_SITES + KV_SITES if _site_bits(s, spec) < 16 and (s in KV_SITES or s in spec.sites)]
+    return [s for s in LINEAR_SITES + KV_SITES if _site_bits(s, spec) < FLOAT_BITS and (s in KV_SITES or s in spec.sites)]
 
 
 @torch.no_grad()
@@ -72,14 +75,14 @@ def observe_block(block: nn.Module, layout: BlockLayout, inputs: torch.Tensor, k
     obs = {s: RangeObserver(2 if s in KV_SITES else 1) for s in sites}
     get = block.get_submodule
     handles = []
-    for site, (path, pre) in {"attn_in": (layout.attn_norm, False), "mlp_in": (layout.mlp_norm, False),
-                              "attn_out": (layout.o, True), "mlp_mid": (layout.down, True)}.items():
-        if site in obs:
-            o = obs[site]
-            if pre:
-                handles.append(get(path).register_forward_pre_hook(lambda _m, a, o=o: o(a[0])))
+    for site in LINEAR_SITES:
+        if site in obs:  # observed where its quantizer will sit: a module's input or output
+            o, (field_name, kind) = obs[site], SITE_HOME[site]
+            module = get(getattr(layout, field_name))
+            if kind == "act_in":
+                handles.append(module.register_forward_pre_hook(lambda _m, a, o=o: o(a[0])))
             else:
-                handles.append(get(path).register_forward_hook(lambda _m, _a, out, o=o: o(out)))
+                handles.append(module.register_forward_hook(lambda _m, _a, out, o=o: o(out)))
     attn = get(layout.attention)
     if "k_cache" in obs or "v_cache" in obs:
         def observe_kv(key, value):  # (b, kv, s, d) -> channels (kv, d)
@@ -156,23 +159,10 @@ def plan_block(ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: Blo
             lo, hi, lab = lo[order[s]], hi[order[s]], lab[order[s]]
         if s in heads:  # labels are numbered per head: offset them so that clusters never span heads
             lab = lab + torch.arange(heads[s]).repeat_interleave(layout.head_dim) * (int(lab.max()) + 1)
-        q = ActQuantizer.from_ranges(lo, hi, _site_bits(s, spec), spec.symmetric, lab)
-        if s in KV_SITES:
-            q = _reshape_kv(q, layout)
-        plan.quantizers[s] = q
+        if s in KV_SITES:  # tables broadcast against (batch, kv_heads, seq, head_dim)
+            lo, hi, lab = (t.view(layout.kv_heads, 1, layout.head_dim) for t in (lo, hi, lab))
+        plan.quantizers[s] = ActQuantizer.from_ranges(lo, hi, _site_bits(s, spec), spec.symmetric, lab)
     return plan
-
-
-def _reshape_kv(q: ActQuantizer, layout: BlockLayout) -> ActQuantizer:
-    shape = (layout.kv_heads, 1, layout.head_dim)
-    out = ActQuantizer(q.bits, q.symmetric, False, shape)
-    out.scale.copy_(q.scale.view(shape))
-    out.zero.copy_(q.zero.view(shape))
-    return out
-
-
-SITE_HOME = {"attn_in": ("attn_norm", "act_out"), "mlp_in": ("mlp_norm", "act_out"), "attn_out": ("o", "act_in"),
-             "mlp_mid": ("down", "act_in"), "k_cache": ("attention", "k_quant"), "v_cache": ("attention", "v_quant")}
 
 
 def apply_plan(block: nn.Module, layout: BlockLayout, plan: BlockActPlan, config) -> None:

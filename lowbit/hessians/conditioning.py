@@ -17,13 +17,19 @@ def condition_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[to
     Dead inputs carry no signal, so their weights cannot matter to the output; setting
     ``H_ii = 1`` keeps the matrix invertible (GPTQ's rule).
     """
-    h = h.clone()
+    h, dead = damped_copy(h, damp)
     w = w.clone()
+    w[:, dead] = 0.0
+    return h, w
+
+
+def damped_copy(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``h`` with dead inputs set to ``H_ii = 1`` and damping added; and the dead mask."""
+    h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     add_damping(h, damp)
-    return h, w
+    return h, dead
 
 
 def add_damping(h: torch.Tensor, damp: float) -> None:

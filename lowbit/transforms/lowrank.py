@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.hessians.conditioning import add_damping, with_damping_retries
+from lowbit.hessians.conditioning import damped_copy, with_damping_retries
 
 
 @dataclass
@@ -53,10 +53,7 @@ def choose_rank(sigma: torch.Tensor, shape: tuple[int, int], rank: int = 0, ener
 
 def whitening_factor(h: torch.Tensor, damp: float, name: str = "layer") -> torch.Tensor:
     """Lower Cholesky factor ``S`` of the damped Gram matrix; dead inputs get a unit diagonal."""
-    h = h.to(torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    add_damping(h, damp)
+    h, _ = damped_copy(h.to(torch.float64), damp)
     return with_damping_retries(torch.linalg.cholesky, h, damp, name)
 
 

@@ -17,6 +17,13 @@ def _lowbit(*args, timeout=120):
     (["eval", "smollm2-135m", "--windows", "0"], "--windows must be a positive integer"),
     (["eval", "./no/such/dir"], "not a directory with a Hugging Face model"),
     (["eval", "smollm2-135m", "--device", "tpu9"], "unknown device 'tpu9'"),
+    (["quantize", "smollm2-135m", "--recipe", "rptq-w4a4", "--out", "x", "--set", "activations.bits=9"],
+     "activations.bits must be an integer from 2 to 8, or 16"),
+    (["quantize", "smollm2-135m", "--recipe", "aser-w4a8", "--out", "x", "--set", "lowrank.energy=0.9"],
+     "either rank or energy"),
+    (["quantize", "smollm2-135m", "--recipe", "rptq-w4a4", "--out", "x", "--set", "activations.cluster=4"],
+     "unknown recipe key 'cluster' in activations"),
+    (["export-lora", "./no/such/dir", "out"], "is not a lowbit checkpoint"),
 ])
 def test_bad_input_is_one_line_error(args, message):
     r = _lowbit(*args)

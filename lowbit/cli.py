@@ -1,4 +1,4 @@
-"""``lowbit quantize | eval | recipes`` — the command line over the same API."""
+"""``lowbit quantize | eval | compare | inspect | export-lora | recipes`` — the command line over the same API."""
 
 from __future__ import annotations
 
@@ -125,43 +125,106 @@ def quantize(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="checkpoint directory, alias, local dir or Hugging Face id"),
-    ppl: str = typer.Option("wikitext2,c4", help="datasets, comma separated"),
+    ppl: Optional[str] = typer.Option(None, help="datasets, comma separated (default wikitext2,c4; none with --tasks)"),
     windows: Optional[int] = typer.Option(None, help="only the first N windows (default: full protocol)"),
     seqlen: int = typer.Option(2048, help="window length in tokens"),
     kl: bool = typer.Option(False, "--kl", help="also KL divergence to the unquantized base model"),
     kl_ref: Optional[str] = typer.Option(None, help="reference model for --kl (default: the checkpoint's base)"),
+    tasks: Optional[str] = typer.Option(None, help="lm-evaluation-harness tasks, comma separated (extra 'eval')"),
+    task_path: Optional[Path] = typer.Option(None, help="folder of local task YAMLs for --tasks"),
+    limit: Optional[int] = typer.Option(None, help="only the first N documents of each task"),
+    num_fewshot: Optional[int] = typer.Option(None, help="few-shot examples per task (default: the task's)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
 ) -> None:
-    """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol."""
-    from lowbit.eval import kl_divergence, perplexity
+    """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol; zero-shot tasks with --tasks."""
+    from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
     from lowbit.models import load_model
 
-    datasets = _datasets(ppl)
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    datasets = _datasets(ppl if ppl is not None else ("" if task_list else "wikitext2,c4"))
     _check_windows(windows)
     if seqlen < 2:
         raise LowbitError(f"--seqlen must be at least 2, got {seqlen}")
+    if limit is not None and limit <= 0:
+        raise LowbitError(f"--limit must be a positive integer, got {limit}")
     dev = _device(device)
-    check_data_available()
+    if datasets:
+        check_data_available()
     m, tok = load_model(model)
     m.to(dev)
     result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}
     for d in datasets:
         r = perplexity(m, tok, d, seqlen=seqlen, windows=windows)
         result["perplexity"][d] = {"ppl": r.ppl, "tokens": r.tokens, "windows": r.windows}
-    if kl:
+    if kl and datasets:
         ref_name = kl_ref or getattr(m, "lowbit_source", None)
         if not ref_name:
             raise LowbitError("--kl needs --kl-ref: this model records no base model")
         ref, _ = load_model(ref_name)
         ref.to(m.device)
         result["kl"] = {d: kl_divergence(m, ref, tok, d, seqlen=seqlen, windows=windows) for d in datasets}
+    if task_list:
+        out = evaluate_tasks(m, tok, task_list, include_path=task_path, limit=limit, num_fewshot=num_fewshot)
+        result["tasks"] = out["results"]
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps(result, default=str))
         return
     for d, r in result["perplexity"].items():
-        extra = f"  KL {result['kl'][d]:.4f}" if kl else ""
+        extra = f"  KL {result['kl'][d]:.4f}" if "kl" in result else ""
         typer.echo(f"{d:10s} ppl {r['ppl']:10.3f}  ({r['windows']} windows, {r['tokens']} tokens){extra}")
+    for task, metrics in result.get("tasks", {}).items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)
+        typer.echo(f"{task:20s} {shown}")
+
+
+@app.command("compare")
+def compare_cmd(
+    model: str = typer.Argument(..., help="alias (smollm2-135m, gemma3-270m), local dir or Hugging Face id"),
+    recipes_: str = typer.Option("", "--recipes", help="lowbit recipes, comma separated (presets or YAML/TOML files)"),
+    peers: str = typer.Option("", help="peer toolkits, e.g. hqq,autoround@w3g128 (extra 'peers')"),
+    peer_scheme: str = typer.Option("w4g128", help="weight format of a peer named without @scheme"),
+    report: Path = typer.Option(..., "--report", help="report directory (results are cached there)"),
+    nsamples: int = typer.Option(128, help="calibration samples, the same for every row"),
+    seqlen: int = typer.Option(2048, help="calibration sample length in tokens"),
+    seed: int = typer.Option(0, help="calibration sampling seed"),
+    ppl: str = typer.Option("wikitext2,c4", help="evaluation datasets"),
+    windows: Optional[int] = typer.Option(None, help="only the first N windows (default: full protocol)"),
+    eval_seqlen: int = typer.Option(2048, help="evaluation window length"),
+    kl: bool = typer.Option(True, help="KL to the full model on the first dataset"),
+    set_: list[str] = typer.Option([], "--set", help="override a key in every recipe"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
+) -> None:
+    """Run recipes and peers under one calibration set and protocol; write DIR/report.md and report.html."""
+    from lowbit.compare import CompareConfig, run_compare
+
+    if device is not None:
+        _device(device)
+    cfg = CompareConfig(model=model, recipes=[r.strip() for r in recipes_.split(",") if r.strip()],
+                        peers=[p.strip() for p in peers.split(",") if p.strip()], overrides=list(set_),
+                        nsamples=nsamples, calib_seqlen=seqlen, seed=seed, datasets=_datasets(ppl), windows=windows,
+                        eval_seqlen=eval_seqlen, kl=kl, peer_scheme=peer_scheme, device=device).validate()
+    if not cfg.datasets:
+        raise LowbitError("--ppl needs at least one dataset")
+    check_data_available()
+    try:
+        rows = run_compare(cfg, report)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; finished rows are cached in {report}: rerun the same command to continue", err=True)
+        raise typer.Exit(130)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    typer.echo((report / "report.md").read_text())
+    typer.echo(f"report: {report / 'report.md'}, {report / 'report.html'}"
+               + (f" ({len(failed)} row(s) not ok: see the status column)" if failed else ""))
+
+
+@app.command("inspect")
+def inspect_cmd(checkpoint: Path = typer.Argument(..., help="a lowbit checkpoint directory")) -> None:
+    """What a saved checkpoint holds: recipe, per-layer bits, sizes and errors."""
+    from lowbit.export.inspect import inspect_checkpoint
+
+    typer.echo(inspect_checkpoint(checkpoint).table())
 
 
 @app.command("export-lora")

@@ -141,3 +141,19 @@ def test_aser_preset_from_the_cli_keeps_its_branch_and_exports_lora(tmp_path, sm
     _cli("export-lora", str(out), str(tmp_path / "lora"))
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["r"] == 16 and len(config["rank_pattern"]) == 30 * 7
+
+
+def test_compare_on_the_real_model_matches_lowbit_eval(tmp_path, smollm2):
+    """``lowbit compare`` on SmolLM2: the report's rows are the numbers ``lowbit eval`` gives."""
+    report = tmp_path / "cmp"
+    _cli("compare", "smollm2-135m", "--recipes", "rtn-w4g128", "--peers", "hqq@w4g64", "--report", str(report),
+         "--nsamples", "2", "--seqlen", "128", "--ppl", "wikitext2", "--windows", "1", "--eval-seqlen", "256")
+    rows = {r["name"]: r for r in json.loads((report / "results.json").read_text())["rows"]}
+    assert rows["fp"]["status"] == rows["rtn-w4g128"]["status"] == "ok"
+    assert rows["hqq@w4g64"]["status"] == "ok" or rows["hqq@w4g64"]["status"].startswith("unavailable: not installed")
+    _cli("quantize", "smollm2-135m", "--recipe", "rtn-w4g128", "--out", str(tmp_path / "rtn"))
+    q = json.loads(_cli("eval", str(tmp_path / "rtn"), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256", "--json"))
+    fp, rtn = rows["fp"]["perplexity"]["wikitext2"], rows["rtn-w4g128"]["perplexity"]["wikitext2"]
+    assert rtn == pytest.approx(q["perplexity"]["wikitext2"]["ppl"], rel=1e-4)
+    assert fp < rtn < 1.5 * fp and rows["rtn-w4g128"]["kl"] > 0
+    assert (report / "pareto.png").stat().st_size > 5000 and "rtn-w4g128" in (report / "report.html").read_text()

@@ -1,0 +1,72 @@
+"""What one comparison run holds fixed for every row: model, calibration set, evaluation protocol."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from lowbit.errors import LowbitError
+
+_SCHEME = re.compile(r"^w([1-8])(?:g(\d+))?$")
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """A peer's weight format, written like ``w4g128`` (``w4`` = per output channel)."""
+
+    bits: int
+    group_size: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> "WeightScheme":
+        m = _SCHEME.match(text.strip().lower())
+        if not m or (m.group(2) is not None and int(m.group(2)) <= 0):
+            raise LowbitError(f"weight scheme '{text}' is not like w4g128 or w4 (bits 1–8, positive group size)")
+        return cls(int(m.group(1)), int(m.group(2)) if m.group(2) else None)
+
+    def __str__(self) -> str:
+        return f"w{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
+
+    def nominal_bits(self, in_features: int) -> float:
+        """Bits per weight with a float16 scale and a float16 zero per group (per row without groups)."""
+        return self.bits + 32 / (self.group_size or in_features)
+
+
+@dataclass
+class CompareConfig:
+    model: str
+    recipes: list[str]
+    peers: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # applied to every recipe (``--set``)
+    calib_dataset: str = "c4"
+    nsamples: int = 128
+    calib_seqlen: int = 2048
+    seed: int = 0
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2", "c4"])
+    windows: int | None = None
+    eval_seqlen: int = 2048
+    kl: bool = True
+    peer_scheme: str = "w4g128"  # default weight format of a peer named without ``@scheme``
+    device: str | None = None
+
+    def validate(self) -> "CompareConfig":
+        for name, value in (("nsamples", self.nsamples), ("calib_seqlen", self.calib_seqlen),
+                            ("eval_seqlen", self.eval_seqlen)):
+            if not isinstance(value, int) or value <= 0:
+                raise LowbitError(f"{name} must be a positive integer, got {value!r}")
+        if self.windows is not None and self.windows <= 0:
+            raise LowbitError(f"windows must be a positive integer, got {self.windows}")
+        if not self.recipes and not self.peers:
+            raise LowbitError("nothing to compare: name at least one recipe or peer")
+        WeightScheme.parse(self.peer_scheme)
+        return self
+
+    def protocol(self) -> dict:
+        """Everything besides the recipe that decides a row's numbers (part of every cache key)."""
+        d = asdict(self)
+        for k in ("recipes", "peers", "overrides", "device", "peer_scheme"):
+            d.pop(k)
+        return d
+
+    def calibration(self) -> dict:
+        return {"dataset": self.calib_dataset, "nsamples": self.nsamples, "seqlen": self.calib_seqlen, "seed": self.seed}

@@ -1,0 +1,64 @@
+"""The rows of a comparison as jobs with cache keys: a row is re-run only when what decides it changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from lowbit.compare.config import CompareConfig, WeightScheme
+from lowbit.errors import LowbitError
+
+FP = "fp"
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # "fp" (the full model), "recipe" or "peer"
+    name: str  # the row's label
+    spec: dict  # the resolved recipe, or {"peer": ..., "scheme": ...}
+
+    def key(self, protocol: dict) -> str:
+        from lowbit import __version__
+
+        blob = json.dumps({"kind": self.kind, "spec": self.spec, "protocol": protocol, "lowbit": __version__},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
+
+    @property
+    def needs_calibration(self) -> bool:
+        if self.kind == "recipe":
+            from lowbit.recipes import Recipe
+
+            return Recipe.from_dict(self.spec).needs_calibration
+        return self.kind == "peer"
+
+
+def plan_jobs(cfg: CompareConfig) -> list[Job]:
+    """The full model first, then every recipe (with the run's calibration set), then every peer."""
+    import dataclasses
+
+    from lowbit import recipes
+    from lowbit.compare.peers import check_peer
+
+    jobs = [Job(FP, FP, {})]
+    for name in cfg.recipes:
+        rec = recipes.apply_overrides(recipes.get(name), cfg.overrides)
+        rec.calibration = dataclasses.replace(rec.calibration, **cfg.calibration())
+        rec.validate()
+        jobs.append(Job("recipe", name, rec.to_dict()))
+    for text in cfg.peers:
+        peer, _, scheme = text.partition("@")
+        check_peer(peer)
+        scheme = str(WeightScheme.parse(scheme or cfg.peer_scheme))
+        jobs.append(Job("peer", f"{peer}@{scheme}", {"peer": peer, "scheme": scheme}))
+    names = [j.name for j in jobs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise LowbitError(f"rows named twice: {', '.join(dupes)}")
+    return jobs

@@ -1,0 +1,70 @@
+"""Peer toolkits run inside a comparison on the same model, calibration samples and evaluation.
+
+Each peer module exposes ``quantize(model, tok, calib, scheme, run_dir) -> dict`` that quantizes
+``model``'s decoder linears in place (weights as the peer would serve them, dequantized so that
+lowbit's evaluation runs unchanged) and returns what it wants in the row (version, notes). A peer
+that is not installed, or cannot run here, raises :class:`PeerUnavailable` and its row says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.compare.config import WeightScheme
+from lowbit.errors import LowbitError
+
+
+class PeerUnavailable(Exception):
+    """The peer cannot run in this environment (not installed, or incompatible)."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    module: str
+    requirement: str
+    description: str
+
+
+PEERS: dict[str, Peer] = {
+    "hqq": Peer("lowbit.compare.peers.hqq_peer", "hqq==0.2.8.post1",
+                "HQQ: calibration-free half-quadratic optimisation of scales and zeros"),
+    "autoround": Peer("lowbit.compare.peers.autoround_peer", "auto-round==0.16.1",
+                      "Intel auto-round: sign-gradient tuning of rounding offsets and clipping, block by block"),
+    "llmcompressor-gptq": Peer("lowbit.compare.peers.llmcompressor_peer", "llmcompressor==0.14.0.1",
+                               "llm-compressor GPTQModifier"),
+    "llmcompressor-rtn": Peer("lowbit.compare.peers.llmcompressor_peer", "llmcompressor==0.14.0.1",
+                              "llm-compressor QuantizationModifier (round to nearest)"),
+    "llmcompressor-quip": Peer("lowbit.compare.peers.llmcompressor_peer", "llmcompressor==0.14.0.1",
+                               "llm-compressor Hadamard transform (QuIP-style) + GPTQModifier"),
+}
+
+
+def check_peer(name: str) -> Peer:
+    if name not in PEERS:
+        raise LowbitError(f"unknown peer '{name}' (known: {', '.join(PEERS)})")
+    return PEERS[name]
+
+
+def run_peer(name: str, model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightScheme,
+             run_dir: Path) -> dict:
+    peer = check_peer(name)
+    try:
+        module = importlib.import_module(peer.module)
+    except ImportError as exc:
+        raise PeerUnavailable(f"not installed ({exc.name}): pip install '{peer.requirement}' "
+                              "or pip install 'lowbit[peers]'") from None
+    extra = module.quantize(model, tok, calib, scheme, run_dir, variant=name)
+    return {"peer_requirement": peer.requirement, **extra}
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linears lowbit quantizes (every ``nn.Linear`` inside the decoder blocks), by full name."""
+    from lowbit.models import block_linears, find_blocks
+
+    path, blocks = find_blocks(model)
+    return {f"{path}.{i}.{n}": m for i, b in enumerate(blocks) for n, m in block_linears(b).items()}

@@ -1,0 +1,189 @@
+"""Intel auto-round (Cheng et al. 2023): SignRound tuning of rounding offsets and clipping, block by block.
+
+Runs auto-round's own default algorithm (``SignRoundConfig``: sign-SGD on the rounding offsets and
+min/max scales, lr = 1/iters, best-loss weights kept, quantized block inputs) with its own preset
+``W{bits}A16`` (auto-round's default symmetric int: codes -2^(b-1)..2^(b-1)-1 times a signed float16
+scale per group, no zero point) at the comparison's group size, on lowbit's calibration token ids,
+and keeps the fake-quantized weights it writes into each ``nn.Linear``.
+Interpretations, and why:
+
+* Calibration: all ``n`` rows of ``calib`` at their full length, in batches of ``min(8, n)``, given
+  to auto-round as ``{"input_ids", "attention_mask"}`` dicts (an explicit all-ones mask, so that its
+  pad-token heuristic never masks real tokens out of attention; it still zeroes the mask of the last
+  position, and leaves pad-id/last positions out of its loss, as it does for any data). It is never
+  given a dataset name, so it downloads nothing.
+* Iterations: ``$LOWBIT_AUTOROUND_ITERS`` (default: auto-round's default, 200); reported in the row.
+* Precision: ``amp=False``, so tuning runs in float32. With auto-round's default ``amp=True`` it
+  casts the *whole* model to bfloat16 in place (on CPU, and on GPU for a float32 model), which would also round the
+  unquantized embeddings, norms and head and make the row incomparable with the others.
+* Group size: ``None`` (per output channel) is auto-round's ``group_size=-1``. A group size that does
+  not divide ``in_features`` (SmolLM2: 576 with 128) is auto-round's own behaviour: it zero-pads each
+  row to a multiple of the group size, so the last group of a row holds the remainder (64 weights)
+  with its own scale; the row reports the layers concerned (``ragged_groups``). A group larger than
+  the row is one group per row.
+* auto-round leaves int weight-only layers whose dimensions are not multiples of 32 in float; any
+  decoder linear left unquantized makes the peer unavailable rather than a row with float layers.
+* Afterwards the model is put back as it was apart from the weights: device, dtypes,
+  ``requires_grad``, training mode, the attributes auto-round sets on modules (it leaves a patched
+  ``forward`` on the first block), and the global state it touches (RNG seeds, print options,
+  threads, grad mode, deterministic algorithms, ``CUBLAS_WORKSPACE_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from lowbit.compare.config import WeightScheme
+from lowbit.compare.peers import PeerUnavailable, decoder_linears
+from lowbit.errors import LowbitError
+
+ITERS_ENV = "LOWBIT_AUTOROUND_ITERS"
+MAX_BATCH = 8
+
+
+def _iters(default: int) -> int:
+    raw = os.environ.get(ITERS_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        iters = int(raw)
+    except ValueError:
+        iters = 0
+    if iters <= 0:  # iters=0 would switch auto-round to plain RTN, a different method
+        raise LowbitError(f"{ITERS_ENV} must be a positive integer, got {raw!r}")
+    return iters
+
+
+@contextmanager
+def _global_state_kept() -> Iterator[None]:
+    """Undo what auto-round changes process-wide (it seeds every RNG and sets print options)."""
+    import numpy as np
+
+    print_opts = {k: getattr(torch._tensor_str.PRINT_OPTS, k)
+                  for k in ("precision", "threshold", "edgeitems", "linewidth", "sci_mode")}
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    determ = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        torch.set_printoptions(**print_opts)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+        torch.use_deterministic_algorithms(determ[0], warn_only=determ[1])
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+def _ragged(linears: dict[str, nn.Linear], group: int) -> str | None:
+    """Which layers auto-round quantizes with a shorter, zero-padded last group per row."""
+    widths = sorted({lin.in_features for lin in linears.values() if 0 < group < lin.in_features
+                     and lin.in_features % group})
+    if not widths:
+        return None
+    count = sum(lin.in_features in widths for lin in linears.values())
+    shapes = ", ".join(f"{w} = {w // group} x {group} + {w % group}" for w in widths)
+    return f"{count}/{len(linears)} linears ({shapes}): last group per row zero-padded by auto-round"
+
+
+def _max_levels(w: torch.Tensor, group: int) -> int:
+    """Most distinct values in one group of ``w`` (groups along rows, the last one possibly shorter)."""
+    most = 0
+    for chunk in torch.split(w, group if group > 0 else w.shape[1], dim=1):
+        s = chunk.float().sort(dim=1).values
+        most = max(most, int(((s[:, 1:] != s[:, :-1]).sum(dim=1) + 1).max()))
+    return most
+
+
+def quantize(model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightScheme, run_dir: Path,
+             variant: str = "autoround") -> dict:
+    import auto_round
+    from auto_round import AutoRound, QuantizationScheme, SignRoundConfig
+    from auto_round.schemes import PRESET_SCHEMES
+
+    preset = f"W{scheme.bits}A16"
+    if preset not in PRESET_SCHEMES:
+        raise PeerUnavailable(f"auto-round {auto_round.__version__} has no int preset for {scheme.bits} bits")
+    if calib is None or calib.ndim != 2 or calib.shape[0] < 1:
+        raise PeerUnavailable("auto-round needs calibration token ids of shape (n, seqlen)")
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1:
+        raise PeerUnavailable(f"the adapter runs auto-round on one device, the model spans {sorted(map(str, devices))}")
+    device = devices.pop()
+    group = scheme.group_size or -1
+    iters = _iters(SignRoundConfig().iters)
+    n, seqlen = calib.shape
+    bs = min(MAX_BATCH, n)
+    linears = decoder_linears(model)
+
+    ids = calib.to(torch.long).cpu()
+    dataset = [{"input_ids": ids[i:i + bs], "attention_mask": torch.ones_like(ids[i:i + bs])} for i in range(0, n, bs)]
+    # auto-round requires a tokenizer for a loaded model; it only reads its pad token from it here
+    tokenizer = tok if tok is not None else SimpleNamespace(pad_token=None, pad_token_id=None)
+
+    attrs = {m: set(vars(m)) for m in model.modules()}
+    tensors = [(t, t.dtype, t.requires_grad) for t in [*model.parameters(), *model.buffers()]]
+    was_training = model.training
+    try:
+        with _global_state_kept():
+            ar = AutoRound(
+                model, tokenizer=tokenizer,
+                scheme=QuantizationScheme.from_dict({**PRESET_SCHEMES[preset].to_dict(), "group_size": group}),
+                alg_configs=SignRoundConfig(iters=iters),
+                dataset=dataset, nsamples=n, seqlen=seqlen, batch_size=bs,
+                device_map="cpu" if device.type == "cpu" else str(device),
+                enable_torch_compile=False, amp=False,
+            )
+            ar.post_init()  # resolves the per-layer config, so that skipped layers are known before tuning
+            layer_cfg = ar.layer_config or {}
+            skipped = [name for name in linears if (layer_cfg.get(name) or {}).get("bits") != scheme.bits]
+            if skipped:
+                raise PeerUnavailable(f"auto-round would leave {len(skipped)} decoder linears in float "
+                                      f"(e.g. {skipped[0]}; its int kernels need both dimensions divisible by 32)")
+            lr = getattr(ar.quantize_config, "lr", None)
+            out, _ = ar.quantize()
+            if out is not model:
+                raise PeerUnavailable("auto-round returned a new model instead of quantizing the given one in place")
+    finally:  # put back everything but the weights
+        for m, keys in attrs.items():
+            for key in set(vars(m)) - keys:
+                delattr(m, key)
+        for t, dtype, requires_grad in tensors:
+            if t.dtype != dtype:
+                t.data = t.data.to(dtype)
+            t.requires_grad_(requires_grad)
+        model.to(device)
+        model.train(was_training)
+
+    after = decoder_linears(model)
+    for name, lin in after.items():
+        if linears.get(name) is not lin or type(lin) is not nn.Linear:
+            raise PeerUnavailable(f"auto-round replaced {name} by {type(lin).__name__}")
+    name, lin = next(iter(after.items()))
+    levels = _max_levels(lin.weight.detach(), group)
+    if levels > 2**scheme.bits:
+        raise PeerUnavailable(f"auto-round left {name} off its grid ({levels} values in a group, > 2^{scheme.bits})")
+
+    # stored bits: the codes and one float16 scale per group (symmetric: no zero), ragged last groups counted
+    bits = sum(w.numel() * scheme.bits + w.shape[0] * -(-w.shape[1] // (scheme.group_size or w.shape[1])) * 16
+               for w in (lin.weight for lin in after.values()))
+    return {"peer_version": auto_round.__version__, "algorithm": "SignRound", "scheme": preset, "sym": True,
+            "effective_bits": bits / sum(lin.weight.numel() for lin in after.values()), "iters": iters, "lr": lr, "nsamples": n, "seqlen": seqlen, "batch_size": bs,
+            "amp": False, **({"ragged_groups": ragged} if (ragged := _ragged(linears, group)) else {})}

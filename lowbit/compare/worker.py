@@ -1,0 +1,113 @@
+"""One row of a comparison, in its own process (so that its peak memory is its own).
+
+``python -m lowbit.compare.worker JOB.json`` quantizes (a recipe or a peer), saves the checkpoint,
+evaluates, and writes ``result.json`` next to ``JOB.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.compare.config import CompareConfig, WeightScheme
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path) -> dict:
+    from lowbit.api import quantize
+    from lowbit.export import save
+    from lowbit.recipes import Recipe
+    from lowbit.rounding import effective_bits
+
+    rec = Recipe.from_dict(spec)
+    _, report = quantize(model, rec, calib, show_progress=True)  # per-block progress goes to the row's run.log
+    ckpt = save(model, run_dir / "checkpoint", tok, report)
+    a = rec.activations
+    return {
+        "w_bits": rec.weights.bits if rec.weights.method != "none" else 16,
+        "group_size": rec.weights.group_size,
+        "a_bits": a.bits if a.enabled else 16,
+        "kv_bits": a.kv_bits if a.enabled else 16,
+        "effective_bits": effective_bits(model.lowbit_quant) if model.lowbit_quant else 16.0,
+        "quant_seconds": report.total_seconds,
+        "peak_memory_mb": report.peak_memory_mb,
+        "checkpoint_mb": _dir_mb(ckpt),
+        "layers": [{"name": r.name, "block": r.block, "rel_output_error": r.rel_output_error,
+                    "rel_weight_error": r.rel_weight_error} for r in report.layers],
+        "block_seconds": report.block_seconds,
+    }
+
+
+def _quantize_peer(model, tok, spec: dict, calib, run_dir: Path) -> dict:
+    from lowbit.compare.peers import run_peer
+    from lowbit.models import block_linears, find_blocks
+    from lowbit.pipeline.report import peak_memory_mb
+
+    scheme = WeightScheme.parse(spec["scheme"])
+    linears = [m for b in find_blocks(model)[1] for m in block_linears(b).values()]  # before a peer swaps them
+    numel = sum(m.weight.numel() for m in linears)
+    bits = sum(m.weight.numel() * scheme.nominal_bits(m.in_features) for m in linears) / numel
+    t0 = time.perf_counter()
+    extra = run_peer(spec["peer"], model, tok, calib, scheme, run_dir)
+    # a peer that knows its exact storage (no zeros, ragged groups) says so; else float16 scale + zero per group
+    return {"w_bits": scheme.bits, "group_size": scheme.group_size, "a_bits": 16, "kv_bits": 16,
+            "effective_bits": extra.pop("effective_bits", bits), "quant_seconds": time.perf_counter() - t0,
+            "peak_memory_mb": peak_memory_mb(), **extra}
+
+
+def run_job(job: dict, run_dir: Path) -> dict:
+    from lowbit.eval import kl_divergence, perplexity
+    from lowbit.models import load_model
+
+    cfg = CompareConfig(**job["config"])
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tok = load_model(cfg.model)
+    model.to(dev)
+    calib = torch.load(job["calibration"]) if job.get("calibration") else None
+    row: dict = {"name": job["name"], "kind": job["kind"], "status": "ok"}
+    if job["kind"] == "recipe":
+        row.update(_quantize_recipe(model, tok, job["spec"], calib, run_dir))
+    elif job["kind"] == "peer":
+        row.update(_quantize_peer(model, tok, job["spec"], calib, run_dir))
+    else:
+        row.update(w_bits=16, a_bits=16, kv_bits=16, effective_bits=16.0)
+    t0 = time.perf_counter()
+    row["perplexity"] = {d: perplexity(model, tok, d, seqlen=cfg.eval_seqlen, windows=cfg.windows).ppl for d in cfg.datasets}
+    if cfg.kl and job["kind"] != "fp":
+        ref, _ = load_model(cfg.model)
+        ref.to(dev)
+        d = cfg.datasets[0]
+        row["kl"] = kl_divergence(model, ref, tok, d, seqlen=cfg.eval_seqlen, windows=cfg.windows)
+        row["kl_dataset"] = d
+    row["eval_seconds"] = time.perf_counter() - t0
+    return row
+
+
+def main(argv: list[str]) -> int:
+    job_path = Path(argv[0])
+    job = json.loads(job_path.read_text())
+    from lowbit.compare.peers import PeerUnavailable
+
+    try:
+        row = run_job(job, job_path.parent)
+    except PeerUnavailable as exc:
+        row = {"name": job["name"], "kind": job["kind"], "status": f"unavailable: {exc}"}
+    row["key"] = job["key"]
+    tmp = job_path.parent / "result.json.tmp"
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.replace(job_path.parent / "result.json")  # a result is either whole or absent
+    return 0
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(sys.argv[1:]))

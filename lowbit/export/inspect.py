@@ -1,0 +1,92 @@
+"""``lowbit inspect``: what a saved checkpoint holds, read from its files without building the model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from lowbit.errors import LowbitError
+from lowbit.models.loading import CHECKPOINT_MARKER
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass
+class LayerSummary:
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    group_size: int | None
+    extras: str  # act-order, incoherence, low-rank rank
+    bytes: int  # everything stored under the layer's prefix
+    rel_output_error: float | None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class CheckpointSummary:
+    path: Path
+    base_model: str | None
+    recipe: dict
+    layers: list[LayerSummary]
+    activation_quantizers: int
+    total_bytes: int
+    quant_seconds: float | None
+
+    def table(self) -> str:
+        name = self.recipe.get("name", "?")
+        lines = [f"{self.path}: recipe {name} on {self.base_model}",
+                 f"  {self.recipe.get('description', '')}".rstrip(),
+                 f"  {len(self.layers)} quantized layers, {self.activation_quantizers} activation quantizers, "
+                 f"model.safetensors {self.total_bytes / 2**20:.1f} MB"
+                 + (f", quantized in {self.quant_seconds:.1f} s" if self.quant_seconds else ""),
+                 "",
+                 f"{'layer':44s} {'shape':>11s} {'bits':>4s} {'group':>5s} {'bits/w':>7s} {'KB':>8s} {'rel.out.err':>11s}  extras"]
+        for s in self.layers:
+            err = "-" if s.rel_output_error is None else f"{s.rel_output_error:.3e}"
+            lines.append(f"{s.name:44s} {s.shape[0]:>5d}×{s.shape[1]:<5d} {s.bits:4d} {s.group_size or '-':>5} "
+                         f"{s.bits_per_weight:7.3f} {s.bytes / 1024:8.1f} {err:>11s}  {s.extras}")
+        if self.layers:
+            numel = sum(s.shape[0] * s.shape[1] for s in self.layers)
+            lines.append(f"{'all quantized layers':44s} {'':11s} {'':4s} {'':5s} "
+                         f"{8 * sum(s.bytes for s in self.layers) / numel:7.3f} {sum(s.bytes for s in self.layers) / 1024:8.1f}")
+        return "\n".join(lines)
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
+    path = Path(path)
+    marker = path / CHECKPOINT_MARKER
+    if not marker.exists():
+        raise LowbitError(f"{path} is not a lowbit checkpoint (no {CHECKPOINT_MARKER})")
+    meta = json.loads(marker.read_text())
+    report = json.loads((path / "report.json").read_text()) if (path / "report.json").exists() else {}
+    errors = {r["name"]: r.get("rel_output_error") for r in report.get("layers", [])}
+    sizes: dict[str, int] = {}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            n = 1
+            for d in sl.get_shape():
+                n *= d
+            sizes[key] = n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+    layers = []
+    for name, info in meta.get("layers", {}).items():
+        extras = []
+        if info.get("act_order"):
+            extras.append("act-order")
+        if "incoherence" in info:
+            extras.append(f"incoherence {info['incoherence'].get('kind', '')}".strip())
+        if "lowrank_rank" in info:
+            extras.append(f"low-rank r={info['lowrank_rank']}")
+        layer_bytes = sum(v for k, v in sizes.items() if k.startswith(name + "."))
+        layers.append(LayerSummary(name, tuple(info["shape"]), info["bits"], info.get("group_size"), ", ".join(extras),
+                                   layer_bytes, errors.get(name)))
+    return CheckpointSummary(path, meta.get("base_model"), meta.get("recipe", {}), layers,
+                             len(meta.get("activations", {}).get("quantizers", {})),
+                             (path / "model.safetensors").stat().st_size, report.get("total_seconds"))

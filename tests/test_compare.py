@@ -1,0 +1,224 @@
+"""``lowbit compare`` / ``inspect`` / harness adapter, end to end on a tiny random Llama that uses
+SmolLM2's real tokenizer (so the real WikiText-2 / C4 protocol runs, at 64-token windows)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lowbit.compare import CompareConfig, WeightScheme, run_compare
+from lowbit.compare.jobs import plan_jobs
+from lowbit.compare.plots import pareto_front
+from lowbit.compare.report import gap_ratios
+from lowbit.data import data_dir
+from lowbit.errors import LowbitError
+
+needs_data = pytest.mark.skipif(data_dir() is None, reason="needs ../shared/data or LOWBIT_DATA")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2) -> Path:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smollm2[1]), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    smollm2[1].save_pretrained(path)
+    return path
+
+
+def _config(model: Path, **kw) -> CompareConfig:
+    base = dict(model=str(model), recipes=["rtn-w4", "gptq-w4"], peers=["hqq", "llmcompressor-gptq"], nsamples=4,
+                calib_seqlen=64, windows=2, eval_seqlen=64)
+    return CompareConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    rows = run_compare(_config(tiny_dir), out, show_progress=False)
+    return out, rows
+
+
+def _md_table(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
+
+
+@needs_data
+def test_report_table_and_plots(compared):
+    out, rows = compared
+    table = _md_table((out / "report.md").read_text())
+    head, body = table[0], table[1:]
+    assert [r[0] for r in body] == ["fp", "rtn-w4", "gptq-w4", "hqq@w4g128", "llmcompressor-gptq@w4g128"]
+    col = {h: i for i, h in enumerate(head)}
+    for r in body[:3]:
+        assert r[col["status"]] == "ok"
+        float(r[col["wikitext2"]]), float(r[col["c4"]])  # numbers, not placeholders
+    for r in body[1:3]:  # 4-bit codes + a float16 scale and a packed zero per row of 64 inputs
+        assert float(r[col["eff. bits"]]) == pytest.approx(4 + (16 + 4) / 64, abs=0.05)
+        assert float(r[col["KL"]]) >= 0 and float(r[col["ckpt MB"]]) > 0
+    hqq = body[3][col["status"]]
+    assert hqq == "ok" or hqq.startswith("unavailable: not installed")
+    assert body[4][col["status"]].startswith("unavailable:")  # reported, not hidden
+    # the table's perplexities are the workers' results, rounded
+    by_name = {r["name"]: r for r in rows}
+    assert float(body[1][col["wikitext2"]]) == pytest.approx(by_name["rtn-w4"]["perplexity"]["wikitext2"], rel=1e-3)
+    html = (out / "report.html").read_text()
+    assert html.count("<tr>") == len(body) + 1 and "gptq-w4" in html
+    for png in ("pareto.png", "layer_error.png", "block_time.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, png
+        assert png in html
+    assert "running" in (out / "compare.log").read_text()
+
+
+@needs_data
+def test_rerun_reuses_cache_and_a_changed_recipe_reruns(compared, tiny_dir):
+    out, rows = compared
+    ok = {r["name"] for r in rows if r["status"] == "ok"}  # an unavailable peer is tried again every time
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")
+              if json.loads(p.read_text())["name"] in ok}
+    again = run_compare(_config(tiny_dir), out, show_progress=False)
+    assert [r["perplexity"] for r in again if r["status"] == "ok"] == [r["perplexity"] for r in rows if r["status"] == "ok"]
+    log = (out / "compare.log").read_text()
+    assert log.count("reusing the cached result") >= 3  # fp, rtn-w4, gptq-w4 (hqq too when installed)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # the same rows with a different recipe key: every recipe row reruns, the full model does not
+    changed = run_compare(_config(tiny_dir, peers=[], overrides=["weights.group_size=32"]), out, show_progress=False)
+    gptq = next(r for r in changed if r["name"] == "gptq-w4")
+    assert gptq["group_size"] == 32 and gptq["effective_bits"] > rows[2]["effective_bits"]
+    assert (out / "runs" / "fp" / "result.json").stat().st_mtime_ns == mtimes[out / "runs" / "fp" / "result.json"]
+    assert (out / "runs" / "gptq-w4" / "result.json").stat().st_mtime_ns != mtimes[out / "runs" / "gptq-w4" / "result.json"]
+
+
+@needs_data
+def test_inspect_reads_the_saved_checkpoint(compared):
+    out, _ = compared
+    ckpt = out / "runs" / "gptq-w4" / "checkpoint"
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "inspect", str(ckpt)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    layer_lines = [line for line in r.stdout.splitlines() if line.startswith("model.layers.")]
+    assert len(layer_lines) == 2 * 7
+    assert "recipe gptq-w4" in r.stdout
+    from lowbit.export.inspect import inspect_checkpoint
+
+    s = inspect_checkpoint(ckpt)
+    gptq = json.loads((out / "runs" / "gptq-w4" / "result.json").read_text())  # the row that wrote this checkpoint
+    errors = {layer["name"]: layer["rel_output_error"] for layer in gptq["layers"]}
+    assert {lay.name: lay.rel_output_error for lay in s.layers} == errors
+    # stored bytes per weight: codes + scales + zeros (+ bias-free layers: nothing else)
+    numel = sum(lay.shape[0] * lay.shape[1] for lay in s.layers)
+    assert 8 * sum(lay.bytes for lay in s.layers) / numel == pytest.approx(gptq["effective_bits"], rel=0.02)
+
+
+def test_plan_rejects_bad_input(tmp_path):
+    with pytest.raises(LowbitError, match="unknown peer 'gptqmodel'"):
+        plan_jobs(CompareConfig(model="x", recipes=[], peers=["gptqmodel"]))
+    with pytest.raises(LowbitError, match="rows named twice: rtn-w4"):
+        plan_jobs(CompareConfig(model="x", recipes=["rtn-w4", "rtn-w4"]))
+    with pytest.raises(LowbitError, match="unknown recipe"):
+        plan_jobs(CompareConfig(model="x", recipes=["gptq-w9"]))
+    for bad in ("w4g0", "4g128", "w9", "w4g-1"):
+        with pytest.raises(LowbitError, match="weight scheme"):
+            WeightScheme.parse(bad)
+    assert WeightScheme.parse("W3G128") == WeightScheme(3, 128) and str(WeightScheme.parse("w2")) == "w2"
+    with pytest.raises(LowbitError, match="nothing to compare"):
+        CompareConfig(model="x", recipes=[]).validate()
+
+
+def test_cache_key_follows_recipe_and_protocol():
+    base = plan_jobs(CompareConfig(model="m", recipes=["gptq-w4"]))[1]
+    proto = CompareConfig(model="m", recipes=[]).protocol()
+    same = plan_jobs(CompareConfig(model="m", recipes=["gptq-w4"]))[1]
+    assert base.key(proto) == same.key(proto)
+    other = plan_jobs(CompareConfig(model="m", recipes=["gptq-w4"], overrides=["weights.damp=0.02"]))[1]
+    assert other.key(proto) != base.key(proto)
+    assert base.key({**proto, "windows": 3}) != base.key(proto)
+
+
+def test_pareto_front_and_gap_ratio():
+    pts = [(4.2, 30.0), (3.2, 45.0), (4.5, 29.0), (4.3, 31.0), (2.2, 300.0), (3.3, 50.0)]
+    assert pareto_front(pts) == [(2.2, 300.0), (3.2, 45.0), (4.2, 30.0), (4.5, 29.0)]
+    rows = [{"name": "fp", "kind": "fp", "status": "ok", "perplexity": {"w": 20.0}},
+            {"name": "a", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 16, "perplexity": {"w": 22.0}},
+            {"name": "b", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 16, "perplexity": {"w": 21.0}},
+            {"name": "p", "kind": "peer", "status": "ok", "w_bits": 4, "a_bits": 16, "perplexity": {"w": 24.0}},
+            {"name": "q", "kind": "peer", "status": "failed: x", "w_bits": 4},
+            {"name": "c", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 8, "perplexity": {"w": 20.5}}]
+    (g,) = gap_ratios(rows, "w")
+    assert (g["lowbit"], g["peer"]) == ("b", "p") and g["ratio"] == pytest.approx(1.0 / 4.0)
+
+
+def test_compare_cli_errors_are_one_line(tmp_path):
+    env = {**os.environ}
+    for args, msg in ((["--peers", "nope"], "unknown peer 'nope'"), (["--peer-scheme", "w4g0"], "weight scheme"),
+                      (["--nsamples", "0"], "nsamples must be a positive integer")):
+        r = subprocess.run([sys.executable, "-m", "lowbit.cli", "compare", "x", "--recipes", "rtn-w4", "--report",
+                            str(tmp_path), *args], capture_output=True, text=True, timeout=120, env=env)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and msg in errors[0], r.stderr
+
+
+TASK_YAML = """task: lowbit_local_capitals
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+DOCS = [{"question": "What is the capital of France?", "choices": ["Paris", "Berlin", "Rome"], "answer": 0},
+        {"question": "How many legs does a spider have?", "choices": ["six", "eight"], "answer": 1},
+        {"question": "Which planet is closest to the Sun?", "choices": ["Mercury", "Venus", "Mars", "Earth"], "answer": 0}]
+
+
+@torch.no_grad()
+def _loglikelihood(model, tok, context: str, continuation: str) -> float:
+    """log p(continuation | context), the harness's split: context tokens, then the rest of the whole."""
+    whole = tok(context + continuation, add_special_tokens=False).input_ids
+    n_ctx = len(tok(context, add_special_tokens=False).input_ids)
+    logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+    return float(sum(logp[i - 1, whole[i]] for i in range(n_ctx, len(whole))))
+
+
+def test_harness_scores_a_local_task_with_the_models_own_loglikelihoods(tmp_path, tiny_dir, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from lowbit.eval import evaluate_tasks
+    from lowbit.models import load_model
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    data = tmp_path / "capitals.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in DOCS) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "capitals.yaml").write_text(TASK_YAML.format(data=data))
+    model, tok = load_model(tiny_dir)
+    out = evaluate_tasks(model, tok, ["lowbit_local_capitals"], include_path=tasks, log_samples=True)
+    samples = sorted(out["samples"]["lowbit_local_capitals"], key=lambda s: s["doc_id"])
+    correct = 0
+    for doc, sample in zip(DOCS, samples):
+        ours = [_loglikelihood(model, tok, f"Question: {doc['question']}\nAnswer:", " " + c) for c in doc["choices"]]
+        theirs = [r[0][0] for r in sample["resps"]]
+        assert theirs == pytest.approx(ours, abs=1e-4)
+        correct += int(max(range(len(ours)), key=ours.__getitem__) == doc["answer"])
+    assert out["results"]["lowbit_local_capitals"]["acc,none"] == pytest.approx(correct / len(DOCS))
+    with pytest.raises(LowbitError, match="unknown task"):
+        evaluate_tasks(model, tok, ["no_such_task_xyz"], include_path=tasks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, interrupt_rounding_in_block, tiny_llama
+from conftest import ARCHITECTURES, full_and_resumed, tiny_llama
 
 from lowbit.activations.calibrate import calibrate_block
 from lowbit.errors import LowbitError
@@ -165,16 +165,7 @@ def test_outlier_columns_are_the_largest_and_left_to_the_branch():
 
 
 def test_resume_keeps_the_low_rank_branch(calib_ids, tmp_path, monkeypatch):
-    recipe = _aser()
-    full = tiny_llama(layers=3)
-    quantize_model(full, recipe, calib_ids, show_progress=False)
-    with monkeypatch.context() as m:
-        interrupt_rounding_in_block(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            quantize_model(tiny_llama(layers=3), recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
-    resumed = tiny_llama(layers=3)
-    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
-    assert report.resumed_blocks == 2
+    full, resumed = full_and_resumed(_aser(), calib_ids, tmp_path, monkeypatch)
     with torch.no_grad():
         assert torch.equal(full(calib_ids[:2]).logits, resumed(calib_ids[:2]).logits)
 

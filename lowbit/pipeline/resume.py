@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from lowbit.errors import LowbitError
 from lowbit.rounding import QuantizedWeight
 from lowbit.transforms.incoherence import Incoherence
+from lowbit.rounding.outliers import SparseOutliers
 from lowbit.transforms.lowrank import LowRank
 
 FIELDS = ("codes", "scale", "zero", "g_idx")
@@ -67,6 +68,9 @@ class ProgressStore:
         for name, qw in weights.items():
             if qw.lowrank is not None:
                 tensors[f"{name}.lowrank_a"], tensors[f"{name}.lowrank_b"] = qw.lowrank.a.contiguous(), qw.lowrank.b.contiguous()
+            if qw.sparse is not None:
+                tensors[f"{name}.outlier_index"] = qw.sparse.index.contiguous()
+                tensors[f"{name}.outlier_value"] = qw.sparse.values.contiguous()
         meta = {name: json.dumps({"bits": qw.bits, "transform": qw.transform.metadata() if qw.transform else None})
                 for name, qw in weights.items()}
         path = self.root / f"block_{index:04d}.safetensors"
@@ -107,6 +111,8 @@ class ProgressStore:
                                                          qw.codes.shape[0])
             if f"{name}.lowrank_a" in tensors:
                 qw.lowrank = LowRank(tensors[f"{name}.lowrank_a"], tensors[f"{name}.lowrank_b"])
+            if f"{name}.outlier_index" in tensors:
+                qw.sparse = SparseOutliers(tensors[f"{name}.outlier_index"], tensors[f"{name}.outlier_value"])
             weights[name] = qw
         report = json.loads((self.root / f"block_{index:04d}.json").read_text())
         return weights, report

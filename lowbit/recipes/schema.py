@@ -35,6 +35,8 @@ class WeightSpec:
     ``clip_search``: pick each row's (group's) range by GPTQ's shrink search instead of min-max.
     ``grid: rms``: QuIP's one scale per matrix, ``±rms_mult·RMS(W)`` (no groups, no clip search).
     ``greedy_passes``: QuIP's coordinate-descent passes after rounding (LDLQ-RG = act_order + passes).
+    ``outlier_fraction``: SpQR-style share of weights kept in float16 (GPTQ only), picked by the
+    Hessian-weighted rounding error, so OAC's Hessian picks them by the output loss.
     """
 
     method: str = "gptq"
@@ -48,6 +50,7 @@ class WeightSpec:
     grid: str = "minmax"
     rms_mult: float = 2.4
     greedy_passes: int = 0
+    outlier_fraction: float = 0.0
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -73,6 +76,11 @@ class WeightSpec:
             raise LowbitError(f"weights.greedy_passes must be a non-negative integer, got {self.greedy_passes!r}")
         if self.greedy_passes and self.method in ("rtn", "none"):
             raise LowbitError("weights.greedy_passes needs a Hessian: use method gptq or ldlq, not rtn")
+        f = self.outlier_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 0.5:
+            raise LowbitError(f"weights.outlier_fraction must be a number in [0, 0.5), got {f!r}")
+        if f and (self.method != "gptq" or self.greedy_passes or self.grid != "minmax"):
+            raise LowbitError("weights.outlier_fraction needs method gptq on the minmax grid, without greedy passes")
 
 
 @dataclass

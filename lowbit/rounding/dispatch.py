@@ -2,7 +2,8 @@
 
 A method is a composition: optional outlier extraction (ASER: columns left out of the quantized
 weight) → optional incoherence transform of ``(W, H)`` → rounding (RTN, GPTQ or LDLQ) on a grid
-(min-max or QuIP's RMS) → optional greedy passes → optional low-rank reconstruction of the error
+(min-max or QuIP's RMS), GPTQ optionally keeping SpQR-style sparse outliers → optional greedy
+passes → optional low-rank reconstruction of the error
 ``W − Q(W)``; the transform and the low-rank branch travel with the codes to the runtime.
 """
 
@@ -66,8 +67,9 @@ def _round(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name: str,
     else:
         if h is None:
             raise ValueError(f"{spec.method} needs a Hessian for {name}")
+        extra = {"outlier_fraction": spec.outlier_fraction} if spec.outlier_fraction else {}
         qw = SEQUENTIAL[spec.method](w, h, grid, blocksize=spec.blocksize, damp=spec.damp,
-                                     act_order=spec.act_order, name=name)
+                                     act_order=spec.act_order, name=name, **extra)
     if spec.greedy_passes and h is not None:
         hd, wd = condition_hessian(h.to(torch.float64), w.to(torch.float64), spec.damp)
         order = torch.argsort(torch.diag(hd), descending=True) if spec.act_order else None

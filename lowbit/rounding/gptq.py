@@ -13,6 +13,7 @@ import torch
 
 from lowbit.grids import UniformGrid
 from lowbit.hessians import robust_cholesky_inverse
+from lowbit.rounding.outliers import SparseOutliers, select_outliers
 from lowbit.rounding.quantized import QuantizedWeight
 from lowbit.rounding.sequential import SequentialProblem, initial_params
 
@@ -27,15 +28,19 @@ def gptq_quantize(
     act_order: bool = False,
     name: str = "layer",
     dtype: torch.dtype = torch.float32,
+    outlier_fraction: float = 0.0,
 ) -> QuantizedWeight:
-    """Quantize ``w`` (out, in) given the Hessian ``h`` (in, in) of its inputs."""
+    """Quantize ``w`` (out, in) given the Hessian ``h`` (in, in) of its inputs; ``outlier_fraction``
+    of the weights (SpQR-style, :mod:`lowbit.rounding.outliers`) stay in float16."""
     rows, cols = w.shape
     prob = SequentialProblem.build(w, h, damp, act_order)
     upper = robust_cholesky_inverse(prob.h, damp, name).to(dtype)
     W = prob.w.to(dtype)
 
     gs = grid.group_size
-    scale, zero, codes, col_scale, col_zero = initial_params(W, grid, dtype)
+    keep = select_outliers(W, torch.diag(upper), grid, outlier_fraction) if outlier_fraction else None
+    kept = torch.zeros_like(W) if keep is not None else None  # outlier values as rounding reaches them
+    scale, zero, codes, col_scale, col_zero = initial_params(W if keep is None else W.masked_fill(keep, 0), grid, dtype)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -48,6 +53,8 @@ def gptq_quantize(
                 g_end = min(c + gs, cols)
                 ahead = W[:, i2:g_end] - err1 @ upper[i1:i2, i2:g_end]  # lazy updates not yet applied
                 current = torch.cat([W1[:, i : min(g_end - i1, i2 - i1)], ahead], dim=1)
+                if keep is not None:  # outliers do not stretch the group's range
+                    current = current.masked_fill(keep[:, c:g_end], 0)
                 p = grid.fit(current)
                 scale[:, c // gs : c // gs + 1], zero[:, c // gs : c // gs + 1] = p.scale, p.zero
                 col_scale, col_zero = p.scale[:, 0].to(dtype), p.zero[:, 0].to(dtype)
@@ -55,9 +62,16 @@ def gptq_quantize(
             q = grid.quantize(col, col_scale, col_zero)
             codes[:, c] = q.to(torch.uint8)
             deq = grid.dequantize(q, col_scale, col_zero).to(dtype)
+            if keep is not None:  # an outlier keeps its current value (as float16): the rest is fed forward
+                kept[:, c] = col.to(torch.float16).to(dtype)
+                deq = torch.where(keep[:, c], kept[:, c], deq)
             err = (col - deq) / hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         W[:, i2:] -= err1 @ upper[i1:i2, i2:]
 
-    return prob.result(codes, scale, zero, grid)
+    qw = prob.result(codes, scale, zero, grid)
+    if keep is not None:
+        inv = torch.argsort(prob.perm) if prob.perm is not None else slice(None)
+        qw.sparse = SparseOutliers.from_mask(keep[:, inv], kept[:, inv])
+    return qw

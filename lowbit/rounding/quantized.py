@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from lowbit.rounding.outliers import SparseOutliers
     from lowbit.transforms.incoherence import Incoherence
     from lowbit.transforms.lowrank import LowRank
 
@@ -19,6 +20,7 @@ class QuantizedWeight:
     ``g_idx`` is the natural ``col // group_size`` unless act-order permuted the groups.
     ``transform``: the codes live in a rotated space (QuIP's incoherence); :meth:`weight` undoes it.
     ``lowrank``: a float16 ``A·B`` branch added to the dequantized weight (ASER / LoRC).
+    ``sparse``: SpQR-style outliers, float16 values that replace the grid value at their positions.
     """
 
     codes: torch.Tensor
@@ -28,19 +30,23 @@ class QuantizedWeight:
     bits: int
     transform: "Incoherence | None" = None
     lowrank: "LowRank | None" = None
+    sparse: "SparseOutliers | None" = None
 
     def cpu(self) -> "QuantizedWeight":
         return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.g_idx.cpu(), self.bits,
-                               self.transform, self.lowrank.cpu() if self.lowrank is not None else None)
+                               self.transform, self.lowrank.cpu() if self.lowrank is not None else None,
+                               self.sparse.cpu() if self.sparse is not None else None)
 
     def dequantize(self) -> torch.Tensor:
-        """The grid values of the codes (in the transformed space, if there is one)."""
+        """The grid values of the codes, outliers in place (in the transformed space, if there is one)."""
         g = self.g_idx.long()
-        return self.scale[:, g] * (self.codes.float() - self.zero[:, g])
+        w = self.scale[:, g] * (self.codes.float() - self.zero[:, g])
+        return self.sparse.apply(w) if self.sparse is not None else w
 
     def storage_bits(self) -> int:
         """Bits the packed checkpoint spends on this layer: codes, float16 scales, zeros (packed, or
-        float16 when not integral), ``g_idx`` when act-order permuted groups, QuIP's ``in_scale``."""
+        float16 when not integral), ``g_idx`` when act-order permuted groups, QuIP's ``in_scale``,
+        low-rank branches, sparse outliers (int32 index + float16 value)."""
         rows, cols = self.codes.shape
         n_groups = self.scale.shape[1]
         float_zeros = not torch.equal(self.zero, self.zero.round())
@@ -52,6 +58,8 @@ class QuantizedWeight:
             total += 32 * cols
         if self.lowrank is not None:
             total += 16 * self.lowrank.rank * (rows + cols)
+        if self.sparse is not None:
+            total += self.sparse.storage_bits()
         return total
 
     def weight(self) -> torch.Tensor:

@@ -31,6 +31,8 @@ def layer_metadata(module: nn.Module, group_size: int | None) -> dict:
     inner = _core(module)
     info = {"bits": inner.bits, "group_size": group_size, "shape": [inner.out_features, inner.in_features],
             "act_order": inner.g_idx is not None, "float_zeros": inner.float_zeros}
+    if inner.n_outliers:
+        info["outliers"] = inner.n_outliers
     quip = module.inner if isinstance(module, LowRankLinear) else module
     if isinstance(quip, QuipLinear):
         info["incoherence"] = quip.transform.metadata()
@@ -50,7 +52,7 @@ def empty_module(info: dict, n_groups: int, bias: bool) -> nn.Module:
     out_f, in_f = info["shape"]
     inc = info.get("incoherence")
     module = QuantLinear(in_f, out_f, info["bits"], n_groups, bias and inc is None, info["act_order"],
-                         info["group_size"], info.get("float_zeros", False))
+                         info["group_size"], info.get("float_zeros", False), info.get("outliers", 0))
     if inc is not None:
         module = QuipLinear(module, Incoherence.from_metadata(inc, torch.ones(in_f), out_f), bias)
     if info.get("lowrank_rank"):

@@ -3,6 +3,7 @@
 Memory holds ``bits/8`` bytes per weight plus float16 scales and packed zeros; the dequantized
 matrix exists only during the call (CPU path in plain torch). Grids whose zero point is not an
 integer (QuIP's midrise RMS grid: ``maxq/2``) keep float16 ``zeros`` instead of packed ones.
+SpQR-style outliers are a sparse list (int32 flat index, float16 value) written over the grid values.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from torch import nn
 
 from lowbit.grids import natural_group_index, pack_codes, packed_nbytes, unpack_codes
 from lowbit.rounding import QuantizedWeight
+from lowbit.rounding.outliers import SparseOutliers
 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int,
-                 bias: bool, has_g_idx: bool, group_size: int | None, float_zeros: bool = False):
+                 bias: bool, has_g_idx: bool, group_size: int | None, float_zeros: bool = False,
+                 n_outliers: int = 0):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.n_groups, self.group_size, self.float_zeros = n_groups, group_size, float_zeros
@@ -31,6 +34,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         else:
             self.g_idx = None
+        self.n_outliers = n_outliers
+        if n_outliers:
+            self.register_buffer("outlier_index", torch.zeros(n_outliers, dtype=torch.int32))
+            self.register_buffer("outlier_value", torch.zeros(n_outliers, dtype=torch.float16))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
@@ -39,7 +46,8 @@ class QuantLinear(nn.Module):
         natural = natural_group_index(in_f, group_size, qw.g_idx.device)
         has_g_idx = not torch.equal(qw.g_idx.long(), natural)
         float_zeros = not torch.equal(qw.zero, qw.zero.round())
-        m = cls(in_f, out_f, qw.bits, qw.scale.shape[1], bias is not None, has_g_idx, group_size, float_zeros)
+        n_out = qw.sparse.count if qw.sparse is not None else 0
+        m = cls(in_f, out_f, qw.bits, qw.scale.shape[1], bias is not None, has_g_idx, group_size, float_zeros, n_out)
         m.qweight.copy_(pack_codes(qw.codes, qw.bits))
         m.scales.copy_(qw.scale.to(torch.float16))
         if float_zeros:
@@ -48,6 +56,9 @@ class QuantLinear(nn.Module):
             m.qzeros.copy_(pack_codes(qw.zero.round().to(torch.int64), qw.bits))
         if has_g_idx:
             m.g_idx.copy_(qw.g_idx.to(torch.int32))
+        if n_out:
+            m.outlier_index.copy_(qw.sparse.index.to(torch.int32))
+            m.outlier_value.copy_(qw.sparse.values)
         if bias is not None:
             m.bias.data = bias.detach().clone()
         return m
@@ -57,8 +68,9 @@ class QuantLinear(nn.Module):
         zero = (self.zeros.float() if self.float_zeros
                 else unpack_codes(self.qzeros, self.bits, self.out_features * self.n_groups).float())
         g_idx = self.g_idx if self.g_idx is not None else natural_group_index(self.in_features, self.group_size, self.qweight.device)
+        sparse = SparseOutliers(self.outlier_index.long(), self.outlier_value) if self.n_outliers else None
         return QuantizedWeight(codes.view(self.out_features, self.in_features), self.scales.float(),
-                               zero.view(self.out_features, self.n_groups), g_idx, self.bits)
+                               zero.view(self.out_features, self.n_groups), g_idx, self.bits, sparse=sparse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized().dequantize().to(x.dtype)
@@ -66,4 +78,5 @@ class QuantLinear(nn.Module):
         return F.linear(x, w, bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.n_groups}"
+        extra = f", outliers={self.n_outliers}" if self.n_outliers else ""
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.n_groups}{extra}"

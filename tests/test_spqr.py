@@ -1,0 +1,137 @@
+"""SpQR-style sparse outliers in GPTQ (the 2-bit base of OAC) against float64 references:
+exactly the budgeted count, picked by the Hessian-weighted rounding error, kept exact, and the
+rest of the rounding identical to a one-column-at-a-time OBS reference with those weights held."""
+
+import pytest
+import torch
+from test_gptq import _problem
+
+import lowbit
+from conftest import full_and_resumed, tiny_llama
+from lowbit.errors import LowbitError
+from lowbit.grids import UniformGrid
+from lowbit.recipes import Recipe
+from lowbit.rounding import gptq_quantize, proxy_loss, rtn_quantize
+from lowbit.rounding.outliers import INDEX_BITS, VALUE_BITS, outlier_budget
+from lowbit.runtime import QuantLinear
+
+DAMP = 0.01
+
+
+def _damped(h):
+    return h + DAMP * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+
+
+def _reference_mask(w, h, grid, fraction):
+    """Top-k of ((w − rtn(w)) / U_jj)², U the upper Cholesky factor of the damped H⁻¹ (float64)."""
+    u = torch.linalg.cholesky(torch.linalg.inv(_damped(h)), upper=True)
+    sens = ((w - rtn_quantize(w.float(), grid).dequantize().double()) / torch.diag(u)) ** 2
+    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask[torch.topk(sens.reshape(-1), outlier_budget(w.numel(), fraction)).indices] = True
+    return mask.view_as(w)
+
+
+def _reference_obs_with_outliers(w, h, grid, keep):
+    """Naive OBS: outliers keep their current value (as float16); groups fitted without them."""
+    w = w.clone()
+    hinv = torch.linalg.inv(_damped(h))
+    codes, values = torch.zeros_like(w), torch.zeros_like(w)
+    gs = grid.group_size
+    for q in range(w.shape[1]):
+        if q % gs == 0:
+            p = grid.fit(w[:, q:q + gs].masked_fill(keep[:, q:q + gs], 0))
+            scale, zero = p.scale[:, 0].double(), p.zero[:, 0].double()
+        c = grid.quantize(w[:, q], scale, zero)
+        codes[:, q] = c
+        values[:, q] = w[:, q].half().double()
+        deq = torch.where(keep[:, q], values[:, q], grid.dequantize(c, scale, zero))
+        err = (w[:, q] - deq) / hinv[q, q]
+        w[:, q:] -= err[:, None] * hinv[q, q:][None, :]
+        hinv = hinv - torch.outer(hinv[:, q], hinv[q, :]) / hinv[q, q]
+    return codes, values
+
+
+@pytest.mark.parametrize("fraction,blocksize", [(0.004, 16), (0.02, 7), (0.1, 128)])
+def test_gptq_with_outliers_equals_float64_reference(fraction, blocksize):
+    w, h = _problem(rows=24, cols=64, seed=5)
+    grid = UniformGrid(2, group_size=16)
+    qw = gptq_quantize(w, h, grid, blocksize=blocksize, dtype=torch.float64, outlier_fraction=fraction)
+    keep = _reference_mask(w, h, grid, fraction)
+    assert qw.sparse.count == round(fraction * w.numel())  # exactly the budget
+    got = torch.zeros(w.numel(), dtype=torch.bool)
+    got[qw.sparse.index] = True
+    assert torch.equal(got.view_as(w), keep)
+    codes, values = _reference_obs_with_outliers(w, h, grid, keep)
+    assert torch.equal(qw.codes.double()[~keep], codes[~keep])
+    torch.testing.assert_close(qw.sparse.values.double(), values.reshape(-1)[qw.sparse.index], rtol=0, atol=1e-6)
+    dense = qw.weight()  # outliers written over the grid values
+    assert torch.equal(dense.reshape(-1)[qw.sparse.index], qw.sparse.values.float())
+
+
+def test_outliers_lower_the_loss_and_cost_48_bits_each():
+    w, h = _problem(rows=32, cols=96, seed=6)
+    grid = UniformGrid(2, group_size=16, clip_search=True)
+    losses = []
+    for fraction in (0.0, 0.01, 0.05):
+        qw = gptq_quantize(w, h, grid, act_order=True, outlier_fraction=fraction)
+        losses.append(proxy_loss(qw.weight().double() - w, h))
+        base = gptq_quantize(w, h, grid, act_order=True)
+        extra = qw.storage_bits() - base.storage_bits()
+        assert extra == outlier_budget(w.numel(), fraction) * (INDEX_BITS + VALUE_BITS)
+    assert losses[0] > losses[1] > losses[2]
+
+
+def test_act_order_outliers_are_in_natural_column_order():
+    w, h = _problem(rows=16, cols=48, seed=7)
+    grid = UniformGrid(2, group_size=16)
+    qw = gptq_quantize(w, h, grid, act_order=True, dtype=torch.float64, outlier_fraction=0.05)
+    perm = torch.argsort(torch.diag(_damped(h)), descending=True)
+    ref = gptq_quantize(w[:, perm], h[perm][:, perm], grid, dtype=torch.float64, outlier_fraction=0.05)
+    mine = torch.zeros_like(w, dtype=torch.bool).view(-1)
+    mine[qw.sparse.index] = True
+    theirs = torch.zeros_like(w, dtype=torch.bool).view(-1)
+    theirs[ref.sparse.index] = True
+    assert torch.equal(mine.view_as(w)[:, perm], theirs.view_as(w))
+    torch.testing.assert_close(qw.weight()[:, perm], ref.weight(), rtol=0, atol=1e-6)
+
+
+def test_packed_layer_round_trip():
+    w, h = _problem(rows=24, cols=64, seed=8)
+    qw = gptq_quantize(w, h, UniformGrid(2, group_size=16), act_order=True, outlier_fraction=0.02)
+    layer = QuantLinear.from_quantized(qw, None, 16)
+    assert layer.outlier_index.dtype == torch.int32 and layer.outlier_value.numel() == qw.sparse.count
+    assert torch.equal(layer.quantized().weight(), qw.weight())
+
+
+@pytest.mark.parametrize("preset", ["spqr-w2", "oac-w2"])
+def test_presets_save_and_reload_with_outliers(preset, tmp_path, calib_ids):
+    model = tiny_llama()
+    recipe = lowbit.recipes.get(preset)
+    _, report = lowbit.quantize(model, recipe, calib_ids, show_progress=False)
+    counts = {n: qw.sparse.count for n, qw in model.lowbit_quant.items()}
+    assert all(c == round(0.01 * model.get_submodule(n).weight.numel()) for n, c in counts.items())
+    lowbit.save(model, tmp_path, report=report)
+    reloaded, _ = lowbit.load_model(tmp_path)
+    layers = {n: m for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
+    assert {n: m.n_outliers for n, m in layers.items()} == counts
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(calib_ids).logits, model(calib_ids).logits, atol=1e-5, rtol=0)
+
+
+def test_resume_keeps_the_outliers(tmp_path, calib_ids, monkeypatch):
+    full, resumed = full_and_resumed(lowbit.recipes.get("spqr-w2"), calib_ids, tmp_path, monkeypatch)
+    assert all(torch.equal(resumed.lowbit_quant[n].sparse.index.long(), qw.sparse.index.long())
+               for n, qw in full.lowbit_quant.items())
+    with torch.no_grad():
+        assert torch.equal(full(calib_ids[:2]).logits, resumed(calib_ids[:2]).logits)
+
+
+@pytest.mark.parametrize("weights,message", [
+    ({"method": "rtn", "outlier_fraction": 0.01}, "needs method gptq"),
+    ({"method": "ldlq", "outlier_fraction": 0.01}, "needs method gptq"),
+    ({"outlier_fraction": 0.6}, "must be a number in [0, 0.5)"),
+    ({"outlier_fraction": -0.1}, "must be a number in [0, 0.5)"),
+])
+def test_outlier_fraction_validation(weights, message):
+    with pytest.raises(LowbitError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        Recipe.from_dict({"name": "x", "weights": weights}).validate()

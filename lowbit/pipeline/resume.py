@@ -19,10 +19,12 @@ from safetensors.torch import load_file, save_file
 from lowbit.errors import LowbitError
 from lowbit.rounding import QuantizedWeight
 from lowbit.transforms.incoherence import Incoherence
+from lowbit.rounding.binary import BinaryWeight
 from lowbit.rounding.outliers import SparseOutliers
 from lowbit.transforms.lowrank import LowRank
 
 FIELDS = ("codes", "scale", "zero", "g_idx")
+BINARY_FIELDS = ("signs", "residual", "split", "salient", "alphas")
 
 
 def fingerprint(model_source: str, recipe: dict, calib: torch.Tensor) -> str:
@@ -62,7 +64,10 @@ class ProgressStore:
         _atomic_write_text(self.manifest, json.dumps({"fingerprint": self.fp, "done": self.done}))
 
     def save_block(self, index: int, weights: dict[str, QuantizedWeight], report: list[dict]) -> None:
+        binary = {name: qw for name, qw in weights.items() if isinstance(qw, BinaryWeight)}
+        weights = {name: qw for name, qw in weights.items() if name not in binary}
         tensors = {f"{name}.{f}": getattr(qw, f).contiguous() for name, qw in weights.items() for f in FIELDS}
+        tensors.update({f"{name}.{f}": getattr(qw, f).contiguous() for name, qw in binary.items() for f in BINARY_FIELDS})
         tensors.update({f"{name}.in_scale": qw.transform.in_scale.contiguous()
                         for name, qw in weights.items() if qw.transform is not None})
         for name, qw in weights.items():
@@ -73,6 +78,7 @@ class ProgressStore:
                 tensors[f"{name}.outlier_value"] = qw.sparse.values.contiguous()
         meta = {name: json.dumps({"bits": qw.bits, "transform": qw.transform.metadata() if qw.transform else None})
                 for name, qw in weights.items()}
+        meta.update({name: json.dumps({"bits": 1, "binary_blocksize": qw.blocksize}) for name, qw in binary.items()})
         path = self.root / f"block_{index:04d}.safetensors"
         save_file(tensors, str(path) + ".tmp", metadata=meta)
         os.replace(str(path) + ".tmp", path)
@@ -105,6 +111,9 @@ class ProgressStore:
         weights = {}
         for name, raw in meta.items():
             info = json.loads(raw)
+            if "binary_blocksize" in info:
+                weights[name] = BinaryWeight(*(tensors[f"{name}.{f}"] for f in BINARY_FIELDS), info["binary_blocksize"])
+                continue
             qw = QuantizedWeight(*(tensors[f"{name}.{f}"] for f in FIELDS), bits=info["bits"])
             if info["transform"] is not None:
                 qw.transform = Incoherence.from_metadata(info["transform"], tensors[f"{name}.in_scale"],

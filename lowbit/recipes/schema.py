@@ -14,7 +14,7 @@ from typing import Any
 from lowbit.data.protocol import DATASETS, SAMPLING
 from lowbit.errors import LowbitError
 
-METHODS = ("none", "rtn", "gptq", "ldlq")  # none: weights stay in float (activation-only ablations)
+METHODS = ("none", "rtn", "gptq", "ldlq", "billm")  # none: weights stay in float (activation-only ablations)
 GRIDS = ("minmax", "rms")
 INCOHERENCE = ("none", "hadamard", "kron")
 HESSIAN_SOURCES = ("layerwise", "output_adaptive")
@@ -55,8 +55,13 @@ class WeightSpec:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise LowbitError(f"weights.method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise LowbitError(f"weights.bits must be an integer from 2 to 8, got {self.bits!r}")
+        if self.method == "billm":
+            if (self.bits != 1 or self.group_size is not None or self.act_order or self.clip_search
+                    or self.grid != "minmax" or self.greedy_passes):
+                raise LowbitError("weights.method billm binarizes: set bits: 1, group_size: null, act_order: false, "
+                                  "clip_search: false, greedy_passes: 0")
+        elif isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise LowbitError(f"weights.bits must be an integer from 2 to 8 (1 with method billm), got {self.bits!r}")
         if self.group_size is not None:
             _positive_int(self.group_size, "weights.group_size")
         _positive_int(self.blocksize, "weights.blocksize")
@@ -297,6 +302,8 @@ class Recipe:
             raise LowbitError("smoothing and lowrank need layer-wise calibration statistics (hessian.source: layerwise)")
         if self.lowrank.enabled and self.weights.method == "none":
             raise LowbitError("lowrank reconstructs a quantization error: weights.method none has none")
+        if self.weights.method == "billm" and (self.lowrank.enabled or self.transform.incoherence != "none"):
+            raise LowbitError("weights.method billm takes no lowrank branch and no incoherence transform")
         if self.activations.enabled and self.hessian.source == "output_adaptive":
             raise LowbitError("activation quantization needs layer-wise Hessians (hessian.source: layerwise)")
         return self
@@ -309,7 +316,7 @@ class Recipe:
     @property
     def needs_hessians(self) -> bool:
         """Rounding or the whitened low-rank branch use the layer Hessians."""
-        return self.weights.method in ("gptq", "ldlq") or (self.lowrank.enabled and self.lowrank.whiten)
+        return self.weights.method in ("gptq", "ldlq", "billm") or (self.lowrank.enabled and self.lowrank.whiten)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

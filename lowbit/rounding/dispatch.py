@@ -14,6 +14,7 @@ import torch
 from lowbit.grids import RMSGrid, UniformGrid
 from lowbit.hessians import condition_hessian
 from lowbit.recipes.schema import LowRankSpec, TransformSpec, WeightSpec
+from lowbit.rounding.binary import BinaryWeight, billm_quantize
 from lowbit.rounding.gptq import gptq_quantize
 from lowbit.rounding.greedy import greedy_refine
 from lowbit.rounding.ldlq import ldlq_quantize
@@ -40,7 +41,7 @@ def outlier_columns(w: torch.Tensor, count: int) -> torch.Tensor:
 
 def round_weight(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name: str,
                  transform: TransformSpec | None = None, lowrank: LowRankSpec | None = None,
-                 outliers: int = 0) -> QuantizedWeight:
+                 outliers: int = 0) -> QuantizedWeight | BinaryWeight:
     original, h_original = w, h
     if outliers:
         w = w.clone()
@@ -54,7 +55,11 @@ def round_weight(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name
 
 
 def _round(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name: str,
-           transform: TransformSpec | None) -> QuantizedWeight:
+           transform: TransformSpec | None) -> QuantizedWeight | BinaryWeight:
+    if spec.method == "billm":
+        if h is None:
+            raise ValueError(f"billm needs a Hessian for {name}")
+        return billm_quantize(w, h, blocksize=spec.blocksize, damp=spec.damp, name=name)
     grid = grid_for(spec)
     t = None
     if transform is not None and transform.incoherence != "none":

@@ -32,6 +32,10 @@ class QuantizedWeight:
     lowrank: "LowRank | None" = None
     sparse: "SparseOutliers | None" = None
 
+    @property
+    def numel(self) -> int:
+        return self.codes.numel()
+
     def cpu(self) -> "QuantizedWeight":
         return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.g_idx.cpu(), self.bits,
                                self.transform, self.lowrank.cpu() if self.lowrank is not None else None,
@@ -74,7 +78,7 @@ class QuantizedWeight:
 
 def effective_bits(weights: dict[str, "QuantizedWeight"]) -> float:
     """Bits per quantized weight including scales, zeros, ``g_idx`` and transform vectors."""
-    numel = sum(qw.codes.numel() for qw in weights.values())
+    numel = sum(qw.numel for qw in weights.values())
     return sum(qw.storage_bits() for qw in weights.values()) / max(numel, 1)
 
 

@@ -1,8 +1,9 @@
 """Modules that run quantized weights at inference time."""
 
+from lowbit.runtime.binary import BinaryLinear
 from lowbit.runtime.build import empty_module, layer_metadata, packed_module
 from lowbit.runtime.lowrank import LowRankLinear
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.runtime.quip import QuipLinear
 
-__all__ = ["LowRankLinear", "QuantLinear", "QuipLinear", "empty_module", "layer_metadata", "packed_module"]
+__all__ = ["BinaryLinear", "LowRankLinear", "QuantLinear", "QuipLinear", "empty_module", "layer_metadata", "packed_module"]

@@ -8,13 +8,17 @@ import torch
 from torch import nn
 
 from lowbit.rounding import QuantizedWeight
+from lowbit.rounding.binary import BinaryWeight
+from lowbit.runtime.binary import BinaryLinear
 from lowbit.runtime.lowrank import LowRankLinear
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.runtime.quip import QuipLinear
 from lowbit.transforms.incoherence import Incoherence
 
 
-def packed_module(qw: QuantizedWeight, bias: torch.Tensor | None, group_size: int | None) -> nn.Module:
+def packed_module(qw: QuantizedWeight | BinaryWeight, bias: torch.Tensor | None, group_size: int | None) -> nn.Module:
+    if isinstance(qw, BinaryWeight):
+        return BinaryLinear.from_binary(qw, bias)
     base = dataclasses.replace(qw, lowrank=None)
     module = (QuipLinear if qw.transform is not None else QuantLinear).from_quantized(base, bias, group_size)
     return LowRankLinear.wrap(module, qw.lowrank) if qw.lowrank is not None else module
@@ -28,6 +32,9 @@ def _core(module: nn.Module) -> QuantLinear:
 
 def layer_metadata(module: nn.Module, group_size: int | None) -> dict:
     """What ``lowbit_config.json`` records per layer to rebuild ``module`` before loading tensors."""
+    if isinstance(module, BinaryLinear):
+        return {"bits": 1, "binary": True, "shape": [module.out_features, module.in_features],
+                "n_salient": module.n_salient, "blocksize": module.blocksize}
     inner = _core(module)
     info = {"bits": inner.bits, "group_size": group_size, "shape": [inner.out_features, inner.in_features],
             "act_order": inner.g_idx is not None, "float_zeros": inner.float_zeros}
@@ -42,7 +49,10 @@ def layer_metadata(module: nn.Module, group_size: int | None) -> dict:
 
 
 def scales_key(name: str, info: dict) -> str:
-    """Where a layer's ``scales`` tensor sits in the checkpoint (it gives the number of groups)."""
+    """Where a layer's ``scales`` tensor sits in the checkpoint (it gives the number of groups;
+    for a binary layer, ``alphas`` gives the number of blocks)."""
+    if info.get("binary"):
+        return f"{name}.alphas"
     depth = ("incoherence" in info) + ("lowrank_rank" in info)
     return f"{name}." + "inner." * depth + "scales"
 
@@ -50,6 +60,8 @@ def scales_key(name: str, info: dict) -> str:
 def empty_module(info: dict, n_groups: int, bias: bool) -> nn.Module:
     """A module of the right type and shapes, to be filled by ``load_state_dict``."""
     out_f, in_f = info["shape"]
+    if info.get("binary"):
+        return BinaryLinear(in_f, out_f, info["n_salient"], n_groups, info["blocksize"], bias)
     inc = info.get("incoherence")
     module = QuantLinear(in_f, out_f, info["bits"], n_groups, bias and inc is None, info["act_order"],
                          info["group_size"], info.get("float_zeros", False), info.get("outliers", 0))

@@ -131,7 +131,42 @@ def test_resume_keeps_the_outliers(tmp_path, calib_ids, monkeypatch):
     ({"method": "ldlq", "outlier_fraction": 0.01}, "needs method gptq"),
     ({"outlier_fraction": 0.6}, "must be a number in [0, 0.5)"),
     ({"outlier_fraction": -0.1}, "must be a number in [0, 0.5)"),
+    ({"stats_bits": 3}, "needs method gptq or rtn, a group_size"),
+    ({"group_size": 16, "stats_bits": 1}, "stats_bits must be an integer from 2 to 8"),
 ])
 def test_outlier_fraction_validation(weights, message):
     with pytest.raises(LowbitError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         Recipe.from_dict({"name": "x", "weights": weights}).validate()
+
+
+def test_scale_codes_against_float64_min_max():
+    from lowbit.grids.stats import STATS_ROWS, quantize_scales
+
+    g = torch.Generator().manual_seed(9)
+    scale = torch.rand(37, 5, generator=g) * 0.1 + 0.01  # 37 rows: a last chunk of 5
+    st = quantize_scales(scale, 3)
+    s = scale.double()
+    for c0 in range(0, 37, STATS_ROWS):
+        chunk = s[c0:c0 + STATS_ROWS]
+        lo = chunk.min(0).values.half().double()
+        step = ((chunk.max(0).values - lo) / 7).half().double()
+        codes = ((chunk - lo) / step).round().clamp(0, 7)
+        assert torch.equal(st.codes[c0:c0 + STATS_ROWS].double(), codes)
+        torch.testing.assert_close(st.decode()[c0:c0 + STATS_ROWS].double(), lo + codes * step, rtol=0, atol=1e-7)
+    assert st.storage_bits() == 37 * 5 * 3 + 3 * 5 * 32
+
+
+def test_gptq_rounds_with_the_quantized_scales_and_packs_them():
+    w, h = _problem(rows=40, cols=64, seed=10)
+    grid = UniformGrid(2, group_size=16, clip_search=True)
+    qw = gptq_quantize(w, h, grid, act_order=True, outlier_fraction=0.01, stats_bits=3)
+    for c0 in range(0, 40, 16):  # each chunk of rows and group: at most 8 scale values, on lo + k·step
+        assert all(qw.scale[c0:c0 + 16, g].unique().numel() <= 8 for g in range(4))
+    torch.testing.assert_close(qw.scale, qw.scale_stats.decode(), rtol=0, atol=0)
+    plain = gptq_quantize(w, h, grid, act_order=True, outlier_fraction=0.01)
+    assert plain.storage_bits() - qw.storage_bits() == 40 * 4 * (16 - 3) - 3 * 4 * 32
+    layer = QuantLinear.from_quantized(qw, None, 16)
+    assert not hasattr(layer, "scales") and layer.scale_codes.numel() == -(-40 * 4 * 3 // 8)
+    assert torch.equal(layer.quantized().weight(), qw.weight())
+    # quantized scales cost a little output error, far less than the bits they save
+    assert proxy_loss(qw.weight().double() - w, h) < 1.5 * proxy_loss(plain.weight().double() - w, h)

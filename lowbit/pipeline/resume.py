@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from lowbit.errors import LowbitError
 from lowbit.rounding import QuantizedWeight
 from lowbit.transforms.incoherence import Incoherence
+from lowbit.grids.stats import ScaleStats
 from lowbit.rounding.binary import BinaryWeight
 from lowbit.rounding.outliers import SparseOutliers
 from lowbit.transforms.lowrank import LowRank
@@ -76,7 +77,12 @@ class ProgressStore:
             if qw.sparse is not None:
                 tensors[f"{name}.outlier_index"] = qw.sparse.index.contiguous()
                 tensors[f"{name}.outlier_value"] = qw.sparse.values.contiguous()
-        meta = {name: json.dumps({"bits": qw.bits, "transform": qw.transform.metadata() if qw.transform else None})
+            if qw.scale_stats is not None:
+                st = qw.scale_stats
+                tensors[f"{name}.scale_codes"], tensors[f"{name}.scale_lo"] = st.codes.contiguous(), st.lo.contiguous()
+                tensors[f"{name}.scale_step"] = st.step.contiguous()
+        meta = {name: json.dumps({"bits": qw.bits, "transform": qw.transform.metadata() if qw.transform else None,
+                                  "stats_bits": qw.scale_stats.bits if qw.scale_stats is not None else None})
                 for name, qw in weights.items()}
         meta.update({name: json.dumps({"bits": 1, "binary_blocksize": qw.blocksize}) for name, qw in binary.items()})
         path = self.root / f"block_{index:04d}.safetensors"
@@ -122,6 +128,9 @@ class ProgressStore:
                 qw.lowrank = LowRank(tensors[f"{name}.lowrank_a"], tensors[f"{name}.lowrank_b"])
             if f"{name}.outlier_index" in tensors:
                 qw.sparse = SparseOutliers(tensors[f"{name}.outlier_index"], tensors[f"{name}.outlier_value"])
+            if info.get("stats_bits"):
+                qw.scale_stats = ScaleStats(tensors[f"{name}.scale_codes"], tensors[f"{name}.scale_lo"],
+                                            tensors[f"{name}.scale_step"], info["stats_bits"])
             weights[name] = qw
         report = json.loads((self.root / f"block_{index:04d}.json").read_text())
         return weights, report

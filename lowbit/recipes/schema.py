@@ -37,6 +37,7 @@ class WeightSpec:
     ``greedy_passes``: QuIP's coordinate-descent passes after rounding (LDLQ-RG = act_order + passes).
     ``outlier_fraction``: SpQR-style share of weights kept in float16 (GPTQ only), picked by the
     Hessian-weighted rounding error, so OAC's Hessian picks them by the output loss.
+    ``stats_bits``: SpQR's quantized group scales (codes per 16 rows; null = float16 scales).
     """
 
     method: str = "gptq"
@@ -51,6 +52,7 @@ class WeightSpec:
     rms_mult: float = 2.4
     greedy_passes: int = 0
     outlier_fraction: float = 0.0
+    stats_bits: int | None = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +88,13 @@ class WeightSpec:
             raise LowbitError(f"weights.outlier_fraction must be a number in [0, 0.5), got {f!r}")
         if f and (self.method != "gptq" or self.greedy_passes or self.grid != "minmax"):
             raise LowbitError("weights.outlier_fraction needs method gptq on the minmax grid, without greedy passes")
+        sb = self.stats_bits
+        if sb is not None:
+            if isinstance(sb, bool) or not isinstance(sb, int) or not 2 <= sb <= 8:
+                raise LowbitError(f"weights.stats_bits must be an integer from 2 to 8 or null, got {sb!r}")
+            if self.method not in ("gptq", "rtn") or self.group_size is None or self.grid != "minmax":
+                raise LowbitError("weights.stats_bits quantizes group scales: it needs method gptq or rtn, a group_size "
+                                  "and the minmax grid")
 
 
 @dataclass

@@ -68,11 +68,11 @@ def _round(w: torch.Tensor, h: torch.Tensor | None, spec: WeightSpec, name: str,
             h = t.forward_hessian(h.to(torch.float64))
         w = t.forward_weight(w.to(torch.float64))
     if spec.method == "rtn":
-        qw = rtn_quantize(w.float(), grid)
+        qw = rtn_quantize(w.float(), grid, spec.stats_bits)
     else:
         if h is None:
             raise ValueError(f"{spec.method} needs a Hessian for {name}")
-        extra = {"outlier_fraction": spec.outlier_fraction} if spec.outlier_fraction else {}
+        extra = {k: v for k, v in (("outlier_fraction", spec.outlier_fraction), ("stats_bits", spec.stats_bits)) if v}
         qw = SEQUENTIAL[spec.method](w, h, grid, blocksize=spec.blocksize, damp=spec.damp,
                                      act_order=spec.act_order, name=name, **extra)
     if spec.greedy_passes and h is not None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.grids import UniformGrid
+from lowbit.grids import GridParams, UniformGrid
+from lowbit.grids.stats import ScaleStats, quantize_scales
 from lowbit.hessians import robust_cholesky_inverse
 from lowbit.rounding.outliers import SparseOutliers, select_outliers
 from lowbit.rounding.quantized import QuantizedWeight
@@ -29,9 +30,11 @@ def gptq_quantize(
     name: str = "layer",
     dtype: torch.dtype = torch.float32,
     outlier_fraction: float = 0.0,
+    stats_bits: int | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w`` (out, in) given the Hessian ``h`` (in, in) of its inputs; ``outlier_fraction``
-    of the weights (SpQR-style, :mod:`lowbit.rounding.outliers`) stay in float16."""
+    of the weights (SpQR-style, :mod:`lowbit.rounding.outliers`) stay in float16; ``stats_bits``
+    quantizes each group's scales as it is fitted (:mod:`lowbit.grids.stats`)."""
     rows, cols = w.shape
     prob = SequentialProblem.build(w, h, damp, act_order)
     upper = robust_cholesky_inverse(prob.h, damp, name).to(dtype)
@@ -41,6 +44,7 @@ def gptq_quantize(
     keep = select_outliers(W, torch.diag(upper), grid, outlier_fraction) if outlier_fraction else None
     kept = torch.zeros_like(W) if keep is not None else None  # outlier values as rounding reaches them
     scale, zero, codes, col_scale, col_zero = initial_params(W if keep is None else W.masked_fill(keep, 0), grid, dtype)
+    stats = ScaleStats.empty(rows, scale.shape[1], stats_bits, W.device) if stats_bits else None
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -56,6 +60,10 @@ def gptq_quantize(
                 if keep is not None:  # outliers do not stretch the group's range
                     current = current.masked_fill(keep[:, c:g_end], 0)
                 p = grid.fit(current)
+                if stats is not None:  # round this group's weights with its quantized scales
+                    one = quantize_scales(p.scale, stats_bits)
+                    stats.assign(c // gs, one)
+                    p = GridParams(one.decode(), p.zero)
                 scale[:, c // gs : c // gs + 1], zero[:, c // gs : c // gs + 1] = p.scale, p.zero
                 col_scale, col_zero = p.scale[:, 0].to(dtype), p.zero[:, 0].to(dtype)
             col = W1[:, i]
@@ -71,6 +79,7 @@ def gptq_quantize(
         W[:, i2:] -= err1 @ upper[i1:i2, i2:]
 
     qw = prob.result(codes, scale, zero, grid)
+    qw.scale_stats = stats
     if keep is not None:
         inv = torch.argsort(prob.perm) if prob.perm is not None else slice(None)
         qw.sparse = SparseOutliers.from_mask(keep[:, inv], kept[:, inv])

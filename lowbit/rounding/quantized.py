@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from lowbit.grids.stats import ScaleStats
     from lowbit.rounding.outliers import SparseOutliers
     from lowbit.transforms.incoherence import Incoherence
     from lowbit.transforms.lowrank import LowRank
@@ -21,6 +22,7 @@ class QuantizedWeight:
     ``transform``: the codes live in a rotated space (QuIP's incoherence); :meth:`weight` undoes it.
     ``lowrank``: a float16 ``A·B`` branch added to the dequantized weight (ASER / LoRC).
     ``sparse``: SpQR-style outliers, float16 values that replace the grid value at their positions.
+    ``scale_stats``: the scales' own codes (SpQR's second level); ``scale`` holds their decoded values.
     """
 
     codes: torch.Tensor
@@ -31,6 +33,7 @@ class QuantizedWeight:
     transform: "Incoherence | None" = None
     lowrank: "LowRank | None" = None
     sparse: "SparseOutliers | None" = None
+    scale_stats: "ScaleStats | None" = None
 
     @property
     def numel(self) -> int:
@@ -39,7 +42,8 @@ class QuantizedWeight:
     def cpu(self) -> "QuantizedWeight":
         return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.g_idx.cpu(), self.bits,
                                self.transform, self.lowrank.cpu() if self.lowrank is not None else None,
-                               self.sparse.cpu() if self.sparse is not None else None)
+                               self.sparse.cpu() if self.sparse is not None else None,
+                               self.scale_stats.cpu() if self.scale_stats is not None else None)
 
     def dequantize(self) -> torch.Tensor:
         """The grid values of the codes, outliers in place (in the transformed space, if there is one)."""
@@ -54,7 +58,9 @@ class QuantizedWeight:
         rows, cols = self.codes.shape
         n_groups = self.scale.shape[1]
         float_zeros = not torch.equal(self.zero, self.zero.round())
-        total = rows * cols * self.bits + rows * n_groups * (16 + (16 if float_zeros else self.bits))
+        zero_bits = rows * n_groups * (16 if float_zeros else self.bits)
+        scale_bits = self.scale_stats.storage_bits() if self.scale_stats is not None else rows * n_groups * 16
+        total = rows * cols * self.bits + scale_bits + zero_bits
         g = self.g_idx.long()
         if n_groups > 1 and not torch.all(g[1:] >= g[:-1]):  # act-order permuted the groups
             total += 32 * cols

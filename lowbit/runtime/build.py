@@ -40,6 +40,8 @@ def layer_metadata(module: nn.Module, group_size: int | None) -> dict:
             "act_order": inner.g_idx is not None, "float_zeros": inner.float_zeros}
     if inner.n_outliers:
         info["outliers"] = inner.n_outliers
+    if inner.stats_bits:
+        info["stats_bits"] = inner.stats_bits
     quip = module.inner if isinstance(module, LowRankLinear) else module
     if isinstance(quip, QuipLinear):
         info["incoherence"] = quip.transform.metadata()
@@ -54,7 +56,7 @@ def scales_key(name: str, info: dict) -> str:
     if info.get("binary"):
         return f"{name}.alphas"
     depth = ("incoherence" in info) + ("lowrank_rank" in info)
-    return f"{name}." + "inner." * depth + "scales"
+    return f"{name}." + "inner." * depth + ("scale_lo" if info.get("stats_bits") else "scales")
 
 
 def empty_module(info: dict, n_groups: int, bias: bool) -> nn.Module:
@@ -64,7 +66,8 @@ def empty_module(info: dict, n_groups: int, bias: bool) -> nn.Module:
         return BinaryLinear(in_f, out_f, info["n_salient"], n_groups, info["blocksize"], bias)
     inc = info.get("incoherence")
     module = QuantLinear(in_f, out_f, info["bits"], n_groups, bias and inc is None, info["act_order"],
-                         info["group_size"], info.get("float_zeros", False), info.get("outliers", 0))
+                         info["group_size"], info.get("float_zeros", False), info.get("outliers", 0),
+                         info.get("stats_bits"))
     if inc is not None:
         module = QuipLinear(module, Incoherence.from_metadata(inc, torch.ones(in_f), out_f), bias)
     if info.get("lowrank_rank"):

@@ -3,7 +3,8 @@
 Memory holds ``bits/8`` bytes per weight plus float16 scales and packed zeros; the dequantized
 matrix exists only during the call (CPU path in plain torch). Grids whose zero point is not an
 integer (QuIP's midrise RMS grid: ``maxq/2``) keep float16 ``zeros`` instead of packed ones.
-SpQR-style outliers are a sparse list (int32 flat index, float16 value) written over the grid values.
+SpQR-style outliers are a sparse list (int32 flat index, float16 value) written over the grid values;
+SpQR's quantized scales are packed codes with a float16 minimum and step per 16 rows and group.
 """
 
 from __future__ import annotations
@@ -14,18 +15,26 @@ from torch import nn
 
 from lowbit.grids import natural_group_index, pack_codes, packed_nbytes, unpack_codes
 from lowbit.rounding import QuantizedWeight
+from lowbit.grids.stats import ScaleStats, n_chunks
 from lowbit.rounding.outliers import SparseOutliers
 
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int,
                  bias: bool, has_g_idx: bool, group_size: int | None, float_zeros: bool = False,
-                 n_outliers: int = 0):
+                 n_outliers: int = 0, stats_bits: int | None = None):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.n_groups, self.group_size, self.float_zeros = n_groups, group_size, float_zeros
         self.register_buffer("qweight", torch.zeros(packed_nbytes(in_features * out_features, bits), dtype=torch.uint8))
-        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        self.stats_bits = stats_bits
+        if stats_bits:
+            self.register_buffer("scale_codes", torch.zeros(packed_nbytes(out_features * n_groups, stats_bits),
+                                                            dtype=torch.uint8))
+            self.register_buffer("scale_lo", torch.zeros(n_chunks(out_features), n_groups, dtype=torch.float16))
+            self.register_buffer("scale_step", torch.zeros(n_chunks(out_features), n_groups, dtype=torch.float16))
+        else:
+            self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
         if float_zeros:
             self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16))
         else:
@@ -47,9 +56,16 @@ class QuantLinear(nn.Module):
         has_g_idx = not torch.equal(qw.g_idx.long(), natural)
         float_zeros = not torch.equal(qw.zero, qw.zero.round())
         n_out = qw.sparse.count if qw.sparse is not None else 0
-        m = cls(in_f, out_f, qw.bits, qw.scale.shape[1], bias is not None, has_g_idx, group_size, float_zeros, n_out)
+        st = qw.scale_stats
+        m = cls(in_f, out_f, qw.bits, qw.scale.shape[1], bias is not None, has_g_idx, group_size, float_zeros, n_out,
+                st.bits if st is not None else None)
         m.qweight.copy_(pack_codes(qw.codes, qw.bits))
-        m.scales.copy_(qw.scale.to(torch.float16))
+        if st is not None:
+            m.scale_codes.copy_(pack_codes(st.codes, st.bits))
+            m.scale_lo.copy_(st.lo)
+            m.scale_step.copy_(st.step)
+        else:
+            m.scales.copy_(qw.scale.to(torch.float16))
         if float_zeros:
             m.zeros.copy_(qw.zero.to(torch.float16))
         else:
@@ -69,8 +85,15 @@ class QuantLinear(nn.Module):
                 else unpack_codes(self.qzeros, self.bits, self.out_features * self.n_groups).float())
         g_idx = self.g_idx if self.g_idx is not None else natural_group_index(self.in_features, self.group_size, self.qweight.device)
         sparse = SparseOutliers(self.outlier_index.long(), self.outlier_value) if self.n_outliers else None
-        return QuantizedWeight(codes.view(self.out_features, self.in_features), self.scales.float(),
-                               zero.view(self.out_features, self.n_groups), g_idx, self.bits, sparse=sparse)
+        stats = None
+        if self.stats_bits:
+            stat_codes = unpack_codes(self.scale_codes, self.stats_bits, self.out_features * self.n_groups)
+            stats = ScaleStats(stat_codes.view(self.out_features, self.n_groups), self.scale_lo, self.scale_step,
+                               self.stats_bits)
+        scale = stats.decode() if stats is not None else self.scales.float()
+        return QuantizedWeight(codes.view(self.out_features, self.in_features), scale,
+                               zero.view(self.out_features, self.n_groups), g_idx, self.bits, sparse=sparse,
+                               scale_stats=stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized().dequantize().to(x.dtype)

@@ -86,18 +86,20 @@ class BinaryWeight:
 
 
 def _binarize_split(w: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best break point for non-salient columns ``w`` (rows, n): ``(q, split, α_conc, α_sparse)``."""
+    """Best break point for non-salient columns ``w`` (rows, n): ``(q, split, α_conc, α_sparse)``.
+    All ``SPLIT_STEPS - 1`` break points are scored at once; ``(w − α·sign w)² = (|w| − α)²``."""
     mag = w.abs()
-    top = float(mag.max()) if w.numel() else 0.0
-    best = None
-    for t in torch.arange(1, SPLIT_STEPS, dtype=torch.float64) / SPLIT_STEPS:
-        split = mag > t.item() * top
-        a_c, a_s = _row_mean_abs(w, ~split), _row_mean_abs(w, split)
-        q = torch.where(split, a_s[:, None], a_c[:, None]) * _sign(w)
-        err = float((((w - q) ** 2) * weight).sum())
-        if best is None or err < best[0]:
-            best = (err, q, split, a_c, a_s)
-    return best[1:]
+    top = mag.max() if w.numel() else torch.zeros((), dtype=w.dtype, device=w.device)
+    thresholds = (torch.arange(1, SPLIT_STEPS, dtype=w.dtype, device=w.device) / SPLIT_STEPS) * top
+    split = mag.unsqueeze(0) > thresholds[:, None, None]  # (T, rows, n)
+    n_s = split.sum(2)
+    sum_s = (mag.unsqueeze(0) * split).sum(2)
+    a_s = sum_s / n_s.clamp(min=1)
+    a_c = (mag.sum(1).unsqueeze(0) - sum_s) / (mag.shape[1] - n_s).clamp(min=1)
+    alpha = torch.where(split, a_s[..., None], a_c[..., None])
+    err = (((mag.unsqueeze(0) - alpha) ** 2) * weight).sum((1, 2))
+    t = int(torch.argmin(err))  # the first of equal errors: the smallest break point, as a loop would pick
+    return alpha[t] * _sign(w), split[t], a_c[t], a_s[t]
 
 
 def _binarize_block(w: torch.Tensor, d: torch.Tensor):

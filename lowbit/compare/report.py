@@ -18,8 +18,13 @@ def _ppl(x) -> str:
     return "–" if x is None else (f"{x:.3f}" if x < 1000 else f"{x:.3g}")
 
 
+def full_model_row(rows: list[dict]) -> dict | None:
+    """The unquantized model's row, if it ran: every gap is measured from it."""
+    return next((r for r in rows if r["kind"] == "fp" and r.get("status") == "ok"), None)
+
+
 def table(rows: list[dict], cfg: CompareConfig) -> tuple[list[str], list[list[str]]]:
-    fp = next((r for r in rows if r["kind"] == "fp" and r.get("status") == "ok"), None)
+    fp = full_model_row(rows)
     d0 = cfg.datasets[0]
     head = (["row", "kind", "weights", "act / KV", "eff. bits"] + cfg.datasets + [f"Δ {d0}", "KL", "quant s", "peak MB",
             "ckpt MB", "status"])
@@ -40,7 +45,7 @@ def table(rows: list[dict], cfg: CompareConfig) -> tuple[list[str], list[list[st
 
 def gap_ratios(rows: list[dict], dataset: str) -> list[dict]:
     """Per weight bit width (weight-only rows): lowbit's best perplexity gap over the best peer's."""
-    fp = next((r for r in rows if r["kind"] == "fp" and r.get("status") == "ok"), None)
+    fp = full_model_row(rows)
     if fp is None:
         return []
     base = fp["perplexity"][dataset]
@@ -73,7 +78,7 @@ def _protocol_lines(cfg: CompareConfig) -> list[str]:
 
 def write_report(rows: list[dict], cfg: CompareConfig, out: Path) -> tuple[Path, Path]:
     d0 = cfg.datasets[0]
-    fp = next((r for r in rows if r["kind"] == "fp" and r.get("status") == "ok"), None)
+    fp = full_model_row(rows)
     figures = [("Perplexity vs effective bits", plot_pareto(rows, d0, fp["perplexity"][d0] if fp else None,
                                                              out / "pareto.png")),
                ("Per-layer relative output error over depth, by layer type", plot_layer_errors(rows, out / "layer_error.png")),

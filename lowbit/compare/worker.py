@@ -46,12 +46,11 @@ def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path) -> dict:
 
 
 def _quantize_peer(model, tok, spec: dict, calib, run_dir: Path) -> dict:
-    from lowbit.compare.peers import run_peer
-    from lowbit.models import block_linears, find_blocks
+    from lowbit.compare.peers import decoder_linears, run_peer
     from lowbit.pipeline.report import peak_memory_mb
 
     scheme = WeightScheme.parse(spec["scheme"])
-    linears = [m for b in find_blocks(model)[1] for m in block_linears(b).values()]  # before a peer swaps them
+    linears = list(decoder_linears(model).values())  # before a peer swaps them
     numel = sum(m.weight.numel() for m in linears)
     bits = sum(m.weight.numel() * scheme.nominal_bits(m.in_features) for m in linears) / numel
     t0 = time.perf_counter()

@@ -116,9 +116,9 @@ def _binarize_block(w: torch.Tensor, d: torch.Tensor):
         res = torch.ones_like(w, dtype=torch.bool)
         if k:
             ws = w[:, salient]
-            a1 = _row_mean_abs(ws, torch.ones_like(ws, dtype=torch.bool))
+            a1 = ws.abs().mean(1)
             r = ws - a1[:, None] * _sign(ws)
-            a2 = _row_mean_abs(r, torch.ones_like(r, dtype=torch.bool))
+            a2 = r.abs().mean(1)
             q[:, salient] = a1[:, None] * _sign(ws) + a2[:, None] * _sign(r)
             res[:, salient] = r >= 0
         q_rest, split_rest, a_c, a_s = _binarize_split(w[:, ~salient], weight[:, ~salient])

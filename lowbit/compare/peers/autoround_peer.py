@@ -185,5 +185,6 @@ def quantize(model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightSc
     bits = sum(w.numel() * scheme.bits + w.shape[0] * -(-w.shape[1] // (scheme.group_size or w.shape[1])) * 16
                for w in (lin.weight for lin in after.values()))
     return {"peer_version": auto_round.__version__, "algorithm": "SignRound", "scheme": preset, "sym": True,
-            "effective_bits": bits / sum(lin.weight.numel() for lin in after.values()), "iters": iters, "lr": lr, "nsamples": n, "seqlen": seqlen, "batch_size": bs,
+            "effective_bits": bits / sum(lin.weight.numel() for lin in after.values()), "iters": iters, "lr": lr,
+            "nsamples": n, "seqlen": seqlen, "batch_size": bs,
             "amp": False, **({"ragged_groups": ragged} if (ragged := _ragged(linears, group)) else {})}

@@ -24,6 +24,11 @@ def _lowbit(*args, timeout=120):
     (["quantize", "smollm2-135m", "--recipe", "rptq-w4a4", "--out", "x", "--set", "activations.cluster=4"],
      "unknown recipe key 'cluster' in activations"),
     (["export-lora", "./no/such/dir", "out"], "is not a lowbit checkpoint"),
+    (["inspect", "./no/such/dir"], "is not a lowbit checkpoint"),
+    (["quantize", "smollm2-135m", "--recipe", "spqr-w2", "--out", "x", "--set", "weights.outlier_fraction=0.7"],
+     "weights.outlier_fraction must be a number in [0, 0.5)"),
+    (["quantize", "smollm2-135m", "--recipe", "billm-w1", "--out", "x", "--set", "weights.bits=2"],
+     "weights.method billm binarizes"),
 ])
 def test_bad_input_is_one_line_error(args, message):
     r = _lowbit(*args)

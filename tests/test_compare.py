@@ -146,6 +146,21 @@ def test_cache_key_follows_recipe_and_protocol():
     assert base.key({**proto, "windows": 3}) != base.key(proto)
 
 
+def test_peer_cache_key_follows_its_environment_knobs(monkeypatch):
+    """auto-round's iteration count comes from the environment; a row tuned for 10 iterations must
+    not be reused for a run that asks for 200."""
+    cfg = CompareConfig(model="m", recipes=[], peers=["autoround@w4g128"])
+    proto = cfg.protocol()
+    monkeypatch.delenv("LOWBIT_AUTOROUND_ITERS", raising=False)
+    default = plan_jobs(cfg)[1]
+    monkeypatch.setenv("LOWBIT_AUTOROUND_ITERS", "10")
+    ten = plan_jobs(cfg)[1]
+    assert ten.spec["env"] == {"LOWBIT_AUTOROUND_ITERS": "10"} and "env" not in default.spec
+    assert ten.key(proto) != default.key(proto)
+    monkeypatch.setenv("LOWBIT_AUTOROUND_ITERS", "200")
+    assert plan_jobs(cfg)[1].key(proto) != ten.key(proto)
+
+
 def test_pareto_front_and_gap_ratio():
     pts = [(4.2, 30.0), (3.2, 45.0), (4.5, 29.0), (4.3, 31.0), (2.2, 300.0), (3.3, 50.0)]
     assert pareto_front(pts) == [(2.2, 300.0), (3.2, 45.0), (4.2, 30.0), (4.5, 29.0)]

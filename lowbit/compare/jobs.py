@@ -54,9 +54,10 @@ def plan_jobs(cfg: CompareConfig) -> list[Job]:
         jobs.append(Job("recipe", name, rec.to_dict()))
     for text in cfg.peers:
         peer, _, scheme = text.partition("@")
-        check_peer(peer)
+        settings = check_peer(peer).settings()
         scheme = str(WeightScheme.parse(scheme or cfg.peer_scheme))
-        jobs.append(Job("peer", f"{peer}@{scheme}", {"peer": peer, "scheme": scheme}))
+        spec = {"peer": peer, "scheme": scheme, **({"env": settings} if settings else {})}
+        jobs.append(Job("peer", f"{peer}@{scheme}", spec))
     names = [j.name for j in jobs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -9,6 +9,7 @@ that is not installed, or cannot run here, raises :class:`PeerUnavailable` and i
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +29,19 @@ class Peer:
     module: str
     requirement: str
     description: str
+    env: tuple[str, ...] = ()  # environment variables that change the peer's numbers (part of its cache key)
+
+    def settings(self) -> dict[str, str]:
+        """The peer's environment knobs as set now, so that a row run with other settings is not reused."""
+        return {k: os.environ[k] for k in self.env if os.environ.get(k, "").strip()}
 
 
 PEERS: dict[str, Peer] = {
     "hqq": Peer("lowbit.compare.peers.hqq_peer", "hqq==0.2.8.post1",
                 "HQQ: calibration-free half-quadratic optimisation of scales and zeros"),
     "autoround": Peer("lowbit.compare.peers.autoround_peer", "auto-round==0.16.1",
-                      "Intel auto-round: sign-gradient tuning of rounding offsets and clipping, block by block"),
+                      "Intel auto-round: sign-gradient tuning of rounding offsets and clipping, block by block",
+                      env=("LOWBIT_AUTOROUND_ITERS",)),
     "llmcompressor-gptq": Peer("lowbit.compare.peers.llmcompressor_peer", "llmcompressor==0.14.0.1",
                                "llm-compressor GPTQModifier"),
     "llmcompressor-rtn": Peer("lowbit.compare.peers.llmcompressor_peer", "llmcompressor==0.14.0.1",

@@ -42,6 +42,7 @@ def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path) -> dict:
         "layers": [{"name": r.name, "block": r.block, "rel_output_error": r.rel_output_error,
                     "rel_weight_error": r.rel_weight_error} for r in report.layers],
         "block_seconds": report.block_seconds,
+        **({"hessian_pass": report.hessian_pass} if report.hessian_pass else {}),  # OAC's gradient pass: s, peak MB
     }
 
 

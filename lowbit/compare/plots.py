@@ -20,6 +20,17 @@ def _pyplot():
     return plt
 
 
+def _line_styles(names: list[str]) -> dict[str, dict]:
+    """A distinct style per line: 20 colours, then the same colours dashed, then dotted (the default
+    cycle of 10 gives two rows one colour in a comparison of a dozen rows)."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20"].colors
+    dashes = ("-", "--", ":")
+    return {n: {"color": colors[i % len(colors)], "ls": dashes[(i // len(colors)) % len(dashes)]}
+            for i, n in enumerate(names)}
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points no other point beats on both axes (fewer bits and lower perplexity), by bits."""
     front: list[tuple[float, float]] = []
@@ -63,13 +74,15 @@ def plot_layer_errors(rows: list[dict], out: Path) -> Path | None:
     series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         for layer in r.get("layers") or []:
-            err = layer.get("rel_output_error")
-            err = layer.get("rel_weight_error") if err is None else err
+            err, label = layer.get("rel_output_error"), r["name"]
+            if err is None:  # no calibration inputs (RTN): only the weight error is known, and said so
+                err, label = layer.get("rel_weight_error"), f"{label} (weight error)"
             if err:
-                series[layer["name"].rsplit(".", 1)[-1]][r["name"]].append((layer["block"], err))
+                series[layer["name"].rsplit(".", 1)[-1]][label].append((layer["block"], err))
     if not series:
         return None
     plt = _pyplot()
+    style = _line_styles(sorted({name for by_row in series.values() for name in by_row}))
     types = sorted(series)
     cols = min(4, len(types))
     nrows = -(-len(types) // cols)
@@ -77,7 +90,7 @@ def plot_layer_errors(rows: list[dict], out: Path) -> Path | None:
     for ax, t in zip(axes.flat, types):
         for name, pts in sorted(series[t].items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1, label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1, label=name, **style[name])
         ax.set_title(t, fontsize=9)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -99,9 +112,10 @@ def plot_block_times(rows: list[dict], out: Path) -> Path | None:
     if not sel:
         return None
     plt = _pyplot()
+    style = _line_styles([r["name"] for r in rows])
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for r in sel:
-        ax.plot(range(len(r["block_seconds"])), r["block_seconds"], marker=".", lw=1, label=r["name"])
+        ax.plot(range(len(r["block_seconds"])), r["block_seconds"], marker=".", lw=1, label=r["name"], **style[r["name"]])
     ax.set_xlabel("block")
     ax.set_ylabel("seconds")
     ax.set_title("quantization time per block")

@@ -94,7 +94,7 @@ def write_report(rows: list[dict], cfg: CompareConfig, out: Path) -> tuple[Path,
     if ratios:
         md += ["", f"Gap ratio (lowbit's best {d0} perplexity gap ÷ the best peer's, weight-only rows):", ""]
         md += [f"- W{g['w_bits']}: {g['lowbit']} {g['lowbit_gap']:+.3f} vs {g['peer']} {g['peer_gap']:+.3f} → "
-               f"{_num(g['ratio'], '.3f')}" for g in ratios]
+               f"{_num(g['ratio'], '.3g')}" for g in ratios]
     for title, p in figures:
         md += ["", f"## {title}", "", f"![{title}]({p.name})"]
     md_path = out / "report.md"
@@ -103,7 +103,7 @@ def write_report(rows: list[dict], cfg: CompareConfig, out: Path) -> tuple[Path,
     esc = html.escape
     rows_html = "\n".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body)
     ratio_html = "".join(f"<li>W{g['w_bits']}: {esc(g['lowbit'])} {g['lowbit_gap']:+.3f} vs {esc(g['peer'])} "
-                         f"{g['peer_gap']:+.3f} → {_num(g['ratio'], '.3f')}</li>" for g in ratios)
+                         f"{g['peer_gap']:+.3f} → {_num(g['ratio'], '.3g')}</li>" for g in ratios)
     figs_html = "\n".join(f"<h2>{esc(t)}</h2><img src='{p.name}' alt='{esc(t)}'>" for t, p in figures)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>lowbit compare — {esc(cfg.model)}</title>

@@ -112,7 +112,7 @@ def plot_block_times(rows: list[dict], out: Path) -> Path | None:
     if not sel:
         return None
     plt = _pyplot()
-    style = _line_styles([r["name"] for r in rows])
+    style = _line_styles([r["name"] for r in sel])
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for r in sel:
         ax.plot(range(len(r["block_seconds"])), r["block_seconds"], marker=".", lw=1, label=r["name"], **style[r["name"]])

@@ -38,12 +38,6 @@ def _sign(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
 
 
-def _row_mean_abs(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per row, mean |w| over the masked entries (0 where a row has none)."""
-    n = mask.sum(1).clamp(min=1)
-    return (w.abs() * mask).sum(1) / n
-
-
 @dataclass
 class BinaryWeight:
     signs: torch.Tensor  # (rows, cols) bool: sign of the first binarization (True = +)

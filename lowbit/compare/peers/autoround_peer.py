@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 from lowbit.compare.config import WeightScheme
+from lowbit.compare.peers import AUTOROUND_ITERS_ENV as ITERS_ENV
 from lowbit.compare.peers import PeerUnavailable, decoder_linears
 from lowbit.errors import LowbitError
 
-ITERS_ENV = "LOWBIT_AUTOROUND_ITERS"
 MAX_BATCH = 8
 
 

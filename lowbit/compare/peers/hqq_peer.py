@@ -18,20 +18,26 @@ from lowbit.compare.peers import PeerUnavailable, decoder_linears
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, tok, calib, scheme: WeightScheme, run_dir: Path, variant: str = "hqq") -> dict:
-    import hqq
+def fake_quantize(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+    """``w`` quantized and dequantized by HQQ (float32, ``w``'s shape)."""
     from hqq.core.quantize import Quantizer
 
     if scheme.bits not in Quantizer.SUPPORTED_BITS:
         raise PeerUnavailable(f"HQQ supports {Quantizer.SUPPORTED_BITS} bits, not {scheme.bits}")
+    group = scheme.group_size or w.shape[1]
+    if w.numel() % group:
+        raise PeerUnavailable(f"HQQ needs the group size to divide the weight's size ({tuple(w.shape)}, {group})")
+    codes, meta = Quantizer.quantize(w.float(), nbits=scheme.bits, channel_wise=True, group_size=group,
+                                     optimize=True, round_zero=scheme.bits == 4, axis=1, bitpack=False,
+                                     device=str(w.device))
+    meta["compute_dtype"] = torch.float32
+    return Quantizer.dequantize(codes, meta).reshape(w.shape)
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, tok, calib, scheme: WeightScheme, run_dir: Path, variant: str = "hqq") -> dict:
+    import hqq
+
     for lin in decoder_linears(model).values():
-        w = lin.weight
-        group = scheme.group_size or w.shape[1]
-        if w.numel() % group:
-            raise PeerUnavailable(f"HQQ needs the group size to divide the weight's size ({tuple(w.shape)}, {group})")
-        codes, meta = Quantizer.quantize(w.data.float(), nbits=scheme.bits, channel_wise=True, group_size=group,
-                                         optimize=True, round_zero=scheme.bits == 4, axis=1, bitpack=False,
-                                         device=str(w.device))
-        meta["compute_dtype"] = torch.float32
-        w.copy_(Quantizer.dequantize(codes, meta).to(w.dtype))
+        lin.weight.copy_(fake_quantize(lin.weight.data, scheme).to(lin.weight.dtype))
     return {"peer_version": getattr(hqq, "__version__", "?")}

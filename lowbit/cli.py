@@ -193,8 +193,11 @@ def compare_cmd(
     windows: Optional[int] = typer.Option(None, help="only the first N windows (default: full protocol)"),
     eval_seqlen: int = typer.Option(2048, help="evaluation window length"),
     kl: bool = typer.Option(True, help="KL to the full model on the first dataset"),
+    kl_windows: Optional[int] = typer.Option(None, help="KL on the first N windows only (default: as --windows)"),
     set_: list[str] = typer.Option([], "--set", help="override a key in every recipe"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
+    jobs: int = typer.Option(1, help="rows run side by side, one process each (CPU: one per core, "
+                                     "with OMP_NUM_THREADS=1)"),
 ) -> None:
     """Run recipes and peers under one calibration set and protocol; write DIR/report.md and report.html."""
     from lowbit.compare import CompareConfig, run_compare
@@ -204,12 +207,14 @@ def compare_cmd(
     cfg = CompareConfig(model=model, recipes=[r.strip() for r in recipes_.split(",") if r.strip()],
                         peers=[p.strip() for p in peers.split(",") if p.strip()], overrides=list(set_),
                         nsamples=nsamples, calib_seqlen=seqlen, seed=seed, datasets=_datasets(ppl), windows=windows,
-                        eval_seqlen=eval_seqlen, kl=kl, peer_scheme=peer_scheme, device=device).validate()
+                        eval_seqlen=eval_seqlen, kl=kl, kl_windows=kl_windows, peer_scheme=peer_scheme, device=device).validate()
     if not cfg.datasets:
         raise LowbitError("--ppl needs at least one dataset")
+    if jobs <= 0:
+        raise LowbitError(f"--jobs must be a positive integer, got {jobs}")
     check_data_available()
     try:
-        rows = run_compare(cfg, report)
+        rows = run_compare(cfg, report, jobs_at_once=jobs)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; finished rows are cached in {report}: rerun the same command to continue", err=True)
         raise typer.Exit(130)

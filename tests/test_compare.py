@@ -44,7 +44,7 @@ def _config(model: Path, **kw) -> CompareConfig:
 @pytest.fixture(scope="module")
 def compared(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    rows = run_compare(_config(tiny_dir), out, show_progress=False)
+    rows = run_compare(_config(tiny_dir), out, show_progress=False, jobs_at_once=2)  # two rows at a time
     return out, rows
 
 
@@ -146,6 +146,29 @@ def test_cache_key_follows_recipe_and_protocol():
     assert base.key({**proto, "windows": 3}) != base.key(proto)
 
 
+def test_kl_windows_is_part_of_the_protocol_only_when_set():
+    base = CompareConfig(model="m", recipes=["gptq-w4"])
+    assert "kl_windows" not in base.protocol()  # caches written before the option existed stay valid
+    capped = CompareConfig(model="m", recipes=["gptq-w4"], kl_windows=16)
+    assert capped.protocol()["kl_windows"] == 16 and capped.kl_window_count() == 16
+    assert CompareConfig(model="m", recipes=["x"], windows=8, kl_windows=16).kl_window_count() == 8
+    assert base.kl_window_count() is None
+    with pytest.raises(LowbitError, match="kl_windows must be a positive integer"):
+        CompareConfig(model="m", recipes=["x"], kl_windows=0).validate()
+
+
+def test_an_unfinished_row_resumes_only_under_its_own_key(tmp_path):
+    from lowbit.compare.runner import _resumable
+
+    run = tmp_path / "row"
+    (run / "progress").mkdir(parents=True)
+    (run / "eval").mkdir()
+    (run / "job.json").write_text(json.dumps({"key": "abc"}))
+    assert _resumable(run, "abc") and (run / "progress").exists()
+    assert not _resumable(run, "other")  # a changed recipe or protocol: its partial work is dropped
+    assert not (run / "progress").exists() and not (run / "eval").exists()
+
+
 def test_peer_cache_key_follows_its_environment_knobs(monkeypatch):
     """auto-round's iteration count comes from the environment; a row tuned for 10 iterations must
     not be reused for a run that asks for 200."""
@@ -177,7 +200,9 @@ def test_pareto_front_and_gap_ratio():
 def test_compare_cli_errors_are_one_line(tmp_path):
     env = {**os.environ}
     for args, msg in ((["--peers", "nope"], "unknown peer 'nope'"), (["--peer-scheme", "w4g0"], "weight scheme"),
-                      (["--nsamples", "0"], "nsamples must be a positive integer")):
+                      (["--nsamples", "0"], "nsamples must be a positive integer"),
+                      (["--kl-windows", "0"], "kl_windows must be a positive integer"),
+                      (["--jobs", "0"], "--jobs must be a positive integer")):
         r = subprocess.run([sys.executable, "-m", "lowbit.cli", "compare", "x", "--recipes", "rtn-w4", "--report",
                             str(tmp_path), *args], capture_output=True, text=True, timeout=120, env=env)
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

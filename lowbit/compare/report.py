@@ -72,7 +72,8 @@ def _protocol_lines(cfg: CompareConfig) -> list[str]:
             f"calibration: {cfg.nsamples} × {cfg.calib_seqlen} tokens of {cfg.calib_dataset} (seed {cfg.seed}), "
             "the same samples for every row",
             f"evaluation: {', '.join(cfg.datasets)}, {win} windows of {cfg.eval_seqlen} tokens; "
-            f"KL(full ‖ row) on {cfg.datasets[0]}" + ("" if cfg.kl else " (off)"),
+            f"KL(full ‖ row) on {cfg.datasets[0]}" + ("" if cfg.kl else " (off)")
+            + (f", first {cfg.kl_window_count()} windows" if cfg.kl and cfg.kl_window_count() != cfg.windows else ""),
             "overrides: " + (", ".join(f"`{o}`" for o in cfg.overrides) or "none")]
 
 

@@ -1,17 +1,19 @@
 """``run_compare``: every row under one calibration set and one protocol, each cached by its key.
 
 A row runs in its own process (``lowbit.compare.worker``) and leaves ``runs/<row>/result.json``;
-a rerun reuses every row whose key (recipe or peer + protocol + lowbit version) is unchanged, so
-an interrupted comparison loses at most the row that was running.
+a rerun reuses every row whose key (recipe or peer + protocol + lowbit version) is unchanged, and
+the row that was running resumes from its last finished block or evaluation window.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -49,13 +51,26 @@ def _calibration(cfg: CompareConfig, report_dir: Path) -> Path:
     return path
 
 
+def _resumable(run_dir: Path, key: str) -> bool:
+    """An unfinished run of this very row is there: keep its finished blocks and windows; else clear them."""
+    job_file = run_dir / "job.json"
+    same = job_file.exists() and json.loads(job_file.read_text()).get("key") == key
+    if not same:
+        for sub in ("progress", "eval"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+    return same and any((run_dir / sub).exists() for sub in ("progress", "eval"))
+
+
 def _run(job: Job, key: str, cfg: CompareConfig, calib: Path | None, run_dir: Path) -> dict:
     from dataclasses import asdict
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").unlink(missing_ok=True)
+    resume = _resumable(run_dir, key)
+    if resume:
+        log.info("%s: resuming an interrupted run of this row (finished blocks and windows are kept)", job.name)
     job_file = run_dir / "job.json"
-    job_file.write_text(json.dumps({"kind": job.kind, "name": job.name, "spec": job.spec, "key": key,
+    job_file.write_text(json.dumps({"kind": job.kind, "name": job.name, "spec": job.spec, "key": key, "resume": resume,
                                     "config": asdict(cfg), "calibration": str(calib) if calib else None}, indent=1))
     t0 = time.perf_counter()
     with open(run_dir / "run.log", "w") as logf:
@@ -73,8 +88,13 @@ def _run(job: Job, key: str, cfg: CompareConfig, calib: Path | None, run_dir: Pa
     return {"name": job.name, "kind": job.kind, "status": f"failed: {tail[0] if tail else proc.returncode}"[:300]}
 
 
-def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool = True) -> list[dict]:
-    """Run (or reuse) every row, then write ``report.md``, ``report.html`` and the plots."""
+def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool = True,
+                jobs_at_once: int = 1) -> list[dict]:
+    """Run (or reuse) every row, then write ``report.md``, ``report.html`` and the plots.
+
+    ``jobs_at_once``: rows run side by side (one process each) — on a CPU, one per core with
+    ``OMP_NUM_THREADS=1``; on one GPU, 1.
+    """
     from lowbit.compare.report import write_report
 
     cfg.validate()
@@ -86,22 +106,31 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
     log.setLevel(logging.INFO)
     try:
         jobs = plan_jobs(cfg)
-        protocol = cfg.protocol()
         calib = _calibration(cfg, report_dir) if any(j.needs_calibration for j in jobs) else None
-        rows = []
-        bar = tqdm(jobs, desc="compare", unit="row", disable=not show_progress)
-        for job in bar:
-            bar.set_postfix_str(job.name)
-            key = job.key(protocol)
-            run_dir = report_dir / "runs" / job.slug
-            row = _cached(run_dir, key)
+        protocol = cfg.protocol()
+        todo, cached = [], {}
+        for job in jobs:
+            row = _cached(report_dir / "runs" / job.slug, job.key(protocol))
             if row is not None:
-                log.info("%s: reusing the cached result in %s (recipe and protocol unchanged)", job.name, run_dir)
+                log.info("%s: reusing the cached result in %s (recipe and protocol unchanged)", job.name,
+                         report_dir / "runs" / job.slug)
+                cached[job.name] = row
             else:
-                log.info("%s: running; progress in %s", job.name, run_dir / "run.log")
-                row = _run(job, key, cfg, calib, run_dir)
-                log.info("%s: %s", job.name, row["status"])
-            rows.append(row)
+                todo.append(job)
+        bar = tqdm(total=len(jobs), initial=len(cached), desc="compare", unit="row", disable=not show_progress)
+
+        def run_one(job: Job) -> dict:
+            run_dir = report_dir / "runs" / job.slug
+            log.info("%s: running; progress in %s", job.name, run_dir / "run.log")
+            row = _run(job, job.key(protocol), cfg, calib, run_dir)
+            log.info("%s: %s", job.name, row["status"])
+            bar.update()
+            return row
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs_at_once)) as pool:  # each row is its own process
+            done = dict(zip([j.name for j in todo], pool.map(run_one, todo)))
+        bar.close()
+        rows = [cached.get(j.name) or done[j.name] for j in jobs]
         (report_dir / "results.json").write_text(json.dumps({"protocol": protocol, "rows": rows}, indent=1))
         write_report(rows, cfg, report_dir)
         return rows

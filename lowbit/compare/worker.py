@@ -20,14 +20,15 @@ def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path) -> dict:
+def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path, resume: bool) -> dict:
     from lowbit.api import quantize
     from lowbit.export import save
     from lowbit.recipes import Recipe
     from lowbit.rounding import effective_bits
 
     rec = Recipe.from_dict(spec)
-    _, report = quantize(model, rec, calib, show_progress=True)  # per-block progress goes to the row's run.log
+    # per-block progress goes to the row's run.log; finished blocks to progress/, kept for a rerun
+    _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=resume, show_progress=True)
     ckpt = save(model, run_dir / "checkpoint", tok, report)
     a = rec.activations
     return {
@@ -43,6 +44,7 @@ def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path) -> dict:
                     "rel_weight_error": r.rel_weight_error} for r in report.layers],
         "block_seconds": report.block_seconds,
         **({"hessian_pass": report.hessian_pass} if report.hessian_pass else {}),  # OAC's gradient pass: s, peak MB
+        **({"resumed_blocks": report.resumed_blocks} if report.resumed_blocks else {}),
     }
 
 
@@ -73,18 +75,21 @@ def run_job(job: dict, run_dir: Path) -> dict:
     calib = torch.load(job["calibration"]) if job.get("calibration") else None
     row: dict = {"name": job["name"], "kind": job["kind"], "status": "ok"}
     if job["kind"] == "recipe":
-        row.update(_quantize_recipe(model, tok, job["spec"], calib, run_dir))
+        row.update(_quantize_recipe(model, tok, job["spec"], calib, run_dir, job.get("resume", False)))
     elif job["kind"] == "peer":
         row.update(_quantize_peer(model, tok, job["spec"], calib, run_dir))
     else:
         row.update(w_bits=16, a_bits=16, kv_bits=16, effective_bits=16.0)
     t0 = time.perf_counter()
-    row["perplexity"] = {d: perplexity(model, tok, d, seqlen=cfg.eval_seqlen, windows=cfg.windows).ppl for d in cfg.datasets}
+    logs = run_dir / "eval"  # finished windows, kept for a rerun of this row (the runner clears them otherwise)
+    row["perplexity"] = {d: perplexity(model, tok, d, seqlen=cfg.eval_seqlen, windows=cfg.windows,
+                                       log=logs / f"{d}.nll.json").ppl for d in cfg.datasets}
     if cfg.kl and job["kind"] != "fp":
         ref, _ = load_model(cfg.model)
         ref.to(dev)
         d = cfg.datasets[0]
-        row["kl"] = kl_divergence(model, ref, tok, d, seqlen=cfg.eval_seqlen, windows=cfg.windows)
+        row["kl"] = kl_divergence(model, ref, tok, d, seqlen=cfg.eval_seqlen, windows=cfg.kl_window_count(),
+                                  log=logs / f"{d}.kl.json")
         row["kl_dataset"] = d
     row["eval_seconds"] = time.perf_counter() - t0
     return row

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lowbit.data import eval_windows
 from lowbit.errors import LowbitError
+from lowbit.eval.window_log import WindowLog
 
 
 @dataclass
@@ -54,29 +56,36 @@ def _eval_windows_for(model: nn.Module, tok: PreTrainedTokenizerBase, dataset: s
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, windows: torch.Tensor, desc: str = "ppl", show_progress: bool = False) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over token windows ``(n, seqlen)`` and its count."""
+def window_nll(model: nn.Module, windows: torch.Tensor, desc: str = "ppl", show_progress: bool = False,
+               log: str | Path | None = None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over token windows ``(n, seqlen)`` and its count.
+
+    ``log``: a file that keeps each finished window's sum, so that a rerun skips them.
+    """
     dev = _device(model)
-    total_nll, total_tokens = 0.0, 0
-    for i in tqdm(range(windows.shape[0]), desc=desc, unit="win", disable=not show_progress):
+    done = WindowLog(log, windows, "nll")
+    start = len(done.values)
+    for i in tqdm(range(start, windows.shape[0]), desc=desc, unit="win", disable=not show_progress,
+                  initial=start, total=windows.shape[0]):
         ids = windows[i : i + 1].to(dev)
         logits = model(ids, use_cache=False).logits[0, :-1].float()
-        total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        total_tokens += ids.shape[1] - 1
-    return total_nll, total_tokens
+        done.add(float(F.cross_entropy(logits, ids[0, 1:], reduction="sum")))
+    return float(sum(done.values)), windows.shape[0] * (windows.shape[1] - 1)
 
 
 @torch.no_grad()
-def window_kl(model: nn.Module, reference: nn.Module, windows: torch.Tensor, show_progress: bool = False) -> float:
+def window_kl(model: nn.Module, reference: nn.Module, windows: torch.Tensor, show_progress: bool = False,
+              log: str | Path | None = None) -> float:
     """Mean per-token ``KL(p_reference ‖ p_model)`` of next-token distributions, in nats."""
-    total, count = 0.0, 0
-    for i in tqdm(range(windows.shape[0]), desc="kl", unit="win", disable=not show_progress):
+    done = WindowLog(log, windows, "kl")
+    start = len(done.values)
+    for i in tqdm(range(start, windows.shape[0]), desc="kl", unit="win", disable=not show_progress,
+                  initial=start, total=windows.shape[0]):
         ids = windows[i : i + 1]
         logp_ref = F.log_softmax(reference(ids.to(_device(reference)), use_cache=False).logits[0].float(), -1)
         logp = F.log_softmax(model(ids.to(_device(model)), use_cache=False).logits[0].float(), -1).to(logp_ref.device)
-        total += float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum"))
-        count += ids.shape[1]
-    return total / count
+        done.add(float(F.kl_div(logp, logp_ref, log_target=True, reduction="sum")))
+    return float(sum(done.values)) / windows.numel()
 
 
 def perplexity(
@@ -87,9 +96,11 @@ def perplexity(
     windows: int | None = None,
     bos: str = "auto",
     show_progress: bool = True,
+    log: str | Path | None = None,
 ) -> PerplexityResult:
+    """``log``: keep finished windows in this file and skip them on a rerun (see ``WindowLog``)."""
     wins = _eval_windows_for(model, tok, dataset, seqlen, windows, bos)
-    nll, tokens = window_nll(model, wins, f"ppl {dataset}", show_progress)
+    nll, tokens = window_nll(model, wins, f"ppl {dataset}", show_progress, log)
     return PerplexityResult(dataset, math.exp(nll / tokens), nll / tokens, tokens, wins.shape[0], seqlen)
 
 
@@ -102,7 +113,8 @@ def kl_divergence(
     windows: int | None = None,
     bos: str = "auto",
     show_progress: bool = True,
+    log: str | Path | None = None,
 ) -> float:
     """KL of ``model`` to ``reference`` on the evaluation windows of ``dataset``."""
     wins = _eval_windows_for(model, tok, dataset, seqlen, windows, bos)
-    return window_kl(model, reference, wins, show_progress)
+    return window_kl(model, reference, wins, show_progress, log)

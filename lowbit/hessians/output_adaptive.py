@@ -17,9 +17,13 @@ too) and the per-sequence *mean* loss (a sum would scale every ``G_n`` by the sa
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,16 +45,45 @@ class _Accumulator:
         self.inputs = None
 
 
+def _load_state(path: Path | None, accs: dict[str, _Accumulator]) -> tuple[int, dict]:
+    """Sequences already summed by an interrupted pass (and its cost so far), if ``path`` covers ``accs``."""
+    if path is None or not path.exists():
+        return 0, {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        if not set(accs) <= set(f.keys()):
+            return 0, {}
+    sums = load_file(str(path))
+    for name, a in accs.items():
+        a.sum.copy_(sums[name])
+    return meta["done"], meta
+
+
+def _save_state(path: Path, accs: dict[str, _Accumulator], done: int, seconds: float, peak: float) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: a.sum.cpu().contiguous() for n, a in accs.items()}, str(tmp),
+              metadata={"state": json.dumps({"done": done, "seconds": seconds, "peak_memory_mb": peak})})
+    os.replace(tmp, path)
+
+
 def output_adaptive_hessians(
     model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor, *, show_progress: bool = True,
+    state: str | Path | None = None, save_every: int = 8,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """``H̄`` for every layer in ``layers`` from the sequences ``calib`` (n, seqlen); and the pass's cost.
 
     The model's parameters are left untouched (no ``.grad`` is written): gradients flow from a
-    leaf made of the input embeddings, and only activation gradients are computed.
+    leaf made of the input embeddings, and only activation gradients are computed. ``state``: a
+    file that holds the running sums every ``save_every`` sequences and at the end, so that an
+    interrupted pass (an hour for 128 sequences on a CPU) continues where it stopped; the caller
+    keeps it tied to this model and calibration set (the pipeline's progress store does).
     """
     t0 = time.perf_counter()
     accs = {name: _Accumulator(m) for name, m in layers.items()}
+    state = Path(state) if state is not None else None
+    start, prior = _load_state(state, accs)
     device = next(model.parameters()).device
     handles = []
 
@@ -66,17 +99,27 @@ def output_adaptive_hessians(
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
+    n = calib.shape[0]
+
+    def elapsed() -> float:  # over every run of this pass
+        return prior.get("seconds", 0.0) + time.perf_counter() - t0
+
+    def peak() -> float:
+        return max(prior.get("peak_memory_mb", 0.0), peak_memory_mb())
+
     try:
-        for i in tqdm(range(calib.shape[0]), desc="output-adaptive Hessians", unit="seq", disable=not show_progress):
+        for i in tqdm(range(start, n), desc="output-adaptive Hessians", unit="seq", disable=not show_progress,
+                      initial=start, total=n):
             ids = calib[i : i + 1].to(device)
             with torch.enable_grad():
                 loss = model(ids, labels=ids, use_cache=False).loss
                 loss.backward()
+            if state is not None and ((i + 1) % save_every == 0 or i + 1 == n):
+                _save_state(state, accs, i + 1, elapsed(), peak())
     finally:
         for h in handles:
             h.remove()
         for p in trainable:
             p.requires_grad_(True)
-    n = calib.shape[0]
     hessians = {name: a.sum / (n * a.d_out) for name, a in accs.items()}
-    return hessians, {"seconds": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb()}
+    return hessians, {"seconds": elapsed(), "peak_memory_mb": peak(), **({"resumed_at": start} if start else {})}

@@ -119,10 +119,14 @@ def quantize_model(
     inputs = block_kwargs = None
     done = set(store.done) if store is not None else set()
     precomputed: dict[str, torch.Tensor] = {}
+    replay_seconds = earlier_seconds = 0.0  # a resumed run reports the whole run's cost, not this part's
     if output_adaptive and len(done) < len(blocks):  # before any block is rounded: gradients of the full model
         targets = {f"{blocks_path}.{b}.{n}": m for b in range(len(blocks)) if b not in done
                    for n, m in _quantizable(blocks[b], f"{blocks_path}.{b}.", skip).items()}
-        precomputed, report.hessian_pass = output_adaptive_hessians(model, targets, calib, show_progress=show_progress)
+        t0 = time.perf_counter()
+        precomputed, report.hessian_pass = output_adaptive_hessians(
+            model, targets, calib, show_progress=show_progress, state=store.hessian_state if store else None)
+        earlier_seconds += report.hessian_pass["seconds"] - (time.perf_counter() - t0)  # an interrupted pass's part
     if needs_inputs:
         t0 = time.perf_counter()
         inputs, block_kwargs = capture_block_inputs(model, blocks, calib)
@@ -145,7 +149,9 @@ def quantize_model(
                 model.lowbit_quant[prefix + n] = qw
             report.layers += [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in layer_reports]
             report.resumed_blocks += 1
+            replayed = True
         else:
+            replayed = False
             weights = {}
             if per_block_plan:  # before the Hessians: GPTQ sees the (smoothed, quantized) inputs it will get
                 t0 = time.perf_counter()
@@ -172,12 +178,19 @@ def quantize_model(
                     qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), recipe)
                     report.layers.append(layer_report)
                     weights[n] = model.lowbit_quant[prefix + n] = qw
-            if store is not None:
-                store.save_block(b, weights, [r.__dict__ for r in report.layers if r.block == b])
         if needs_inputs and b + 1 < len(blocks):
             inputs = run_block(block, inputs, block_kwargs[b])
-        report.block_seconds.append(time.perf_counter() - t_block)
+        seconds = time.perf_counter() - t_block
+        if replayed:  # its time is the run's that quantized it, not this replay's
+            replay_seconds += seconds
+            seconds = store.block_seconds.get(str(b), 0.0)
+            earlier_seconds += seconds
+        elif store is not None:
+            store.save_block(b, weights, [r.__dict__ for r in report.layers if r.block == b], seconds, peak_memory_mb())
+        report.block_seconds.append(seconds)
         bar.set_postfix(peak_mb=f"{peak_memory_mb():.0f}")
-    report.total_seconds = time.perf_counter() - t_start
-    report.peak_memory_mb = peak_memory_mb()
+    if store is not None:
+        store.finish()
+    report.total_seconds = time.perf_counter() - t_start - replay_seconds + earlier_seconds
+    report.peak_memory_mb = max(peak_memory_mb(), store.peak_memory_mb if store is not None else 0.0)
     return report

@@ -47,6 +47,8 @@ class ProgressStore:
         self.root = Path(root)
         self.manifest = self.root / "manifest.json"
         self.done: list[int] = []
+        self.block_seconds: dict[str, float] = {}  # of the run that quantized each block
+        self.peak_memory_mb = 0.0
         if resume and self.manifest.exists():
             data = json.loads(self.manifest.read_text())
             if data["fingerprint"] != fp:
@@ -54,17 +56,32 @@ class ProgressStore:
                     f"cannot resume from {self.root}: it belongs to a different model, recipe or calibration set"
                 )
             self.done = data["done"]
+            self.block_seconds = data.get("block_seconds", {})
+            self.peak_memory_mb = data.get("peak_memory_mb", 0.0)
         elif self.root.exists():
-            for f in self.root.glob("block_*"):
-                f.unlink()
+            for pattern in ("block_*", "oac_*"):
+                for f in self.root.glob(pattern):
+                    f.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
         self.fp = fp
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        _atomic_write_text(self.manifest, json.dumps({"fingerprint": self.fp, "done": self.done}))
+        _atomic_write_text(self.manifest, json.dumps({"fingerprint": self.fp, "done": self.done,
+                                                      "block_seconds": self.block_seconds,
+                                                      "peak_memory_mb": self.peak_memory_mb}))
 
-    def save_block(self, index: int, weights: dict[str, QuantizedWeight], report: list[dict]) -> None:
+    @property
+    def hessian_state(self) -> Path:
+        """Where OAC's gradient pass keeps its running sums (see ``output_adaptive_hessians``)."""
+        return self.root / "oac_hessians.safetensors"
+
+    def finish(self) -> None:
+        """Every block is stored: the gradient pass's sums (~1 GB on SmolLM2) are no longer needed."""
+        self.hessian_state.unlink(missing_ok=True)
+
+    def save_block(self, index: int, weights: dict[str, QuantizedWeight], report: list[dict],
+                   seconds: float = 0.0, peak_memory_mb: float = 0.0) -> None:
         binary = {name: qw for name, qw in weights.items() if isinstance(qw, BinaryWeight)}
         weights = {name: qw for name, qw in weights.items() if name not in binary}
         tensors = {f"{name}.{f}": getattr(qw, f).contiguous() for name, qw in weights.items() for f in FIELDS}
@@ -90,6 +107,8 @@ class ProgressStore:
         os.replace(str(path) + ".tmp", path)
         _atomic_write_text(self.root / f"block_{index:04d}.json", json.dumps(report))
         self.done.append(index)
+        self.block_seconds[str(index)] = seconds
+        self.peak_memory_mb = max(self.peak_memory_mb, peak_memory_mb)
         self._write_manifest()
 
     def save_activation_plan(self, index: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:

@@ -98,6 +98,12 @@ def test_rerun_reuses_cache_and_a_changed_recipe_reruns(compared, tiny_dir):
     assert gptq["group_size"] == 32 and gptq["effective_bits"] > rows[2]["effective_bits"]
     assert (out / "runs" / "fp" / "result.json").stat().st_mtime_ns == mtimes[out / "runs" / "fp" / "result.json"]
     assert (out / "runs" / "gptq-w4" / "result.json").stat().st_mtime_ns != mtimes[out / "runs" / "gptq-w4" / "result.json"]
+    # only the evaluation changes: the recipe's stored blocks are evaluated again, not re-quantized
+    fewer = run_compare(_config(tiny_dir, peers=[], overrides=["weights.group_size=32"], windows=1), out,
+                        show_progress=False)
+    again_gptq = next(r for r in fewer if r["name"] == "gptq-w4")
+    assert again_gptq["resumed_blocks"] == 2 and again_gptq["layers"] == gptq["layers"]
+    assert again_gptq["perplexity"] != gptq["perplexity"]
 
 
 @needs_data
@@ -157,16 +163,33 @@ def test_kl_windows_is_part_of_the_protocol_only_when_set():
         CompareConfig(model="m", recipes=["x"], kl_windows=0).validate()
 
 
-def test_an_unfinished_row_resumes_only_under_its_own_key(tmp_path):
+def test_an_earlier_run_of_a_row_is_kept_only_where_it_still_holds(tmp_path):
     from lowbit.compare.runner import _resumable
 
     run = tmp_path / "row"
-    (run / "progress").mkdir(parents=True)
-    (run / "eval").mkdir()
-    (run / "job.json").write_text(json.dumps({"key": "abc"}))
-    assert _resumable(run, "abc") and (run / "progress").exists()
-    assert not _resumable(run, "other")  # a changed recipe or protocol: its partial work is dropped
+
+    def earlier(key: str, quant_key: str) -> None:
+        for sub in ("progress", "eval"):
+            (run / sub).mkdir(parents=True, exist_ok=True)
+        (run / "job.json").write_text(json.dumps({"key": key, "quant_key": quant_key}))
+
+    earlier("k", "q")
+    assert _resumable(run, "k", "q") and (run / "progress").exists() and (run / "eval").exists()
+    assert _resumable(run, "k2", "q")  # the evaluation changed: quantized blocks stay, windows go
+    assert (run / "progress").exists() and not (run / "eval").exists()
+    earlier("k", "q")
+    assert not _resumable(run, "k3", "q3")  # a changed recipe or calibration: its partial work is dropped
     assert not (run / "progress").exists() and not (run / "eval").exists()
+
+
+def test_rows_side_by_side_share_the_cores(monkeypatch):
+    from lowbit.compare.runner import _worker_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert _worker_env(2)["OMP_NUM_THREADS"] == "4" and "OMP_NUM_THREADS" not in _worker_env(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _worker_env(2)["OMP_NUM_THREADS"] == "3"  # the user's choice stands
 
 
 def test_peer_cache_key_follows_its_environment_knobs(monkeypatch):

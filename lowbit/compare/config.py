@@ -77,5 +77,9 @@ class CompareConfig:
             return self.windows
         return self.kl_windows if self.windows is None else min(self.kl_windows, self.windows)
 
+    def quantization_protocol(self) -> dict:
+        """What decides a row's quantized model (not its evaluation): a change elsewhere re-evaluates only."""
+        return {"model": self.model, **self.calibration()}
+
     def calibration(self) -> dict:
         return {"dataset": self.calib_dataset, "nsamples": self.nsamples, "seqlen": self.calib_seqlen, "seed": self.seed}

@@ -20,6 +20,8 @@ class Job:
     spec: dict  # the resolved recipe, or {"peer": ..., "scheme": ...}
 
     def key(self, protocol: dict) -> str:
+        """The row's cache key for ``CompareConfig.protocol()``; with ``quantization_protocol()``, the
+        key of its quantized model alone."""
         from lowbit import __version__
 
         blob = json.dumps({"kind": self.kind, "spec": self.spec, "protocol": protocol, "lowbit": __version__},

@@ -1,14 +1,17 @@
 """``run_compare``: every row under one calibration set and one protocol, each cached by its key.
 
 A row runs in its own process (``lowbit.compare.worker``) and leaves ``runs/<row>/result.json``;
-a rerun reuses every row whose key (recipe or peer + protocol + lowbit version) is unchanged, and
-the row that was running resumes from its last finished block or evaluation window.
+a rerun reuses every row whose key (recipe or peer + protocol + lowbit version) is unchanged; the
+row that was running resumes from its last finished block or evaluation window, and a change of
+the evaluation alone (windows, datasets, KL) re-evaluates a recipe's stored blocks without
+quantizing them again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -51,31 +54,43 @@ def _calibration(cfg: CompareConfig, report_dir: Path) -> Path:
     return path
 
 
-def _resumable(run_dir: Path, key: str) -> bool:
-    """An unfinished run of this very row is there: keep its finished blocks and windows; else clear them."""
+def _resumable(run_dir: Path, key: str, quant_key: str) -> bool:
+    """Keep what an earlier run of this row left that still holds: its quantized blocks while the
+    recipe and calibration are unchanged, its evaluated windows while the whole key is."""
     job_file = run_dir / "job.json"
-    same = job_file.exists() and json.loads(job_file.read_text()).get("key") == key
-    if not same:
-        for sub in ("progress", "eval"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-    return same and any((run_dir / sub).exists() for sub in ("progress", "eval"))
+    old = json.loads(job_file.read_text()) if job_file.exists() else {}
+    if old.get("quant_key") != quant_key:
+        shutil.rmtree(run_dir / "progress", ignore_errors=True)
+    if old.get("key") != key:
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)
+    return any((run_dir / sub).exists() for sub in ("progress", "eval"))
 
 
-def _run(job: Job, key: str, cfg: CompareConfig, calib: Path | None, run_dir: Path) -> dict:
+def _worker_env(jobs_at_once: int) -> dict:
+    """Rows side by side share the cores: unless the user chose, each gets its share of threads."""
+    env = dict(os.environ)
+    if jobs_at_once > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs_at_once))
+    return env
+
+
+def _run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_at_once: int = 1) -> dict:
     from dataclasses import asdict
 
+    key, quant_key = job.key(cfg.protocol()), job.key(cfg.quantization_protocol())
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").unlink(missing_ok=True)
-    resume = _resumable(run_dir, key)
+    resume = _resumable(run_dir, key, quant_key)
     if resume:
-        log.info("%s: resuming an interrupted run of this row (finished blocks and windows are kept)", job.name)
+        log.info("%s: continuing from an earlier run of this row (its finished blocks and windows are kept)", job.name)
     job_file = run_dir / "job.json"
-    job_file.write_text(json.dumps({"kind": job.kind, "name": job.name, "spec": job.spec, "key": key, "resume": resume,
-                                    "config": asdict(cfg), "calibration": str(calib) if calib else None}, indent=1))
+    job_file.write_text(json.dumps({"kind": job.kind, "name": job.name, "spec": job.spec, "key": key,
+                                    "quant_key": quant_key, "resume": resume, "config": asdict(cfg),
+                                    "calibration": str(calib) if calib else None}, indent=1))
     t0 = time.perf_counter()
     with open(run_dir / "run.log", "w") as logf:
         proc = subprocess.run([sys.executable, "-m", "lowbit.compare.worker", str(job_file)], stdout=logf,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT, env=_worker_env(jobs_at_once))
     result = run_dir / "result.json"
     if proc.returncode == 0 and result.exists():  # "ok", or "unavailable: why" for a peer that cannot run
         row = json.loads(result.read_text())
@@ -122,7 +137,7 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
         def run_one(job: Job) -> dict:
             run_dir = report_dir / "runs" / job.slug
             log.info("%s: running; progress in %s", job.name, run_dir / "run.log")
-            row = _run(job, job.key(protocol), cfg, calib, run_dir)
+            row = _run(job, cfg, calib, run_dir, jobs_at_once)
             log.info("%s: %s", job.name, row["status"])
             bar.update()
             return row

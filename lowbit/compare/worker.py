@@ -7,6 +7,8 @@ evaluates, and writes ``result.json`` next to ``JOB.json``.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lowbit.compare.config import CompareConfig, WeightScheme
+from lowbit.errors import LowbitError
 
 
 def _dir_mb(path: Path) -> float:
@@ -28,7 +31,15 @@ def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path, resume: bool)
 
     rec = Recipe.from_dict(spec)
     # per-block progress goes to the row's run.log; finished blocks to progress/, kept for a rerun
-    _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=resume, show_progress=True)
+    try:
+        _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=resume, show_progress=True)
+    except LowbitError as exc:  # the stored blocks are another run's (e.g. the data changed): start afresh
+        if not resume or "cannot resume" not in str(exc):
+            raise
+        logging.getLogger(__name__).warning("%s; quantizing from the start", exc)
+        _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=False, show_progress=True)
+    if report.resumed_blocks < len(report.block_seconds):  # a model quantized now: no earlier window is its
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)
     ckpt = save(model, run_dir / "checkpoint", tok, report)
     a = rec.activations
     return {
@@ -57,6 +68,7 @@ def _quantize_peer(model, tok, spec: dict, calib, run_dir: Path) -> dict:
     numel = sum(m.weight.numel() for m in linears)
     bits = sum(m.weight.numel() * scheme.nominal_bits(m.in_features) for m in linears) / numel
     t0 = time.perf_counter()
+    shutil.rmtree(run_dir / "eval", ignore_errors=True)  # a peer quantizes anew every time: no earlier window holds
     extra = run_peer(spec["peer"], model, tok, calib, scheme, run_dir)
     # a peer that knows its exact storage (no zeros, ragged groups) says so; else float16 scale + zero per group
     return {"w_bits": scheme.bits, "group_size": scheme.group_size, "a_bits": 16, "kv_bits": 16,
@@ -73,7 +85,7 @@ def run_job(job: dict, run_dir: Path) -> dict:
     model, tok = load_model(cfg.model)
     model.to(dev)
     calib = torch.load(job["calibration"]) if job.get("calibration") else None
-    row: dict = {"name": job["name"], "kind": job["kind"], "status": "ok"}
+    row: dict = {"name": job["name"], "kind": job["kind"], "status": "ok", "threads": torch.get_num_threads()}
     if job["kind"] == "recipe":
         row.update(_quantize_recipe(model, tok, job["spec"], calib, run_dir, job.get("resume", False)))
     elif job["kind"] == "peer":
@@ -112,7 +124,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(main(sys.argv[1:]))

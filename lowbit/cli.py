@@ -151,6 +151,10 @@ def evaluate(
     dev = _device(device)
     if datasets:
         check_data_available()
+    if task_list:
+        from lowbit.eval.harness import check_tasks
+
+        check_tasks(task_list, task_path)  # before hours of perplexity, not after
     m, tok = load_model(model)
     m.to(dev)
     result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}

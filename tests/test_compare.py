@@ -285,3 +285,14 @@ def test_harness_scores_a_local_task_with_the_models_own_loglikelihoods(tmp_path
     assert out["results"]["lowbit_local_capitals"]["acc,none"] == pytest.approx(correct / len(DOCS))
     with pytest.raises(LowbitError, match="unknown task"):
         evaluate_tasks(model, tok, ["no_such_task_xyz"], include_path=tasks)
+
+
+def test_eval_cli_checks_tasks_before_loading_the_model(tmp_path):
+    """A bad task name or folder is reported first (the model name here does not even exist)."""
+    pytest.importorskip("lm_eval")
+    for args, msg in ((["--tasks", "no_such_task_xyz", "--task-path", str(tmp_path)], "unknown task(s) no_such_task_xyz"),
+                      (["--tasks", "arc_easy", "--task-path", str(tmp_path / "missing")], "is not a directory")):
+        r = subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", "no-such-model-xyz", *args],
+                           capture_output=True, text=True, timeout=300)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and msg in errors[0], r.stderr

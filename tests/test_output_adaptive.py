@@ -40,6 +40,31 @@ def test_aggregated_hessian_equals_explicit_sum_of_gradient_products(make, calib
     assert cost["seconds"] > 0 and cost["peak_memory_mb"] > 0
 
 
+def test_per_sequence_gradient_from_hooks_equals_autograds_weight_gradient(calib_ids):
+    from lowbit.hessians.output_adaptive import sample_weight_gradient
+
+    model = tiny_llama().double()
+    layers = _layers(model)
+    seen: dict[str, list] = {n: [] for n in layers}
+
+    def keep(name: str):
+        def hook(_module, args, out):  # the layer's input now, its output gradient in the backward
+            seen[name].append(args[0].detach())
+            out.register_hook(seen[name].append)
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    ids = calib_ids[1:2]
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    for h in handles:
+        h.remove()
+    for n, m in layers.items():
+        x, grad_out = seen[n]
+        torch.testing.assert_close(sample_weight_gradient(x, grad_out), m.weight.grad, rtol=1e-10, atol=1e-14)
+
+
 def test_interrupted_pass_continues_from_its_saved_sums(calib_ids, tmp_path):
     model = tiny_llama().double()
     layers = _layers(model)

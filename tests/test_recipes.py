@@ -45,6 +45,7 @@ def test_yaml_and_toml_files(tmp_path):
     ("pipeline: {true_sequential: maybe}\n", "true_sequential must be true or false"),
     ("weights: {act_order: 1}\n", "act_order must be true or false"),
     ("- a\n- b\n", "must hold a mapping"),
+    ("hessian: {source: output_adaptive, skip_first_tokens: 1}\n", "applies to the layer-wise Hessian only"),
 ])
 def test_bad_recipes_give_one_line_errors(tmp_path, text, message):
     with pytest.raises(LowbitError, match=message) as exc:
@@ -65,3 +66,12 @@ def test_overrides_are_validated_like_files():
         recipes.apply_overrides(r, ["weights.bitz=3"])
     with pytest.raises(LowbitError, match="bits must be an integer from 2 to 8"):
         recipes.apply_overrides(r, ["weights.bits=12"])
+    with pytest.raises(LowbitError, match="cannot read the value"):
+        recipes.apply_overrides(r, ["weights.bits=["])
+
+
+def test_a_binary_file_is_not_a_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"\xff\xfe\x00weights")
+    with pytest.raises(LowbitError, match="not UTF-8"):
+        recipes.get(path)

@@ -15,6 +15,23 @@ from transformers import PreTrainedTokenizerBase
 from lowbit.errors import LowbitError
 
 
+def check_tasks(tasks: list[str], include_path: str | Path | None = None):
+    """The harness's task manager, once the harness, the task folder and every task name are known to
+    be there — so that the CLI can say what is wrong before it loads and evaluates a model."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise LowbitError("zero-shot tasks need lm-evaluation-harness: pip install 'lowbit[eval]'") from None
+    if include_path is not None and not Path(include_path).is_dir():
+        raise LowbitError(f"task path {include_path} is not a directory")
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise LowbitError(f"unknown task(s) {', '.join(unknown)} (lm-eval knows {len(manager.all_tasks)} tasks; "
+                          "local YAMLs via --task-path)")
+    return manager
+
+
 def evaluate_tasks(
     model: nn.Module,
     tok: PreTrainedTokenizerBase,
@@ -26,21 +43,12 @@ def evaluate_tasks(
     log_samples: bool = False,
 ) -> dict:
     """The harness's results dict: ``results`` (metrics per task), and ``samples`` if ``log_samples``."""
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise LowbitError("zero-shot tasks need lm-evaluation-harness: pip install 'lowbit[eval]'") from None
-    if include_path is not None and not Path(include_path).is_dir():
-        raise LowbitError(f"task path {include_path} is not a directory")
+    manager = check_tasks(tasks, include_path)
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise LowbitError(f"unknown task(s) {', '.join(unknown)} (lm-eval knows {len(manager.all_tasks)} tasks; "
-                          "local YAMLs via --task-path)")
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           log_samples=log_samples, bootstrap_iters=0)
     if out is None:

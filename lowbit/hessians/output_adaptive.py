@@ -37,12 +37,18 @@ class _Accumulator:
         self.inputs: torch.Tensor | None = None
 
     def add(self, grad_out: torch.Tensor) -> None:
-        dtype = torch.promote_types(grad_out.dtype, torch.float32)  # bf16/fp16 gradients: products in fp32
-        x = self.inputs.reshape(-1, self.inputs.shape[-1]).to(dtype)
-        d = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
-        g = d.T @ x  # ∂ℓ/∂W for this sequence, (d_out, d_in)
+        g = sample_weight_gradient(self.inputs, grad_out)
         self.sum += (g.T @ g).to(torch.float64)
         self.inputs = None
+
+
+def sample_weight_gradient(inputs: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``∂ℓ/∂W = δᵀ·X`` of one sequence (``d_out × d_in``) from a linear layer's inputs and output
+    gradient — autograd's weight gradient without ever asking autograd for it."""
+    dtype = torch.promote_types(grad_out.dtype, torch.float32)  # bf16/fp16 gradients: products in fp32
+    x = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
+    d = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+    return d.T @ x
 
 
 def _load_state(path: Path | None, accs: dict[str, _Accumulator]) -> tuple[int, dict]:

@@ -21,7 +21,10 @@ def presets() -> list[str]:
 
 def load_file(path: str | Path) -> Recipe:
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LowbitError(f"recipe file {path} is not UTF-8 text (a YAML or TOML recipe)") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
@@ -46,7 +49,10 @@ def apply_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
             if not isinstance(node.get(part), dict):
                 raise LowbitError(f"unknown recipe key '{key}' in override '{item}'")
             node = node[part]
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise LowbitError(f"override '{item}': cannot read the value {raw!r}") from None
     return Recipe.from_dict(data)
 
 

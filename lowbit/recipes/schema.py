@@ -132,6 +132,9 @@ class HessianSpec:
             raise LowbitError(f"hessian.source must be one of {', '.join(HESSIAN_SOURCES)}, got {self.source!r}")
         if isinstance(self.skip_first_tokens, bool) or not isinstance(self.skip_first_tokens, int) or self.skip_first_tokens < 0:
             raise LowbitError(f"hessian.skip_first_tokens must be a non-negative integer, got {self.skip_first_tokens!r}")
+        if self.skip_first_tokens and self.source != "layerwise":
+            raise LowbitError("hessian.skip_first_tokens applies to the layer-wise Hessian only, "
+                              f"not to hessian.source {self.source!r}")
 
 
 @dataclass

@@ -200,8 +200,7 @@ def compare_cmd(
     kl_windows: Optional[int] = typer.Option(None, help="KL on the first N windows only (default: as --windows)"),
     set_: list[str] = typer.Option([], "--set", help="override a key in every recipe"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
-    jobs: int = typer.Option(1, help="rows run side by side, one process each (CPU: one per core, "
-                                     "with OMP_NUM_THREADS=1)"),
+    jobs: int = typer.Option(1, help="rows run side by side, one process each, sharing the cores' threads"),
 ) -> None:
     """Run recipes and peers under one calibration set and protocol; write DIR/report.md and report.html."""
     from lowbit.compare import CompareConfig, run_compare

@@ -107,8 +107,8 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
                 jobs_at_once: int = 1) -> list[dict]:
     """Run (or reuse) every row, then write ``report.md``, ``report.html`` and the plots.
 
-    ``jobs_at_once``: rows run side by side (one process each) — on a CPU, one per core with
-    ``OMP_NUM_THREADS=1``; on one GPU, 1.
+    ``jobs_at_once``: rows run side by side (one process each, sharing the cores' threads); on one
+    GPU, 1.
     """
     from lowbit.compare.report import write_report
 

@@ -71,11 +71,14 @@ def quantize(model: nn.Module, tok, calib, scheme: WeightScheme, run_dir: Path,
            str(out), "--variant", kind, "--bits", str(scheme.bits), "--prefix", prefix]
     if scheme.group_size:
         cmd += ["--group-size", str(scheme.group_size)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    print(proc.stdout, flush=True)  # into the row's run.log
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:  # streamed into the row's run.log, as it comes
+            print(line, end="", flush=True)
+            if line.strip():
+                lines.append(line.strip())
     shutil.rmtree(work / "model", ignore_errors=True)
     if proc.returncode != 0:
-        lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
         errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]  # the exception, not its details
         raise RuntimeError(f"llm-compressor failed: {((errors or lines or [f'exit {proc.returncode}'])[-1])[:240]}")
     weights = load_file(str(out))

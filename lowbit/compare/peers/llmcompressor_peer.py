@@ -94,5 +94,10 @@ def quantize(model: nn.Module, tok, calib, scheme: WeightScheme, run_dir: Path,
     numel = sum(m.weight.numel() for m in linears.values())
     bits = sum(m.weight.numel() * (scheme.bits + 16 / (scheme.group_size or m.in_features))
                for m in linears.values()) / numel
-    return {"peer_version": version, "effective_bits": bits,
+    import resource
+
+    from lowbit.pipeline.report import peak_memory_mb
+
+    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # llm-compressor's own process
+    return {"peer_version": version, "effective_bits": bits, "peak_memory_mb": max(peak_memory_mb(), child_mb),
             **({"peer_python": exe} if exe != sys.executable else {})}

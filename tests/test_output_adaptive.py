@@ -134,6 +134,7 @@ def test_resumed_oac_run_reuses_the_gradient_pass_and_gives_the_same_model(calib
     report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
     assert report.resumed_blocks == 2 and not summed and report.hessian_pass["resumed_at"] == calib_ids.shape[0]
     assert report.total_seconds >= report.hessian_pass["seconds"] > 0  # the earlier run's pass is counted
+    assert report.peak_memory_mb >= report.hessian_pass["peak_memory_mb"] > 0
     assert not (tmp_path / "oac_hessians.safetensors").exists()  # dropped once every block is stored
     for name, qw in full.lowbit_quant.items():
         assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name

@@ -192,5 +192,6 @@ def quantize_model(
     if store is not None:
         store.finish()
     report.total_seconds = time.perf_counter() - t_start - replay_seconds + earlier_seconds
-    report.peak_memory_mb = max(peak_memory_mb(), store.peak_memory_mb if store is not None else 0.0)
+    report.peak_memory_mb = max(peak_memory_mb(), store.peak_memory_mb if store is not None else 0.0,
+                                report.hessian_pass.get("peak_memory_mb", 0.0))  # an earlier run's pass too
     return report

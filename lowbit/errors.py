@@ -3,3 +3,7 @@
 
 class LowbitError(Exception):
     """Bad input or an unrecoverable numerical condition, with a message that says what to do."""
+
+
+class ResumeMismatch(LowbitError):
+    """Stored progress belongs to another model, recipe or calibration set; a caller may start afresh."""

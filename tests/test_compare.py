@@ -142,6 +142,12 @@ def test_plan_rejects_bad_input(tmp_path):
         with pytest.raises(LowbitError, match="weight scheme"):
             WeightScheme.parse(bad)
     assert WeightScheme.parse("W3G128") == WeightScheme(3, 128) and str(WeightScheme.parse("w2")) == "w2"
+    # storage per weight, by hand: a 64×576 and a 64×1536 layer, 16-bit scale (+ 16-bit zero) per group
+    layers = [torch.nn.Linear(576, 64), torch.nn.Linear(1536, 64)]
+    g64 = (576 * (2 + 32 / 64) + 1536 * (2 + 32 / 64)) / (576 + 1536)
+    assert WeightScheme(2, 64).mean_bits(layers) == pytest.approx(g64, rel=1e-12)
+    per_row = (576 * (4 + 16 / 576) + 1536 * (4 + 16 / 1536)) / (576 + 1536)
+    assert WeightScheme(4, None).mean_bits(layers, zero_point=False) == pytest.approx(per_row, rel=1e-12)
     with pytest.raises(LowbitError, match="nothing to compare"):
         CompareConfig(model="x", recipes=[]).validate()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.errors import LowbitError
+from lowbit.errors import ResumeMismatch
 from lowbit.models import block_linears, find_blocks
 from lowbit.pipeline import driver, quantize_model
 from lowbit.pipeline.capture import capture_block_inputs, sequential_groups
@@ -152,6 +152,6 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, calib_ids, monkeyp
 
 def test_resume_refuses_a_different_recipe(tmp_path, calib_ids):
     quantize_model(tiny_llama(), _recipe("gptq", bits=3), calib_ids, progress_dir=tmp_path, show_progress=False)
-    with pytest.raises(LowbitError, match="different"):
+    with pytest.raises(ResumeMismatch, match="different"):
         quantize_model(tiny_llama(), _recipe("gptq", bits=4), calib_ids, progress_dir=tmp_path, resume=True,
                        show_progress=False)

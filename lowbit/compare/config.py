@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _SCHEME = re.compile(r"^w([1-8])(?:g(\d+))?$")
 
@@ -27,9 +32,14 @@ class WeightScheme:
     def __str__(self) -> str:
         return f"w{self.bits}" + (f"g{self.group_size}" if self.group_size else "")
 
-    def nominal_bits(self, in_features: int) -> float:
-        """Bits per weight with a float16 scale and a float16 zero per group (per row without groups)."""
-        return self.bits + 32 / (self.group_size or in_features)
+    def nominal_bits(self, in_features: int, zero_point: bool = True) -> float:
+        """Bits per weight with a float16 scale (and a float16 zero) per group, per row without groups."""
+        return self.bits + (32 if zero_point else 16) / (self.group_size or in_features)
+
+    def mean_bits(self, linears: Iterable[nn.Linear], zero_point: bool = True) -> float:
+        """``nominal_bits`` averaged over the layers' weights, each counted by its size."""
+        sizes = [(m.weight.numel(), self.nominal_bits(m.in_features, zero_point)) for m in linears]
+        return sum(n * b for n, b in sizes) / sum(n for n, _ in sizes)
 
 
 @dataclass

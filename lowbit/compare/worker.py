@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from lowbit.atomic import atomic_write_text
 from lowbit.compare.config import CompareConfig, WeightScheme
-from lowbit.errors import LowbitError
+from lowbit.errors import ResumeMismatch
 
 
 def _dir_mb(path: Path) -> float:
@@ -33,9 +34,7 @@ def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path, resume: bool)
     # per-block progress goes to the row's run.log; finished blocks to progress/, kept for a rerun
     try:
         _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=resume, show_progress=True)
-    except LowbitError as exc:  # the stored blocks are another run's (e.g. the data changed): start afresh
-        if not resume or "cannot resume" not in str(exc):
-            raise
+    except ResumeMismatch as exc:  # the stored blocks are another run's (e.g. the data changed): start afresh
         logging.getLogger(__name__).warning("%s; quantizing from the start", exc)
         _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=False, show_progress=True)
     if report.resumed_blocks < len(report.block_seconds):  # a model quantized now: no earlier window is its
@@ -65,8 +64,7 @@ def _quantize_peer(model, tok, spec: dict, calib, run_dir: Path) -> dict:
 
     scheme = WeightScheme.parse(spec["scheme"])
     linears = list(decoder_linears(model).values())  # before a peer swaps them
-    numel = sum(m.weight.numel() for m in linears)
-    bits = sum(m.weight.numel() * scheme.nominal_bits(m.in_features) for m in linears) / numel
+    bits = scheme.mean_bits(linears)
     t0 = time.perf_counter()
     shutil.rmtree(run_dir / "eval", ignore_errors=True)  # a peer quantizes anew every time: no earlier window holds
     extra = run_peer(spec["peer"], model, tok, calib, scheme, run_dir)
@@ -117,9 +115,7 @@ def main(argv: list[str]) -> int:
     except PeerUnavailable as exc:
         row = {"name": job["name"], "kind": job["kind"], "status": f"unavailable: {exc}"}
     row["key"] = job["key"]
-    tmp = job_path.parent / "result.json.tmp"
-    tmp.write_text(json.dumps(row, indent=1))
-    tmp.replace(job_path.parent / "result.json")  # a result is either whole or absent
+    atomic_write_text(job_path.parent / "result.json", json.dumps(row, indent=1))  # a result is whole or absent
     return 0
 
 

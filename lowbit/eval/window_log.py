@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from lowbit.atomic import atomic_write_text
 
 
 class WindowLog:
@@ -31,6 +32,4 @@ class WindowLog:
         self.values.append(value)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps({"tag": self.tag, "values": self.values}))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps({"tag": self.tag, "values": self.values}))

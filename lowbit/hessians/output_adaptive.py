@@ -18,7 +18,6 @@ too) and the per-sequence *mean* loss (a sum would scale every ``G_n`` by the sa
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.atomic import atomic_path
 from lowbit.pipeline.report import peak_memory_mb
 
 
@@ -68,10 +68,9 @@ def _load_state(path: Path | None, accs: dict[str, _Accumulator]) -> tuple[int, 
 
 
 def _save_state(path: Path, accs: dict[str, _Accumulator], done: int, seconds: float, peak: float) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({n: a.sum.cpu().contiguous() for n, a in accs.items()}, str(tmp),
-              metadata={"state": json.dumps({"done": done, "seconds": seconds, "peak_memory_mb": peak})})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({n: a.sum.cpu().contiguous() for n, a in accs.items()}, str(tmp),
+                  metadata={"state": json.dumps({"done": done, "seconds": seconds, "peak_memory_mb": peak})})
 
 
 def output_adaptive_hessians(

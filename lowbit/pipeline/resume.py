@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.errors import LowbitError
+from lowbit.atomic import atomic_path, atomic_write_text
+from lowbit.errors import ResumeMismatch
 from lowbit.rounding import QuantizedWeight
 from lowbit.transforms.incoherence import Incoherence
 from lowbit.grids.stats import ScaleStats
@@ -36,12 +36,6 @@ def fingerprint(model_source: str, recipe: dict, calib: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class ProgressStore:
     def __init__(self, root: Path, fp: str, resume: bool):
         self.root = Path(root)
@@ -52,7 +46,7 @@ class ProgressStore:
         if resume and self.manifest.exists():
             data = json.loads(self.manifest.read_text())
             if data["fingerprint"] != fp:
-                raise LowbitError(
+                raise ResumeMismatch(
                     f"cannot resume from {self.root}: it belongs to a different model, recipe or calibration set"
                 )
             self.done = data["done"]
@@ -67,9 +61,9 @@ class ProgressStore:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        _atomic_write_text(self.manifest, json.dumps({"fingerprint": self.fp, "done": self.done,
-                                                      "block_seconds": self.block_seconds,
-                                                      "peak_memory_mb": self.peak_memory_mb}))
+        atomic_write_text(self.manifest, json.dumps({"fingerprint": self.fp, "done": self.done,
+                                                     "block_seconds": self.block_seconds,
+                                                     "peak_memory_mb": self.peak_memory_mb}))
 
     @property
     def hessian_state(self) -> Path:
@@ -102,10 +96,9 @@ class ProgressStore:
                                   "stats_bits": qw.scale_stats.bits if qw.scale_stats is not None else None})
                 for name, qw in weights.items()}
         meta.update({name: json.dumps({"bits": 1, "binary_blocksize": qw.blocksize}) for name, qw in binary.items()})
-        path = self.root / f"block_{index:04d}.safetensors"
-        save_file(tensors, str(path) + ".tmp", metadata=meta)
-        os.replace(str(path) + ".tmp", path)
-        _atomic_write_text(self.root / f"block_{index:04d}.json", json.dumps(report))
+        with atomic_path(self.root / f"block_{index:04d}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        atomic_write_text(self.root / f"block_{index:04d}.json", json.dumps(report))
         self.done.append(index)
         self.block_seconds[str(index)] = seconds
         self.peak_memory_mb = max(self.peak_memory_mb, peak_memory_mb)
@@ -113,10 +106,9 @@ class ProgressStore:
 
     def save_activation_plan(self, index: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Written before the block's weights: the block counts as done only once both exist."""
-        path = self.root / f"block_{index:04d}_act.safetensors"
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(path) + ".tmp", metadata={"quantizers": json.dumps(meta)})
-        os.replace(str(path) + ".tmp", path)
+        with atomic_path(self.root / f"block_{index:04d}_act.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"quantizers": json.dumps(meta)})
 
     def load_activation_plan(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors import safe_open

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from torch import nn
 
 from lowbit.compare.config import WeightScheme
 from lowbit.compare.peers import PeerUnavailable, decoder_linears
+from lowbit.pipeline.report import peak_memory_mb
 
 PYTHON_ENV = "LOWBIT_LLMCOMPRESSOR_PYTHON"
 REQUIREMENT = "llmcompressor==0.14.0.1 transformers==5.17.0"
@@ -90,14 +92,7 @@ def quantize(model: nn.Module, tok, calib, scheme: WeightScheme, run_dir: Path,
     with safe_open(str(out), "pt") as f:
         version = f.metadata().get("llmcompressor", "?")
     out.unlink()
-    # symmetric grid: one 16-bit scale per group (per row without groups), no zero point
-    numel = sum(m.weight.numel() for m in linears.values())
-    bits = sum(m.weight.numel() * (scheme.bits + 16 / (scheme.group_size or m.in_features))
-               for m in linears.values()) / numel
-    import resource
-
-    from lowbit.pipeline.report import peak_memory_mb
-
+    bits = scheme.mean_bits(linears.values(), zero_point=False)  # symmetric grid: a 16-bit scale, no zero point
     child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # llm-compressor's own process
     return {"peer_version": version, "effective_bits": bits, "peak_memory_mb": max(peak_memory_mb(), child_mb),
             **({"peer_python": exe} if exe != sys.executable else {})}

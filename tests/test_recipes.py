@@ -46,6 +46,9 @@ def test_yaml_and_toml_files(tmp_path):
     ("weights: {act_order: 1}\n", "act_order must be true or false"),
     ("- a\n- b\n", "must hold a mapping"),
     ("hessian: {source: output_adaptive, skip_first_tokens: 1}\n", "applies to the layer-wise Hessian only"),
+    ("hessian: {source: output_adaptive, passes: 0}\n", "passes must be a positive integer"),
+    ("hessian: {source: output_adaptive, passes: true}\n", "passes must be a positive integer"),
+    ("hessian: {passes: 2}\n", "applies to the output-adaptive Hessian only"),
 ])
 def test_bad_recipes_give_one_line_errors(tmp_path, text, message):
     with pytest.raises(LowbitError, match=message) as exc:

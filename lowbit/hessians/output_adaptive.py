@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -32,13 +33,16 @@ from lowbit.pipeline.report import peak_memory_mb
 
 class _Accumulator:
     def __init__(self, layer: nn.Linear):
-        self.sum = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64, device=layer.weight.device)
+        # float32 (float64 for a float64 model): a 7B model's sums are 28 GB in float32, twice that in
+        # float64, and 128 per-sequence terms lose nothing a Hessian needs in float32
+        dtype = torch.promote_types(layer.weight.dtype, torch.float32)
+        self.sum = torch.zeros(layer.in_features, layer.in_features, dtype=dtype, device=layer.weight.device)
         self.d_out = layer.out_features
         self.inputs: torch.Tensor | None = None
 
     def add(self, grad_out: torch.Tensor) -> None:
         g = sample_weight_gradient(self.inputs, grad_out)
-        self.sum += (g.T @ g).to(torch.float64)
+        self.sum += (g.T @ g).to(self.sum.dtype)
         self.inputs = None
 
 
@@ -51,20 +55,46 @@ def sample_weight_gradient(inputs: torch.Tensor, grad_out: torch.Tensor) -> torc
     return d.T @ x
 
 
+def _state_meta(path: Path | None, names) -> dict | None:
+    """What an earlier run of this pass saved at ``path`` (sequences done, cost), if it covers ``names``."""
+    if path is None or not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["state"]) if set(names) <= set(f.keys()) else None
+
+
 def _load_state(path: Path | None, accs: dict[str, _Accumulator]) -> tuple[int, dict]:
     """Sequences already summed by an interrupted pass (and its cost so far), if ``path`` covers ``accs``."""
-    if path is None or not path.exists():
+    meta = _state_meta(path, accs)
+    if meta is None:
         return 0, {}
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["state"])
-        if not set(accs) <= set(f.keys()):
-            return 0, {}
-    sums = load_file(str(path))
-    for name, a in accs.items():
-        a.sum.copy_(sums[name])
+        for name, a in accs.items():  # one layer at a time: never a second copy of every sum
+            a.sum.copy_(f.get_tensor(name))
     return meta["done"], meta
+
+
+class StoredHessians:
+    """Finished passes' Hessians, left in their state files and read one layer at a time as the
+    rounding asks for them (``pop``), so that a split pass holds one pass's sums at most — on the
+    CPU as well as on the device."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[Path, float]] = {}  # layer → (file, divisor of its sum)
+
+    def add(self, path: Path, layers: dict[str, nn.Linear], n: int) -> None:
+        self.files.update({name: (path, float(n * m.out_features)) for name, m in layers.items()})
+
+    def pop(self, name: str) -> torch.Tensor:
+        path, divisor = self.files.pop(name)
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor(name).div_(divisor)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.files
 
 
 def _save_state(path: Path, accs: dict[str, _Accumulator], done: int, seconds: float, peak: float) -> None:
@@ -73,11 +103,61 @@ def _save_state(path: Path, accs: dict[str, _Accumulator], done: int, seconds: f
                   metadata={"state": json.dumps({"done": done, "seconds": seconds, "peak_memory_mb": peak})})
 
 
+def split_layers(layers: dict[str, nn.Linear], parts: int) -> list[dict[str, nn.Linear]]:
+    """``layers`` in order, cut into at most ``parts`` runs of about equal ``d_in²`` (sum memory)."""
+    sizes = [m.in_features**2 for m in layers.values()]
+    total, out, acc = sum(sizes), [{}], 0
+    for (name, m), size in zip(layers.items(), sizes):
+        if out[-1] and acc >= total * len(out) / parts:
+            out.append({})
+        out[-1][name] = m
+        acc += size
+    return out
+
+
 def output_adaptive_hessians(
     model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor, *, show_progress: bool = True,
-    state: str | Path | None = None, save_every: int = 8,
+    state: str | Path | None = None, save_every: int = 8, passes: int = 1,
+) -> tuple[dict[str, torch.Tensor] | StoredHessians, dict[str, float]]:
+    """``H̄`` for every layer in ``layers`` from the sequences ``calib`` (n, seqlen); and the cost.
+
+    ``passes`` > 1 trades time for memory: the layers are split into that many runs, one gradient
+    pass each, so that only one run's sums exist at a time. Finished runs stay in their ``state``
+    files (``<stem>_<pass><suffix>``) and are read back layer by layer (``StoredHessians``);
+    without ``state`` they move to the CPU. The Hessians equal one pass's: every pass runs the
+    same forward and backward.
+    """
+    if passes == 1:
+        return _one_pass(model, layers, calib, show_progress=show_progress, state=state, save_every=save_every)
+    state = Path(state) if state is not None else None
+    hessians: dict[str, torch.Tensor] | StoredHessians = StoredHessians() if state is not None else {}
+    cost = {"seconds": 0.0, "peak_memory_mb": 0.0, "passes": passes}
+    n = calib.shape[0]
+    for p, part in enumerate(split_layers(layers, passes)):
+        part_state = state.with_name(f"{state.stem}_{p}{state.suffix}") if state is not None else None
+        meta = _state_meta(part_state, part)
+        if meta is not None and meta["done"] == n:  # finished by an earlier run: nothing to load yet
+            c = {**meta, "resumed_at": n}
+        else:
+            got, c = _one_pass(model, part, calib, show_progress=show_progress, state=part_state,
+                               save_every=save_every, desc=f"output-adaptive Hessians {p + 1}/{passes}")
+            if state is None:
+                hessians.update({name: h.cpu() for name, h in got.items()})
+            del got
+        if state is not None:
+            hessians.add(part_state, part, n)
+        cost["seconds"] += c["seconds"]
+        cost["peak_memory_mb"] = max(cost["peak_memory_mb"], c["peak_memory_mb"])
+        if "resumed_at" in c:  # sequences already summed, over all passes
+            cost["resumed_at"] = cost.get("resumed_at", 0) + c["resumed_at"]
+    return hessians, cost
+
+
+def _one_pass(
+    model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor, *, show_progress: bool,
+    state: str | Path | None, save_every: int, desc: str = "output-adaptive Hessians",
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """``H̄`` for every layer in ``layers`` from the sequences ``calib`` (n, seqlen); and the pass's cost.
+    """One gradient pass over ``calib`` that sums ``GᵀG`` for ``layers``.
 
     The model's parameters are left untouched (no ``.grad`` is written): gradients flow from a
     leaf made of the input embeddings, and only activation gradients are computed. ``state``: a
@@ -113,7 +193,7 @@ def output_adaptive_hessians(
         return max(prior.get("peak_memory_mb", 0.0), peak_memory_mb())
 
     try:
-        for i in tqdm(range(start, n), desc="output-adaptive Hessians", unit="seq", disable=not show_progress,
+        for i in tqdm(range(start, n), desc=desc, unit="seq", disable=not show_progress,
                       initial=start, total=n):
             ids = calib[i : i + 1].to(device)
             with torch.enable_grad():
@@ -126,5 +206,5 @@ def output_adaptive_hessians(
             h.remove()
         for p in trainable:
             p.requires_grad_(True)
-    hessians = {name: a.sum / (n * a.d_out) for name, a in accs.items()}
+    hessians = {name: a.sum.div_(n * a.d_out) for name, a in accs.items()}  # in place: no second copy of all
     return hessians, {"seconds": elapsed(), "peak_memory_mb": peak(), **({"resumed_at": start} if start else {})}

@@ -125,7 +125,8 @@ def quantize_model(
                    for n, m in _quantizable(blocks[b], f"{blocks_path}.{b}.", skip).items()}
         t0 = time.perf_counter()
         precomputed, report.hessian_pass = output_adaptive_hessians(
-            model, targets, calib, show_progress=show_progress, state=store.hessian_state if store else None)
+            model, targets, calib, show_progress=show_progress, state=store.hessian_state if store else None,
+            passes=recipe.hessian.passes)
         earlier_seconds += report.hessian_pass["seconds"] - (time.perf_counter() - t0)  # an interrupted pass's part
     if needs_inputs:
         t0 = time.perf_counter()
@@ -169,7 +170,8 @@ def quantize_model(
             for group in groups:
                 group_layers = {n: layers[n] for n in group}
                 if output_adaptive:
-                    hessians = {n: precomputed.pop(prefix + n) for n in group}
+                    # on the CPU when the pass was split (hessian.passes): one layer's at a time on the device
+                    hessians = {n: precomputed.pop(prefix + n).to(layers[n].weight.device) for n in group}
                 elif needs_inputs and recipe.needs_hessians:
                     hessians = _collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)
                 else:

@@ -71,8 +71,9 @@ class ProgressStore:
         return self.root / "oac_hessians.safetensors"
 
     def finish(self) -> None:
-        """Every block is stored: the gradient pass's sums (~1 GB on SmolLM2) are no longer needed."""
-        self.hessian_state.unlink(missing_ok=True)
+        """Every block is stored: the gradient pass's sums (~0.5 GB on SmolLM2) are no longer needed."""
+        for f in self.root.glob("oac_*"):  # one file per gradient pass
+            f.unlink()
 
     def save_block(self, index: int, weights: dict[str, QuantizedWeight], report: list[dict],
                    seconds: float = 0.0, peak_memory_mb: float = 0.0) -> None:

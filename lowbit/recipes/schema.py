@@ -122,10 +122,13 @@ class HessianSpec:
     """Where curvature comes from: ``layerwise`` (``2·XᵀX/n`` of each layer's calibration inputs)
     or ``output_adaptive`` (OAC: Fisher of the output cross-entropy's gradients, one gradient pass
     on the full-precision model up front). ``skip_first_tokens`` (layer-wise only) drops
-    attention-sink positions."""
+    attention-sink positions. ``passes`` (output-adaptive only) splits the gradient pass into that
+    many, each summing a share of the layers, when one pass's sums would not fit the device: a
+    7B Llama's are 28 GB in float32."""
 
     source: str = "layerwise"
     skip_first_tokens: int = 0
+    passes: int = 1
 
     def validate(self) -> None:
         if self.source not in HESSIAN_SOURCES:
@@ -134,6 +137,11 @@ class HessianSpec:
             raise LowbitError(f"hessian.skip_first_tokens must be a non-negative integer, got {self.skip_first_tokens!r}")
         if self.skip_first_tokens and self.source != "layerwise":
             raise LowbitError("hessian.skip_first_tokens applies to the layer-wise Hessian only, "
+                              f"not to hessian.source {self.source!r}")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
+            raise LowbitError(f"hessian.passes must be a positive integer, got {self.passes!r}")
+        if self.passes > 1 and self.source != "output_adaptive":
+            raise LowbitError("hessian.passes applies to the output-adaptive Hessian only, "
                               f"not to hessian.source {self.source!r}")
 
 

@@ -18,6 +18,13 @@ def _ppl(x) -> str:
     return "–" if x is None else (f"{x:.3f}" if x < 1000 else f"{x:.3g}")
 
 
+def _sharing(row: dict) -> str:
+    """How a row's times were taken: its threads, and how many rows shared the cores meanwhile."""
+    if "threads" not in row:
+        return "–"
+    return f"{row['threads']} / {row.get('rows_at_once', 1)}"
+
+
 def full_model_row(rows: list[dict]) -> dict | None:
     """The unquantized model's row, if it ran: every gap is measured from it."""
     return next((r for r in rows if r["kind"] == "fp" and r.get("status") == "ok"), None)
@@ -26,8 +33,8 @@ def full_model_row(rows: list[dict]) -> dict | None:
 def table(rows: list[dict], cfg: CompareConfig) -> tuple[list[str], list[list[str]]]:
     fp = full_model_row(rows)
     d0 = cfg.datasets[0]
-    head = (["row", "kind", "weights", "act / KV", "eff. bits"] + cfg.datasets + [f"Δ {d0}", "KL", "quant s", "peak MB",
-            "ckpt MB", "status"])
+    head = (["row", "kind", "weights", "act / KV", "eff. bits"] + cfg.datasets + [f"Δ {d0}", "KL", "quant s",
+            "threads / rows at once", "peak MB", "ckpt MB", "status"])
     body = []
     for r in rows:
         ok = r.get("status") == "ok"
@@ -38,7 +45,7 @@ def table(rows: list[dict], cfg: CompareConfig) -> tuple[list[str], list[list[st
         body.append([r["name"], r["kind"], w, a, _num(r.get("effective_bits"), ".3f")]
                     + [_ppl(ppl.get(d)) for d in cfg.datasets]
                     + [_num(gap, "+.3f") if gap is not None and abs(gap) < 1000 else _ppl(gap), _num(r.get("kl"), ".4f"),
-                       _num(r.get("quant_seconds"), ".1f"), _num(r.get("peak_memory_mb"), ".0f"),
+                       _num(r.get("quant_seconds"), ".1f"), _sharing(r), _num(r.get("peak_memory_mb"), ".0f"),
                        _num(r.get("checkpoint_mb"), ".1f"), r.get("status", "?")])
     return head, body
 

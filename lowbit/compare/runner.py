@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.compare.config import CompareConfig
+from lowbit.atomic import atomic_write_text
 from lowbit.compare.jobs import Job, plan_jobs
 
 log = logging.getLogger("lowbit.compare")
@@ -95,7 +96,8 @@ def _run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_a
     if proc.returncode == 0 and result.exists():  # "ok", or "unavailable: why" for a peer that cannot run
         row = json.loads(result.read_text())
         row["wall_seconds"] = time.perf_counter() - t0
-        result.write_text(json.dumps(row, indent=1))
+        row["rows_at_once"] = jobs_at_once  # its times were taken sharing the cores with that many rows
+        atomic_write_text(result, json.dumps(row, indent=1))
         return row
     if proc.returncode in (-2, 130):
         raise KeyboardInterrupt

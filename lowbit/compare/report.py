@@ -22,7 +22,7 @@ def _sharing(row: dict) -> str:
     """How a row's times were taken: its threads, and how many rows shared the cores meanwhile."""
     if "threads" not in row:
         return "–"
-    return f"{row['threads']} / {row.get('rows_at_once', 1)}"
+    return f"{row['threads']} / {row.get('rows_at_once', '?')}"  # '?': a row cached before this was recorded
 
 
 def full_model_row(rows: list[dict]) -> dict | None:

@@ -63,7 +63,7 @@ def test_report_table_and_plots(compared):
     for r in body[:3]:
         assert r[col["status"]] == "ok"
         float(r[col["wikitext2"]]), float(r[col["c4"]])  # numbers, not placeholders
-        threads, at_once = r[col["threads / rows at once"]].split(" / ")  # how its times were taken
+        threads, at_once = r[col["threads / jobs"]].split(" / ")  # how its times were taken
         assert int(threads) >= 1 and at_once == "2"
     for r in body[1:3]:  # 4-bit codes + a float16 scale and a packed zero per row of 64 inputs
         assert float(r[col["eff. bits"]]) == pytest.approx(4 + (16 + 4) / 64, abs=0.05)

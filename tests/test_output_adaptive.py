@@ -179,15 +179,23 @@ def test_layers_split_into_contiguous_runs_of_about_equal_memory():
         assert all(sum(sizes[n] for n in run) <= share + max(sizes.values()) for run in runs)
 
 
-def test_split_passes_give_the_one_pass_hessians_on_the_cpu(calib_ids, tmp_path):
+def test_split_passes_give_the_one_pass_hessians(calib_ids):
+    import gc
+
     model = tiny_llama().double()
     layers = _layers(model)
     whole, _ = output_adaptive_hessians(model, layers, calib_ids, show_progress=False)
     got, cost = output_adaptive_hessians(model, layers, calib_ids, show_progress=False, passes=3)
     assert cost["passes"] == 3 and cost["seconds"] > 0
+    scratch = next(iter(got.files.values()))[0].parent  # no state given: a scratch directory of its own
+    assert isinstance(got, StoredHessians) and len(got) == len(layers)
     for n in layers:
-        assert got[n].device.type == "cpu"
-        torch.testing.assert_close(got[n], whole[n], rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.pop(n), whole[n], rtol=1e-12, atol=0)
+    del got
+    gc.collect()
+    assert not scratch.exists()  # removed with the object
+    with pytest.raises(ValueError, match="positive integer"):
+        output_adaptive_hessians(model, layers, calib_ids, show_progress=False, passes=0)
 
 
 def test_an_interrupted_split_pass_keeps_the_passes_it_finished(calib_ids, tmp_path):
@@ -216,14 +224,29 @@ def test_an_interrupted_split_pass_keeps_the_passes_it_finished(calib_ids, tmp_p
     assert len(got) == 0
 
 
-def test_a_split_gradient_pass_gives_the_same_quantized_model(calib_ids, tmp_path):
+def test_a_split_gradient_pass_gives_the_same_quantized_model(calib_ids, tmp_path, monkeypatch):
+    """Also after an interruption: a resumed run splits the layers as the first run did, so every
+    pass finds its file and no gradient is computed again."""
+    from conftest import interrupt_rounding_in_block
+    from lowbit.hessians import output_adaptive as oac
+
     recipe = Recipe(name="oac", weights=WeightSpec(method="gptq", bits=2, group_size=16),
                     hessian=HessianSpec(source="output_adaptive"), calibration=CalibrationSpec(nsamples=6, seqlen=32))
     one = tiny_llama(layers=3)
     quantize_model(one, recipe, calib_ids, show_progress=False)
-    recipe.hessian.passes = 2
+    recipe.hessian.passes = 3
     split = tiny_llama(layers=3)
-    report = quantize_model(split, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
-    assert report.hessian_pass["passes"] == 2 and not list(tmp_path.glob("oac_*"))  # dropped once done
+    report = quantize_model(split, recipe, calib_ids, progress_dir=tmp_path / "a", show_progress=False)
+    assert report.hessian_pass["passes"] == 3 and not list((tmp_path / "a").glob("oac_*"))  # dropped once done
+    with monkeypatch.context() as m:
+        interrupt_rounding_in_block(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(tiny_llama(layers=3), recipe, calib_ids, progress_dir=tmp_path / "b", show_progress=False)
+    summed = []
+    monkeypatch.setattr(oac._Accumulator, "add", lambda self, g: summed.append(g))  # no new gradients may come
+    resumed = tiny_llama(layers=3)
+    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path / "b", resume=True, show_progress=False)
+    assert report.resumed_blocks == 2 and not summed
     for name, qw in one.lowbit_quant.items():
         assert torch.equal(split.lowbit_quant[name].codes, qw.codes), name
+        assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name

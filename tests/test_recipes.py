@@ -2,6 +2,7 @@ import pytest
 
 from lowbit import recipes
 from lowbit.errors import LowbitError
+from lowbit.recipes import Recipe
 
 ISSUE_PRESETS = ["rtn-w4", "gptq-w4", "gptq-w4g128", "gptq-w3g128", "gptq-w2g64"]
 
@@ -78,3 +79,12 @@ def test_a_binary_file_is_not_a_recipe(tmp_path):
     path.write_bytes(b"\xff\xfe\x00weights")
     with pytest.raises(LowbitError, match="not UTF-8"):
         recipes.get(path)
+
+
+def test_hessian_passes_is_part_of_a_recipe_only_when_set():
+    """Splitting OAC's gradient pass changes no number, so at its default it is left out of the
+    recipe's dict (its resume fingerprint and compare cache key stay what they were)."""
+    r = recipes.get("oac-w2")
+    assert "passes" not in r.to_dict()["hessian"] and Recipe.from_dict(r.to_dict()) == r
+    split = recipes.apply_overrides(r, ["hessian.passes=4"])
+    assert split.to_dict()["hessian"]["passes"] == 4 and Recipe.from_dict(split.to_dict()) == split

@@ -19,10 +19,10 @@ def _ppl(x) -> str:
 
 
 def _sharing(row: dict) -> str:
-    """How a row's times were taken: its threads, and how many rows shared the cores meanwhile."""
+    """How a row's times were taken: its threads, and the ``--jobs`` (rows at once) of the run."""
     if "threads" not in row:
         return "–"
-    return f"{row['threads']} / {row.get('rows_at_once', '?')}"  # '?': a row cached before this was recorded
+    return f"{row['threads']} / {row.get('rows_at_once', '?')}"  # '?': cached before it was recorded
 
 
 def full_model_row(rows: list[dict]) -> dict | None:
@@ -34,7 +34,7 @@ def table(rows: list[dict], cfg: CompareConfig) -> tuple[list[str], list[list[st
     fp = full_model_row(rows)
     d0 = cfg.datasets[0]
     head = (["row", "kind", "weights", "act / KV", "eff. bits"] + cfg.datasets + [f"Δ {d0}", "KL", "quant s",
-            "threads / rows at once", "peak MB", "ckpt MB", "status"])
+            "threads / jobs", "peak MB", "ckpt MB", "status"])
     body = []
     for r in rows:
         ok = r.get("status") == "ok"

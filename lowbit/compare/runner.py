@@ -96,7 +96,7 @@ def _run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_a
     if proc.returncode == 0 and result.exists():  # "ok", or "unavailable: why" for a peer that cannot run
         row = json.loads(result.read_text())
         row["wall_seconds"] = time.perf_counter() - t0
-        row["rows_at_once"] = jobs_at_once  # its times were taken sharing the cores with that many rows
+        row["rows_at_once"] = jobs_at_once  # --jobs: its times were taken with up to that many rows at once
         atomic_write_text(result, json.dumps(row, indent=1))
         return row
     if proc.returncode in (-2, 130):

@@ -18,7 +18,11 @@ too) and the per-sequence *mean* loss (a sum would scale every ``G_n`` by the sa
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
+import weakref
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -77,10 +81,12 @@ def _load_state(path: Path | None, accs: dict[str, _Accumulator]) -> tuple[int, 
 class StoredHessians:
     """Finished passes' Hessians, left in their state files and read one layer at a time as the
     rounding asks for them (``pop``), so that a split pass holds one pass's sums at most — on the
-    CPU as well as on the device."""
+    CPU as well as on the device. ``scratch``: a directory of its own, removed with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: Path | None = None) -> None:
         self.files: dict[str, tuple[Path, float]] = {}  # layer → (file, divisor of its sum)
+        if scratch is not None:
+            weakref.finalize(self, shutil.rmtree, scratch, True)
 
     def add(self, path: Path, layers: dict[str, nn.Linear], n: int) -> None:
         self.files.update({name: (path, float(n * m.out_features)) for name, m in layers.items()})
@@ -117,35 +123,45 @@ def split_layers(layers: dict[str, nn.Linear], parts: int) -> list[dict[str, nn.
 
 def output_adaptive_hessians(
     model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor, *, show_progress: bool = True,
-    state: str | Path | None = None, save_every: int = 8, passes: int = 1,
+    state: str | Path | None = None, save_every: int = 8, passes: int = 1, skip: Collection[str] = (),
 ) -> tuple[dict[str, torch.Tensor] | StoredHessians, dict[str, float]]:
-    """``H̄`` for every layer in ``layers`` from the sequences ``calib`` (n, seqlen); and the cost.
+    """``H̄`` for every layer in ``layers`` but those in ``skip``, from the sequences ``calib``
+    (n, seqlen); and the cost.
 
     ``passes`` > 1 trades time for memory: the layers are split into that many runs, one gradient
     pass each, so that only one run's sums exist at a time. Finished runs stay in their ``state``
-    files (``<stem>_<pass><suffix>``) and are read back layer by layer (``StoredHessians``);
-    without ``state`` they move to the CPU. The Hessians equal one pass's: every pass runs the
-    same forward and backward.
+    files (``<stem>_<pass><suffix>``, a scratch directory without ``state``) and are read back
+    layer by layer (``StoredHessians``). The Hessians equal one pass's: every pass runs the same
+    forward and backward. ``skip`` (layers already rounded by an interrupted run) keep their place
+    in the split, so that a resumed run's passes are the first run's and find their files.
     """
-    if passes == 1:
-        return _one_pass(model, layers, calib, show_progress=show_progress, state=state, save_every=save_every)
-    state = Path(state) if state is not None else None
-    hessians: dict[str, torch.Tensor] | StoredHessians = StoredHessians() if state is not None else {}
-    cost = {"seconds": 0.0, "peak_memory_mb": 0.0, "passes": passes}
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes must be a positive integer, got {passes!r}")
+    if passes == 1 or not layers:
+        todo = {n: m for n, m in layers.items() if n not in skip}
+        if not todo:
+            return {}, {"seconds": 0.0, "peak_memory_mb": 0.0}
+        return _one_pass(model, todo, calib, show_progress=show_progress, state=state, save_every=save_every)
+    if state is None:
+        scratch = Path(tempfile.mkdtemp(prefix="lowbit-oac-"))
+        state, hessians = scratch / "oac_hessians.safetensors", StoredHessians(scratch)
+    else:
+        state, hessians = Path(state), StoredHessians()
+    parts = split_layers(layers, passes)
+    cost = {"seconds": 0.0, "peak_memory_mb": 0.0, "passes": len(parts)}
     n = calib.shape[0]
-    for p, part in enumerate(split_layers(layers, passes)):
-        part_state = state.with_name(f"{state.stem}_{p}{state.suffix}") if state is not None else None
+    for p, part in enumerate(parts):
+        part = {name: m for name, m in part.items() if name not in skip}
+        if not part:
+            continue
+        part_state = state.with_name(f"{state.stem}_{p}{state.suffix}")
         meta = _state_meta(part_state, part)
         if meta is not None and meta["done"] == n:  # finished by an earlier run: nothing to load yet
             c = {**meta, "resumed_at": n}
         else:
-            got, c = _one_pass(model, part, calib, show_progress=show_progress, state=part_state,
-                               save_every=save_every, desc=f"output-adaptive Hessians {p + 1}/{passes}")
-            if state is None:
-                hessians.update({name: h.cpu() for name, h in got.items()})
-            del got
-        if state is not None:
-            hessians.add(part_state, part, n)
+            _, c = _one_pass(model, part, calib, show_progress=show_progress, state=part_state,
+                             save_every=save_every, desc=f"output-adaptive Hessians {p + 1}/{len(parts)}")
+        hessians.add(part_state, part, n)
         cost["seconds"] += c["seconds"]
         cost["peak_memory_mb"] = max(cost["peak_memory_mb"], c["peak_memory_mb"])
         if "resumed_at" in c:  # sequences already summed, over all passes

@@ -121,12 +121,13 @@ def quantize_model(
     precomputed: dict[str, torch.Tensor] = {}
     replay_seconds = earlier_seconds = 0.0  # a resumed run reports the whole run's cost, not this part's
     if output_adaptive and len(done) < len(blocks):  # before any block is rounded: gradients of the full model
-        targets = {f"{blocks_path}.{b}.{n}": m for b in range(len(blocks)) if b not in done
-                   for n, m in _quantizable(blocks[b], f"{blocks_path}.{b}.", skip).items()}
+        every = {b: _quantizable(blocks[b], f"{blocks_path}.{b}.", skip) for b in range(len(blocks))}
+        targets = {f"{blocks_path}.{b}.{n}": m for b, ls in every.items() for n, m in ls.items()}
+        rounded = [f"{blocks_path}.{b}.{n}" for b in done for n in every[b]]  # their Hessians are not needed
         t0 = time.perf_counter()
         precomputed, report.hessian_pass = output_adaptive_hessians(
             model, targets, calib, show_progress=show_progress, state=store.hessian_state if store else None,
-            passes=recipe.hessian.passes)
+            passes=recipe.hessian.passes, skip=rounded)
         earlier_seconds += report.hessian_pass["seconds"] - (time.perf_counter() - t0)  # an interrupted pass's part
     if needs_inputs:
         t0 = time.perf_counter()

@@ -339,7 +339,10 @@ class Recipe:
         return self.weights.method in ("gptq", "ldlq", "billm") or (self.lowrank.enabled and self.lowrank.whiten)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["hessian"]["passes"] == 1:  # how the gradient pass is split changes no number: left out at its
+            del d["hessian"]["passes"]   # default, so that recipes keep the identity (resume, cache) they had
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":

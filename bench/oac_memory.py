@@ -20,24 +20,25 @@ from pathlib import Path
 
 def child(args: argparse.Namespace) -> None:
     import lowbit
-    from lowbit.hessians.output_adaptive import output_adaptive_hessians
-    from lowbit.models import block_linears, find_blocks
+    from lowbit.compare.peers import decoder_linears
+    from lowbit.hessians.output_adaptive import _one_pass, output_adaptive_hessians
 
     model, tok = lowbit.load_model(args.model)
     ids = lowbit.data.calibration("c4", tok, n=args.nsamples, seqlen=args.seqlen, seed=0)
-    path, blocks = find_blocks(model)
-    layers = {f"{path}.{b}.{n}": m for b, block in enumerate(blocks) for n, m in block_linears(block).items()}
-    if args.child == 0:
-        layers = {}
+    if not args.child:  # the floor: the pass's own forward and backward with no layer summed
+        _, cost = _one_pass(model, {}, ids, show_progress=False, state=None, save_every=8)
+        print(json.dumps({"passes": 0, "seconds": cost["seconds"], "peak_memory_mb": cost["peak_memory_mb"],
+                          "hessians_mb": 0, "dtype": "-"}))
+        return
+    layers = decoder_linears(model)
     extra = {"passes": args.child} if args.child > 1 else {}  # (older lowbit: no ``passes``)
     with tempfile.TemporaryDirectory() as tmp:  # a state file, as `lowbit quantize` keeps one
         hessians, cost = output_adaptive_hessians(model, layers, ids, show_progress=False,
                                                   state=Path(tmp) / "oac_hessians.safetensors", **extra)
-        names = list(layers)
-        first = hessians.pop(names[0]) if names else None
-    sums_mb = sum(m.in_features**2 for m in layers.values()) * (first.element_size() if names else 0) / 2**20
+        first = hessians.pop(next(iter(layers)))
+    sums_mb = sum(m.in_features**2 for m in layers.values()) * first.element_size() / 2**20
     print(json.dumps({"passes": args.child, "seconds": cost["seconds"], "peak_memory_mb": cost["peak_memory_mb"],
-                      "hessians_mb": sums_mb, "dtype": str(first.dtype) if names else "-"}))
+                      "hessians_mb": sums_mb, "dtype": str(first.dtype)}))
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.compare.config import CompareConfig
 from lowbit.atomic import atomic_write_text
+from lowbit.compare.config import CompareConfig
 from lowbit.compare.jobs import Job, plan_jobs
 
 log = logging.getLogger("lowbit.compare")

@@ -99,9 +99,6 @@ class StoredHessians:
     def __len__(self) -> int:
         return len(self.files)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.files
-
 
 def _save_state(path: Path, accs: dict[str, _Accumulator], done: int, seconds: float, peak: float) -> None:
     with atomic_path(path) as tmp:

@@ -138,8 +138,7 @@ class HessianSpec:
         if self.skip_first_tokens and self.source != "layerwise":
             raise LowbitError("hessian.skip_first_tokens applies to the layer-wise Hessian only, "
                               f"not to hessian.source {self.source!r}")
-        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1:
-            raise LowbitError(f"hessian.passes must be a positive integer, got {self.passes!r}")
+        _positive_int(self.passes, "hessian.passes")
         if self.passes > 1 and self.source != "output_adaptive":
             raise LowbitError("hessian.passes applies to the output-adaptive Hessian only, "
                               f"not to hessian.source {self.source!r}")

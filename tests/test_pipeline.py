@@ -150,6 +150,22 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, calib_ids, monkeyp
         assert torch.equal(resumed.get_submodule(name).weight, full.get_submodule(name).weight), name
 
 
+def test_a_finished_run_resumes_without_a_calibration_forward(tmp_path, calib_ids, monkeypatch):
+    """Every block stored (a run killed while evaluating): resuming loads the weights and runs no block."""
+    recipe = _recipe("gptq", bits=3, group_size=16)
+    full = tiny_llama(layers=3)
+    quantize_model(full, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
+
+    calls = []
+    monkeypatch.setattr(driver, "capture_block_inputs", lambda *a, **k: calls.append("capture"))
+    monkeypatch.setattr(driver, "run_block", lambda *a, **k: calls.append("run_block"))
+    resumed = tiny_llama(layers=3)
+    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    assert calls == [] and report.resumed_blocks == 3
+    for name, qw in full.lowbit_quant.items():
+        assert torch.equal(resumed.get_submodule(name).weight, full.get_submodule(name).weight), name
+
+
 def test_resume_refuses_a_different_recipe(tmp_path, calib_ids):
     quantize_model(tiny_llama(), _recipe("gptq", bits=3), calib_ids, progress_dir=tmp_path, show_progress=False)
     with pytest.raises(ResumeMismatch, match="different"):

@@ -129,6 +129,11 @@ def quantize_model(
             model, targets, calib, show_progress=show_progress, state=store.hessian_state if store else None,
             passes=recipe.hessian.passes, skip=rounded)
         earlier_seconds += report.hessian_pass["seconds"] - (time.perf_counter() - t0)  # an interrupted pass's part
+    # inputs are replayed only up to the last block still to round: a run resumed after every
+    # block was stored (say, killed while evaluating) loads its weights without a calibration forward
+    todo = [b for b in range(len(blocks)) if b not in done]
+    last_todo = todo[-1] if todo else -1
+    needs_inputs = needs_inputs and bool(todo)
     if needs_inputs:
         t0 = time.perf_counter()
         inputs, block_kwargs = capture_block_inputs(model, blocks, calib)
@@ -181,7 +186,7 @@ def quantize_model(
                     qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), recipe)
                     report.layers.append(layer_report)
                     weights[n] = model.lowbit_quant[prefix + n] = qw
-        if needs_inputs and b + 1 < len(blocks):
+        if needs_inputs and b < last_todo:
             inputs = run_block(block, inputs, block_kwargs[b])
         seconds = time.perf_counter() - t_block
         if replayed:  # its time is the run's that quantized it, not this replay's

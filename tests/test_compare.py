@@ -217,6 +217,20 @@ def test_peer_cache_key_follows_its_environment_knobs(monkeypatch):
     assert ten.key(proto) != default.key(proto)
     monkeypatch.setenv("LOWBIT_AUTOROUND_ITERS", "200")
     assert plan_jobs(cfg)[1].key(proto) != ten.key(proto)
+    monkeypatch.setenv("LOWBIT_AUTOROUND_ITERS", "50")  # auto-round's "light" recipe: 50 iterations at lr 5e-3
+    light = plan_jobs(cfg)[1]
+    monkeypatch.setenv("LOWBIT_AUTOROUND_LR", "5e-3")
+    assert plan_jobs(cfg)[1].key(proto) != light.key(proto)
+
+
+@pytest.mark.parametrize(("name", "raw"), [("LOWBIT_AUTOROUND_ITERS", "0"), ("LOWBIT_AUTOROUND_LR", "-1"),
+                                           ("LOWBIT_AUTOROUND_LR", "fast")])
+def test_autoround_knobs_refuse_bad_values(name, raw, monkeypatch):
+    from lowbit.compare.peers import autoround_peer
+
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(LowbitError, match=f"{name} must be a positive"):
+        autoround_peer._iters(200) if name.endswith("ITERS") else autoround_peer._lr()
 
 
 def test_pareto_front_and_gap_ratio():
@@ -331,3 +345,46 @@ def test_llmcompressor_peer_runs_in_its_own_environment(variant, tiny_dir, tmp_p
         assert (levels <= 16) == (variant != "llmcompressor-quip"), name
     with pytest.raises(RuntimeError, match="llm-compressor failed: .*divisible"):
         run_peer(variant, load_model(tiny_dir)[0], tok, calib, WeightScheme(4, 48), tmp_path / "ragged")
+
+
+def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_path, monkeypatch):
+    """Killed after its first block, the row continues at the second and ends with exactly the
+    weights of an uninterrupted run (auto-round alone would leave the first block in float)."""
+    pytest.importorskip("auto_round")
+    from auto_round.utils.resume import ResumeState
+
+    from lowbit.compare.peers import decoder_linears, run_peer
+    from lowbit.models import load_model
+
+    monkeypatch.setenv("LOWBIT_AUTOROUND_ITERS", "4")
+    tok = load_model(tiny_dir)[1]
+    calib = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+
+    extras = []
+
+    def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+        model = load_model(tiny_dir)[0]
+        extras.append(run_peer("autoround", model, tok, calib, WeightScheme(4, 32), run_dir))
+        return {n: m.weight.detach().clone() for n, m in decoder_linears(model).items()}
+
+    whole = weights(tmp_path / "whole")
+    assert extras[-1]["earlier_seconds"] == 0.0
+    mark = ResumeState.mark_block_done
+
+    def killed_after_first(self, name, *args):
+        mark(self, name, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ResumeState, "mark_block_done", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        weights(tmp_path / "killed")
+    assert (tmp_path / "killed/progress/autoround/blocks/model.layers.0.safetensors").exists()
+    tuned = []
+    monkeypatch.setattr(ResumeState, "mark_block_done", lambda self, name, *a: (tuned.append(name), mark(self, name, *a)))
+    resumed = weights(tmp_path / "killed")
+    assert tuned == ["model.layers.1"]  # the first block was not tuned again
+    assert extras[-1]["earlier_seconds"] > 0  # the killed run's first block counts in the row's time
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    assert not (tmp_path / "killed/progress/autoround").exists()  # finished: nothing left to resume

@@ -69,8 +69,9 @@ def _quantize_peer(model, tok, spec: dict, calib, run_dir: Path) -> dict:
     shutil.rmtree(run_dir / "eval", ignore_errors=True)  # a peer quantizes anew every time: no earlier window holds
     extra = run_peer(spec["peer"], model, tok, calib, scheme, run_dir)
     # a peer that knows its exact storage (no zeros, ragged groups) says so; else float16 scale + zero per group
+    seconds = time.perf_counter() - t0 + extra.pop("earlier_seconds", 0.0)  # a resumed peer: its earlier part too
     return {"w_bits": scheme.bits, "group_size": scheme.group_size, "a_bits": 16, "kv_bits": 16,
-            "effective_bits": extra.pop("effective_bits", bits), "quant_seconds": time.perf_counter() - t0,
+            "effective_bits": extra.pop("effective_bits", bits), "quant_seconds": seconds,
             "peak_memory_mb": peak_memory_mb(), **extra}
 
 

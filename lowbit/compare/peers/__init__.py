@@ -37,13 +37,14 @@ class Peer:
 
 
 AUTOROUND_ITERS_ENV = "LOWBIT_AUTOROUND_ITERS"  # auto-round's iterations per block (its default: 200)
+AUTOROUND_LR_ENV = "LOWBIT_AUTOROUND_LR"  # its learning rate (default: 1/iters)
 
 PEERS: dict[str, Peer] = {
     "hqq": Peer("lowbit.compare.peers.hqq_peer", "hqq==0.2.8.post1",
                 "HQQ: calibration-free half-quadratic optimisation of scales and zeros"),
     "autoround": Peer("lowbit.compare.peers.autoround_peer", "auto-round==0.16.1",
                       "Intel auto-round: sign-gradient tuning of rounding offsets and clipping, block by block",
-                      env=(AUTOROUND_ITERS_ENV,)),
+                      env=(AUTOROUND_ITERS_ENV, AUTOROUND_LR_ENV)),
     "llmcompressor-gptq": Peer("lowbit.compare.peers.llmcompressor_peer", "llmcompressor==0.14.0.1",
                                "llm-compressor GPTQModifier"),
     "llmcompressor-rtn": Peer("lowbit.compare.peers.llmcompressor_peer", "llmcompressor==0.14.0.1",

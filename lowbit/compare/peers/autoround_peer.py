@@ -12,7 +12,14 @@ Interpretations, and why:
   pad-token heuristic never masks real tokens out of attention; it still zeroes the mask of the last
   position, and leaves pad-id/last positions out of its loss, as it does for any data). It is never
   given a dataset name, so it downloads nothing.
-* Iterations: ``$LOWBIT_AUTOROUND_ITERS`` (default: auto-round's default, 200); reported in the row.
+* Iterations: ``$LOWBIT_AUTOROUND_ITERS`` (default: auto-round's default, 200) and learning rate
+  ``$LOWBIT_AUTOROUND_LR`` (default: auto-round's, 1/iters); both reported in the row. Its own
+  "light" recipe is 50 iterations at lr 5e-3.
+* Resume: a killed row continues at its first unfinished block. auto-round's own resume
+  (``AR_RESUME_DIR``) keeps the chain of block inputs but, for a model held in memory, not the
+  tuned weights of finished blocks (it would leave them in float); those are saved here, one file
+  per block, as it marks each block done, and put back when it resumes. All of it lives in the
+  row's ``progress`` directory, which the comparison clears when the row's settings change.
 * Precision: ``amp=False``, so tuning runs in float32. With auto-round's default ``amp=True`` it
   casts the *whole* model to bfloat16 in place (on CPU, and on GPU for a float32 model), which would also round the
   unquantized embeddings, norms and head and make the row incomparable with the others.
@@ -31,8 +38,11 @@ Interpretations, and why:
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +53,7 @@ from torch import nn
 
 from lowbit.compare.config import WeightScheme
 from lowbit.compare.peers import AUTOROUND_ITERS_ENV as ITERS_ENV
+from lowbit.compare.peers import AUTOROUND_LR_ENV as LR_ENV
 from lowbit.compare.peers import PeerUnavailable, decoder_linears
 from lowbit.errors import LowbitError
 
@@ -60,6 +71,74 @@ def _iters(default: int) -> int:
     if iters <= 0:  # iters=0 would switch auto-round to plain RTN, a different method
         raise LowbitError(f"{ITERS_ENV} must be a positive integer, got {raw!r}")
     return iters
+
+
+def _lr() -> float | None:
+    raw = os.environ.get(LR_ENV, "").strip()
+    if not raw:
+        return None  # auto-round's own default
+    try:
+        lr = float(raw)
+    except ValueError:
+        lr = 0.0
+    if not lr > 0:
+        raise LowbitError(f"{LR_ENV} must be a positive number, got {raw!r}")
+    return lr
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _resumable(model: nn.Module, state: Path) -> Iterator[dict]:
+    """auto-round's resume, with the finished blocks' weights kept (see the module docstring).
+
+    Yields ``{"earlier_seconds": s}``: the tuning time of the blocks an interrupted run finished, so
+    that a resumed row reports the whole run's time.
+    """
+    from auto_round.utils.resume import ResumeState
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.atomic import atomic_path, atomic_write_text
+
+    blocks, clock = state / "blocks", state / "seconds.json"
+    blocks.mkdir(parents=True, exist_ok=True)
+    load, mark = ResumeState._load, ResumeState.mark_block_done
+    t0, kept = time.perf_counter(), {"earlier_seconds": 0.0}
+    earlier = json.loads(clock.read_text()) if clock.exists() else {}
+
+    def load_and_restore(self) -> None:  # after auto-round has decided which blocks it will skip
+        load(self)
+        for name in self.completed_blocks:
+            model.get_submodule(name).load_state_dict(load_file(str(blocks / f"{name}.safetensors")))
+        if self.completed_blocks:
+            kept["earlier_seconds"] = earlier.get(self.completed_blocks[-1], 0.0)
+
+    def save_then_mark(self, name: str, *args) -> None:  # weights first: a block is done once both exist
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.get_submodule(name).state_dict().items()}
+        with atomic_path(blocks / f"{name}.safetensors") as tmp:
+            save_file(weights, str(tmp))
+        earlier[name] = kept["earlier_seconds"] + time.perf_counter() - t0  # the run's time up to this block
+        atomic_write_text(clock, json.dumps(earlier))
+        mark(self, name, *args)
+
+    ResumeState._load, ResumeState.mark_block_done = load_and_restore, save_then_mark
+    try:
+        with _environ(AR_RESUME_DIR=str(state / "auto-round"), AR_WORK_SPACE=str(state / "work")):
+            yield kept
+    finally:
+        ResumeState._load, ResumeState.mark_block_done = load, mark
 
 
 @contextmanager
@@ -128,7 +207,7 @@ def quantize(model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightSc
         raise PeerUnavailable(f"the adapter runs auto-round on one device, the model spans {sorted(map(str, devices))}")
     device = devices.pop()
     group = scheme.group_size or -1
-    iters = _iters(SignRoundConfig().iters)
+    iters, lr_set = _iters(SignRoundConfig().iters), _lr()
     n, seqlen = calib.shape
     bs = min(MAX_BATCH, n)
     linears = decoder_linears(model)
@@ -141,12 +220,13 @@ def quantize(model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightSc
     attrs = {m: set(vars(m)) for m in model.modules()}
     tensors = [(t, t.dtype, t.requires_grad) for t in [*model.parameters(), *model.buffers()]]
     was_training = model.training
+    state = run_dir / "progress" / "autoround"
     try:
-        with _global_state_kept():
+        with _global_state_kept(), _resumable(model, state) as resumed:
             ar = AutoRound(
                 model, tokenizer=tokenizer,
                 scheme=QuantizationScheme.from_dict({**PRESET_SCHEMES[preset].to_dict(), "group_size": group}),
-                alg_configs=SignRoundConfig(iters=iters),
+                alg_configs=SignRoundConfig(iters=iters, **({"lr": lr_set} if lr_set else {})),
                 dataset=dataset, nsamples=n, seqlen=seqlen, batch_size=bs,
                 device_map="cpu" if device.type == "cpu" else str(device),
                 enable_torch_compile=False, amp=False,
@@ -161,6 +241,7 @@ def quantize(model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightSc
             out, _ = ar.quantize()
             if out is not model:
                 raise PeerUnavailable("auto-round returned a new model instead of quantizing the given one in place")
+        shutil.rmtree(state, ignore_errors=True)  # finished: a later run of this row tunes afresh
     finally:  # put back everything but the weights
         for m, keys in attrs.items():
             for key in set(vars(m)) - keys:
@@ -186,5 +267,5 @@ def quantize(model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightSc
                for w in (lin.weight for lin in after.values()))
     return {"peer_version": auto_round.__version__, "algorithm": "SignRound", "scheme": preset, "sym": True,
             "effective_bits": bits / sum(lin.weight.numel() for lin in after.values()), "iters": iters, "lr": lr,
-            "nsamples": n, "seqlen": seqlen, "batch_size": bs,
+            "nsamples": n, "seqlen": seqlen, "batch_size": bs, "earlier_seconds": resumed["earlier_seconds"],
             "amp": False, **({"ragged_groups": ragged} if (ragged := _ragged(linears, group)) else {})}

@@ -18,7 +18,8 @@ Interpretations, and why:
 * Resume: a killed row continues at its first unfinished block. auto-round's own resume
   (``AR_RESUME_DIR``) keeps the chain of block inputs but, for a model held in memory, not the
   tuned weights of finished blocks (it would leave them in float); those are saved here, one file
-  per block, as it marks each block done, and put back when it resumes. All of it lives in the
+  per block, as it marks each block done, and put back when it resumes (auto-round's warning that
+  resuming needs ``low_cpu_mem_usage`` is about that gap). All of it lives in the
   row's ``progress`` directory, which the comparison clears when the row's settings change.
 * Precision: ``amp=False``, so tuning runs in float32. With auto-round's default ``amp=True`` it
   casts the *whole* model to bfloat16 in place (on CPU, and on GPU for a float32 model), which would also round the

@@ -204,6 +204,18 @@ def test_rows_side_by_side_share_the_cores(monkeypatch):
     assert _worker_env(2)["OMP_NUM_THREADS"] == "3"  # the user's choice stands
 
 
+def test_a_recipe_file_row_is_labelled_by_its_name_not_its_path(tmp_path):
+    import yaml
+
+    from lowbit import recipes
+
+    path = tmp_path / "deep" / "mine.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({**recipes.get("gptq-w4").to_dict(), "name": "gptq-w4-mine"}))
+    jobs = plan_jobs(CompareConfig(model="m", recipes=["rtn-w4", str(path)]))
+    assert [j.name for j in jobs] == ["fp", "rtn-w4", "gptq-w4-mine"] and jobs[2].slug == "gptq-w4-mine"
+
+
 def test_peer_cache_key_follows_its_environment_knobs(monkeypatch):
     """auto-round's iteration count comes from the environment; a row tuned for 10 iterations must
     not be reused for a run that asks for 200."""

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from lowbit.compare.config import CompareConfig, WeightScheme
 from lowbit.errors import LowbitError
@@ -53,7 +54,8 @@ def plan_jobs(cfg: CompareConfig) -> list[Job]:
         rec = recipes.apply_overrides(recipes.get(name), cfg.overrides)
         rec.calibration = dataclasses.replace(rec.calibration, **cfg.calibration())
         rec.validate()
-        jobs.append(Job("recipe", name, rec.to_dict()))
+        label = rec.name if Path(name).is_file() else name  # a recipe file's row: its own name, not its path
+        jobs.append(Job("recipe", label, rec.to_dict()))
     for text in cfg.peers:
         peer, _, scheme = text.partition("@")
         settings = check_peer(peer).settings()

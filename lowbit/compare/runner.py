@@ -131,7 +131,7 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
             if row is not None:
                 log.info("%s: reusing the cached result in %s (recipe and protocol unchanged)", job.name,
                          report_dir / "runs" / job.slug)
-                cached[job.name] = row
+                cached[job.name] = {**row, "name": job.name}  # a label is not part of what was measured
             else:
                 todo.append(job)
         bar = tqdm(total=len(jobs), initial=len(cached), desc="compare", unit="row", disable=not show_progress)

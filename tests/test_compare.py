@@ -361,17 +361,20 @@ def test_llmcompressor_peer_runs_in_its_own_environment(variant, tiny_dir, tmp_p
 
 def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_path, monkeypatch):
     """Killed after its first block, the row continues at the second and ends with exactly the
-    weights of an uninterrupted run (auto-round alone would leave the first block in float)."""
+    weights of an uninterrupted run: the first block's weights come back (auto-round alone would
+    leave them in float) and so does the random state that orders the second block's batches (two
+    batches of 8 here, so the order matters). A rerun after tuning finished reuses its weights; a
+    state that does not hold (a chain file cut short) starts afresh."""
     pytest.importorskip("auto_round")
     from auto_round.utils.resume import ResumeState
 
     from lowbit.compare.peers import decoder_linears, run_peer
     from lowbit.models import load_model
 
-    monkeypatch.setenv("LOWBIT_AUTOROUND_ITERS", "4")
+    monkeypatch.setenv("LOWBIT_AUTOROUND_ITERS", "30")
+    monkeypatch.setenv("LOWBIT_AUTOROUND_LR", "5e-3")  # its "light" learning rate: the weights move
     tok = load_model(tiny_dir)[1]
-    calib = torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
-
+    calib = torch.randint(0, len(tok), (16, 32), generator=torch.Generator().manual_seed(0))
     extras = []
 
     def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -381,6 +384,11 @@ def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_p
 
     whole = weights(tmp_path / "whole")
     assert extras[-1]["earlier_seconds"] == 0.0
+    monkeypatch.setenv("LOWBIT_AUTOROUND_ITERS", "1")
+    one_step = weights(tmp_path / "one-step")
+    assert any(not torch.equal(whole[n], one_step[n]) for n in whole if ".layers.1." in n)  # tuning moved them
+    monkeypatch.setenv("LOWBIT_AUTOROUND_ITERS", "30")
+
     mark = ResumeState.mark_block_done
 
     def killed_after_first(self, name, *args):
@@ -390,7 +398,8 @@ def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_p
     monkeypatch.setattr(ResumeState, "mark_block_done", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
         weights(tmp_path / "killed")
-    assert (tmp_path / "killed/progress/autoround/blocks/model.layers.0.safetensors").exists()
+    state = tmp_path / "killed/progress/autoround"
+    assert (state / "blocks/model.layers.0.safetensors").exists()
     tuned = []
     monkeypatch.setattr(ResumeState, "mark_block_done", lambda self, name, *a: (tuned.append(name), mark(self, name, *a)))
     resumed = weights(tmp_path / "killed")
@@ -399,4 +408,19 @@ def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_p
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
-    assert not (tmp_path / "killed/progress/autoround").exists()  # finished: nothing left to resume
+    assert not (state / "blocks").exists() and (state / "final.safetensors").exists()
+
+    again = weights(tmp_path / "killed")  # stopped while evaluating: the tuning is not redone
+    assert tuned == ["model.layers.1"] and extras[-1]["reused_tuning"]
+    assert all(torch.equal(whole[n], again[n]) for n in whole)
+
+    monkeypatch.setattr(ResumeState, "mark_block_done", killed_after_first)  # a chain file cut short
+    with pytest.raises(KeyboardInterrupt):
+        weights(tmp_path / "cut")
+    (chain,) = (tmp_path / "cut/progress/autoround/auto-round/group_0").glob("resume_input_ids_*.pt")
+    chain.write_bytes(chain.read_bytes()[:100])
+    tuned.clear()
+    monkeypatch.setattr(ResumeState, "mark_block_done", lambda self, name, *a: (tuned.append(name), mark(self, name, *a)))
+    afresh = weights(tmp_path / "cut")
+    assert tuned == ["model.layers.0", "model.layers.1"] and extras[-1]["earlier_seconds"] == 0.0
+    assert all(torch.equal(whole[n], afresh[n]) for n in whole)

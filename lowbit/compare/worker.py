@@ -66,8 +66,9 @@ def _quantize_peer(model, tok, spec: dict, calib, run_dir: Path) -> dict:
     linears = list(decoder_linears(model).values())  # before a peer swaps them
     bits = scheme.mean_bits(linears)
     t0 = time.perf_counter()
-    shutil.rmtree(run_dir / "eval", ignore_errors=True)  # a peer quantizes anew every time: no earlier window holds
     extra = run_peer(spec["peer"], model, tok, calib, scheme, run_dir)
+    if not extra.pop("reused_tuning", False):  # a peer quantized anew: no earlier window holds
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)
     # a peer that knows its exact storage (no zeros, ragged groups) says so; else float16 scale + zero per group
     seconds = time.perf_counter() - t0 + extra.pop("earlier_seconds", 0.0)  # a resumed peer: its earlier part too
     return {"w_bits": scheme.bits, "group_size": scheme.group_size, "a_bits": 16, "kv_bits": 16,

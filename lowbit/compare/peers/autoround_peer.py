@@ -15,12 +15,14 @@ Interpretations, and why:
 * Iterations: ``$LOWBIT_AUTOROUND_ITERS`` (default: auto-round's default, 200) and learning rate
   ``$LOWBIT_AUTOROUND_LR`` (default: auto-round's, 1/iters); both reported in the row. Its own
   "light" recipe is 50 iterations at lr 5e-3.
-* Resume: a killed row continues at its first unfinished block. auto-round's own resume
-  (``AR_RESUME_DIR``) keeps the chain of block inputs but, for a model held in memory, not the
-  tuned weights of finished blocks (it would leave them in float); those are saved here, one file
-  per block, as it marks each block done, and put back when it resumes (auto-round's warning that
-  resuming needs ``low_cpu_mem_usage`` is about that gap). All of it lives in the
-  row's ``progress`` directory, which the comparison clears when the row's settings change.
+* Resume: a killed row continues at its first unfinished block, to the weights an uninterrupted
+  run gives. auto-round's own resume (``AR_RESUME_DIR``) keeps the chain of block inputs but, for a
+  model held in memory, not the tuned weights of finished blocks (it would leave them in float;
+  its warning that resuming needs ``low_cpu_mem_usage`` is about that gap) nor the random state
+  that orders each block's batches; both are kept here per block (``_resumable``). Once tuning is
+  done its weights are kept, so a row stopped while evaluating is not tuned again. All of it lives
+  in the row's ``progress`` directory, which the comparison clears when the row's settings change
+  (and which is cleared here too when iterations, learning rate, scheme or calibration differ).
 * Precision: ``amp=False``, so tuning runs in float32. With auto-round's default ``amp=True`` it
   casts the *whole* model to bfloat16 in place (on CPU, and on GPU for a float32 model), which would also round the
   unquantized embeddings, norms and head and make the row incomparable with the others.
@@ -39,6 +41,7 @@ Interpretations, and why:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -101,45 +104,105 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-@contextmanager
-def _resumable(model: nn.Module, state: Path) -> Iterator[dict]:
-    """auto-round's resume, with the finished blocks' weights kept (see the module docstring).
+def _rng_states() -> dict:
+    import numpy as np
 
-    Yields ``{"earlier_seconds": s}``: the tuning time of the blocks an interrupted run finished, so
-    that a resumed row reports the whole run's time.
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_states(states: dict) -> None:
+    import numpy as np
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@contextmanager
+def _resumable(model: nn.Module, state: Path, settings: dict) -> Iterator[dict]:
+    """auto-round's resume, made to give an uninterrupted run's weights (see the module docstring).
+
+    Per finished block this keeps the block's weights and the random-number state (auto-round draws
+    each block's batch order from Python's ``random``, so a resumed block must start from the state
+    the previous block left), and gives auto-round's two chain tensors one file pair per block, so a
+    kill while it writes them leaves the previous block's pair intact. Nothing is put back until
+    auto-round has loaded its chain and so committed to resuming; a state that does not hold
+    (files missing or unreadable, every block already done, other ``settings``) starts afresh.
+    Yields ``{"earlier_seconds": s}``: the tuning time of the blocks an interrupted run finished.
     """
     from auto_round.utils.resume import ResumeState
     from safetensors.torch import load_file, save_file
 
     from lowbit.atomic import atomic_path, atomic_write_text
 
+    meta = state / "settings.json"
+    if meta.exists() and json.loads(meta.read_text()) != settings:
+        shutil.rmtree(state)
     blocks, clock = state / "blocks", state / "seconds.json"
     blocks.mkdir(parents=True, exist_ok=True)
-    load, mark = ResumeState._load, ResumeState.mark_block_done
+    atomic_write_text(meta, json.dumps(settings))
+    load, mark, load_ids = ResumeState._load, ResumeState.mark_block_done, ResumeState.load_input_ids
     t0, kept = time.perf_counter(), {"earlier_seconds": 0.0}
     earlier = json.loads(clock.read_text()) if clock.exists() else {}
 
-    def load_and_restore(self) -> None:  # after auto-round has decided which blocks it will skip
-        load(self)
-        for name in self.completed_blocks:
-            model.get_submodule(name).load_state_dict(load_file(str(blocks / f"{name}.safetensors")))
-        if self.completed_blocks:
-            kept["earlier_seconds"] = earlier.get(self.completed_blocks[-1], 0.0)
+    def ours(name: str) -> tuple[Path, Path]:
+        return blocks / f"{name}.safetensors", blocks / f"{name}.rng.pt"
 
-    def save_then_mark(self, name: str, *args) -> None:  # weights first: a block is done once both exist
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.get_submodule(name).state_dict().items()}
-        with atomic_path(blocks / f"{name}.safetensors") as tmp:
-            save_file(weights, str(tmp))
+    def chain_files(rs: ResumeState, index: int) -> None:
+        rs.q_input_path = rs.dir / f"resume_q_input_{index:04d}.pt"
+        rs.input_ids_path = rs.dir / f"resume_input_ids_{index:04d}.pt"
+
+    def load_checked(self) -> None:
+        load(self)
+        done = self.completed_blocks
+        if not done:
+            return
+        chain_files(self, len(done) - 1)
+        ok = len(done) < len(self.block_names) and all(p.exists() for n in done for p in ours(n))
+        try:
+            ok = ok and torch.load(self.input_ids_path, map_location="cpu") is not None
+            if ok and self.q_input_path.exists():
+                torch.load(self.q_input_path, map_location="cpu")
+        except Exception:  # noqa: BLE001 - an unreadable chain file means: start afresh
+            ok = False
+        if not ok:
+            self.completed_blocks = []
+
+    def restore_when_resuming(self):  # auto-round resumes once this returns its chain tensor
+        ids = load_ids(self)
+        if ids is not None and self.completed_blocks:
+            for name in self.completed_blocks:
+                model.get_submodule(name).load_state_dict(load_file(str(ours(name)[0])))
+            last = self.completed_blocks[-1]
+            _set_rng_states(torch.load(ours(last)[1], weights_only=False))
+            kept["earlier_seconds"] = earlier.get(last, 0.0)
+        return ids
+
+    def save_then_mark(self, name: str, *args) -> None:  # ours first: a block is done once the manifest says so
+        weights, rng = ours(name)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.get_submodule(name).state_dict().items()},
+                      str(tmp))
+        with atomic_path(rng) as tmp:
+            torch.save(_rng_states(), tmp)
         earlier[name] = kept["earlier_seconds"] + time.perf_counter() - t0  # the run's time up to this block
         atomic_write_text(clock, json.dumps(earlier))
+        previous = (self.q_input_path, self.input_ids_path)
+        chain_files(self, len(self.completed_blocks))
         mark(self, name, *args)
+        for p in previous:
+            Path(p).unlink(missing_ok=True)
 
-    ResumeState._load, ResumeState.mark_block_done = load_and_restore, save_then_mark
+    ResumeState._load, ResumeState.mark_block_done = load_checked, save_then_mark
+    ResumeState.load_input_ids = restore_when_resuming
     try:
         with _environ(AR_RESUME_DIR=str(state / "auto-round"), AR_WORK_SPACE=str(state / "work")):
             yield kept
     finally:
-        ResumeState._load, ResumeState.mark_block_done = load, mark
+        ResumeState._load, ResumeState.mark_block_done, ResumeState.load_input_ids = load, mark, load_ids
 
 
 @contextmanager
@@ -218,12 +281,21 @@ def quantize(model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightSc
     # auto-round requires a tokenizer for a loaded model; it only reads its pad token from it here
     tokenizer = tok if tok is not None else SimpleNamespace(pad_token=None, pad_token_id=None)
 
+    state, t0 = run_dir / "progress" / "autoround", time.perf_counter()
+    settings = {"auto_round": auto_round.__version__, "scheme": str(scheme), "iters": iters, "lr": lr_set,
+                "calibration": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
+    final = _finished(state, settings)
+    if final is not None:  # tuned by an earlier run of this row (stopped while evaluating): its weights
+        weights, extra = final
+        for name, lin in linears.items():
+            lin.weight.data.copy_(weights[name])
+        return {**extra, "reused_tuning": True}
+
     attrs = {m: set(vars(m)) for m in model.modules()}
     tensors = [(t, t.dtype, t.requires_grad) for t in [*model.parameters(), *model.buffers()]]
     was_training = model.training
-    state = run_dir / "progress" / "autoround"
     try:
-        with _global_state_kept(), _resumable(model, state) as resumed:
+        with _global_state_kept(), _resumable(model, state, settings) as resumed:
             ar = AutoRound(
                 model, tokenizer=tokenizer,
                 scheme=QuantizationScheme.from_dict({**PRESET_SCHEMES[preset].to_dict(), "group_size": group}),
@@ -242,7 +314,6 @@ def quantize(model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightSc
             out, _ = ar.quantize()
             if out is not model:
                 raise PeerUnavailable("auto-round returned a new model instead of quantizing the given one in place")
-        shutil.rmtree(state, ignore_errors=True)  # finished: a later run of this row tunes afresh
     finally:  # put back everything but the weights
         for m, keys in attrs.items():
             for key in set(vars(m)) - keys:
@@ -266,7 +337,34 @@ def quantize(model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightSc
     # stored bits: the codes and one float16 scale per group (symmetric: no zero), ragged last groups counted
     bits = sum(w.numel() * scheme.bits + w.shape[0] * -(-w.shape[1] // (scheme.group_size or w.shape[1])) * 16
                for w in (lin.weight for lin in after.values()))
-    return {"peer_version": auto_round.__version__, "algorithm": "SignRound", "scheme": preset, "sym": True,
-            "effective_bits": bits / sum(lin.weight.numel() for lin in after.values()), "iters": iters, "lr": lr,
-            "nsamples": n, "seqlen": seqlen, "batch_size": bs, "earlier_seconds": resumed["earlier_seconds"],
-            "amp": False, **({"ragged_groups": ragged} if (ragged := _ragged(linears, group)) else {})}
+    extra = {"peer_version": auto_round.__version__, "algorithm": "SignRound", "scheme": preset, "sym": True,
+             "effective_bits": bits / sum(lin.weight.numel() for lin in after.values()), "iters": iters, "lr": lr,
+             "nsamples": n, "seqlen": seqlen, "batch_size": bs, "earlier_seconds": resumed["earlier_seconds"],
+             "amp": False, **({"ragged_groups": ragged} if (ragged := _ragged(linears, group)) else {})}
+    _keep_finished(state, after, {**extra, "earlier_seconds": resumed["earlier_seconds"] + time.perf_counter() - t0})
+    return extra
+
+
+def _finished(state: Path, settings: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The tuned weights and row fields an earlier run of these ``settings`` kept, if any."""
+    from safetensors.torch import load_file
+
+    meta, weights, extra = state / "settings.json", state / "final.safetensors", state / "final.json"
+    if not (weights.exists() and extra.exists() and meta.exists()) or json.loads(meta.read_text()) != settings:
+        return None
+    return load_file(str(weights)), json.loads(extra.read_text())
+
+
+def _keep_finished(state: Path, linears: dict[str, nn.Linear], extra: dict) -> None:
+    """Tuning is done: keep its result for a rerun of the row (the evaluation can take hours on a
+    CPU), and drop what only resuming the tuning needed."""
+    from safetensors.torch import save_file
+
+    from lowbit.atomic import atomic_path, atomic_write_text
+
+    with atomic_path(state / "final.safetensors") as tmp:
+        save_file({n: lin.weight.detach().cpu().contiguous() for n, lin in linears.items()}, str(tmp))
+    atomic_write_text(state / "final.json", json.dumps(extra))  # written last: the pair is complete
+    for sub in ("blocks", "auto-round", "work"):
+        shutil.rmtree(state / sub, ignore_errors=True)
+    (state / "seconds.json").unlink(missing_ok=True)

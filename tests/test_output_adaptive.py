@@ -139,6 +139,11 @@ def test_resumed_oac_run_reuses_the_gradient_pass_and_gives_the_same_model(calib
     for name, qw in full.lowbit_quant.items():
         assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name
 
+    again = quantize_model(tiny_llama(layers=3), recipe, calib_ids, progress_dir=tmp_path, resume=True,
+                           show_progress=False)  # every block stored (killed while evaluating)
+    assert again.resumed_blocks == 3 and again.hessian_pass == report.hessian_pass  # the pass is still reported
+    assert again.total_seconds >= again.hessian_pass["seconds"]
+
 
 def test_bfloat16_gradients_give_the_float32_hessian_to_bf16_precision(calib_ids):
     """A model run in bf16 (as on a GPU) back-propagates bf16 gradients; the products and the sum

@@ -154,7 +154,7 @@ def test_a_finished_run_resumes_without_a_calibration_forward(tmp_path, calib_id
     """Every block stored (a run killed while evaluating): resuming loads the weights and runs no block."""
     recipe = _recipe("gptq", bits=3, group_size=16)
     full = tiny_llama(layers=3)
-    quantize_model(full, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
+    first = quantize_model(full, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
 
     calls = []
     monkeypatch.setattr(driver, "capture_block_inputs", lambda *a, **k: calls.append("capture"))
@@ -162,6 +162,8 @@ def test_a_finished_run_resumes_without_a_calibration_forward(tmp_path, calib_id
     resumed = tiny_llama(layers=3)
     report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
     assert calls == [] and report.resumed_blocks == 3
+    assert report.capture_seconds == first.capture_seconds > 0  # the first run's costs are still reported
+    assert report.total_seconds >= sum(report.block_seconds) + report.capture_seconds
     for name, qw in full.lowbit_quant.items():
         assert torch.equal(resumed.get_submodule(name).weight, full.get_submodule(name).weight), name
 

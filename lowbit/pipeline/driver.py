@@ -129,6 +129,11 @@ def quantize_model(
             model, targets, calib, show_progress=show_progress, state=store.hessian_state if store else None,
             passes=recipe.hessian.passes, skip=rounded)
         earlier_seconds += report.hessian_pass["seconds"] - (time.perf_counter() - t0)  # an interrupted pass's part
+        if store is not None:
+            store.save_costs(hessian_pass=report.hessian_pass)
+    elif output_adaptive and store is not None and "hessian_pass" in store.costs:  # every block stored
+        report.hessian_pass = dict(store.costs["hessian_pass"])
+        earlier_seconds += report.hessian_pass["seconds"]
     # inputs are replayed only up to the last block still to round: a run resumed after every
     # block was stored (say, killed while evaluating) loads its weights without a calibration forward
     todo = [b for b in range(len(blocks)) if b not in done]
@@ -138,6 +143,11 @@ def quantize_model(
         t0 = time.perf_counter()
         inputs, block_kwargs = capture_block_inputs(model, blocks, calib)
         report.capture_seconds = time.perf_counter() - t0
+        if store is not None:
+            store.save_costs(capture_seconds=report.capture_seconds)
+    elif store is not None and not todo and "capture_seconds" in store.costs:  # every block stored: not replayed
+        report.capture_seconds = store.costs["capture_seconds"]
+        earlier_seconds += report.capture_seconds
 
     bar = tqdm(range(len(blocks)), desc=f"quantize {recipe.name}", unit="block", disable=not show_progress)
     for b in bar:

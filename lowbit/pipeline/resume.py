@@ -43,6 +43,7 @@ class ProgressStore:
         self.done: list[int] = []
         self.block_seconds: dict[str, float] = {}  # of the run that quantized each block
         self.peak_memory_mb = 0.0
+        self.costs: dict = {}  # the run's costs outside the blocks (calibration capture, OAC's pass)
         if resume and self.manifest.exists():
             data = json.loads(self.manifest.read_text())
             if data["fingerprint"] != fp:
@@ -52,6 +53,7 @@ class ProgressStore:
             self.done = data["done"]
             self.block_seconds = data.get("block_seconds", {})
             self.peak_memory_mb = data.get("peak_memory_mb", 0.0)
+            self.costs = data.get("costs", {})
         elif self.root.exists():
             for pattern in ("block_*", "oac_*"):
                 for f in self.root.glob(pattern):
@@ -63,7 +65,13 @@ class ProgressStore:
     def _write_manifest(self) -> None:
         atomic_write_text(self.manifest, json.dumps({"fingerprint": self.fp, "done": self.done,
                                                      "block_seconds": self.block_seconds,
-                                                     "peak_memory_mb": self.peak_memory_mb}))
+                                                     "peak_memory_mb": self.peak_memory_mb,
+                                                     "costs": self.costs}))
+
+    def save_costs(self, **costs) -> None:
+        """Kept so that a run resumed with every block stored, which repeats neither, still reports them."""
+        self.costs.update(costs)
+        self._write_manifest()
 
     @property
     def hessian_state(self) -> Path:

@@ -69,8 +69,8 @@ def _quantize_peer(model, tok, spec: dict, calib, run_dir: Path) -> dict:
     extra = run_peer(spec["peer"], model, tok, calib, scheme, run_dir)
     if not extra.pop("reused_tuning", False):  # a peer quantized anew: no earlier window holds
         shutil.rmtree(run_dir / "eval", ignore_errors=True)
-    # a peer that knows its exact storage (no zeros, ragged groups) says so; else float16 scale + zero per group
     seconds = time.perf_counter() - t0 + extra.pop("earlier_seconds", 0.0)  # a resumed peer: its earlier part too
+    # a peer that knows its exact storage (no zeros, ragged groups) says so; else float16 scale + zero per group
     return {"w_bits": scheme.bits, "group_size": scheme.group_size, "a_bits": 16, "kv_bits": 16,
             "effective_bits": extra.pop("effective_bits", bits), "quant_seconds": seconds,
             "peak_memory_mb": peak_memory_mb(), **extra}

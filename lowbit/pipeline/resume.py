@@ -2,8 +2,8 @@
 
 Only each finished block's quantized weights are stored (not activations): on resume the
 calibration inputs are replayed through the finished blocks, which costs a forward pass and
-reproduces the uninterrupted run's inputs exactly (none when every block is stored). A fingerprint of the model, recipe and
-calibration tokens guards against resuming a different run.
+reproduces the uninterrupted run's inputs exactly (none when every block is stored). A
+fingerprint of the model, recipe and calibration tokens guards against resuming a different run.
 """
 
 from __future__ import annotations

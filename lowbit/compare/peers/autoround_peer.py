@@ -64,30 +64,35 @@ from lowbit.errors import LowbitError
 MAX_BATCH = 8
 
 
-def _iters(default: int) -> int:
-    raw = os.environ.get(ITERS_ENV, "").strip()
+def _positive_env(name: str, parse: type, what: str) -> int | float | None:
+    """A positive number from the environment, or None when unset (auto-round's default then)."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return default
+        return None
     try:
-        iters = int(raw)
+        value = parse(raw)
     except ValueError:
-        iters = 0
-    if iters <= 0:  # iters=0 would switch auto-round to plain RTN, a different method
-        raise LowbitError(f"{ITERS_ENV} must be a positive integer, got {raw!r}")
-    return iters
+        value = 0
+    if not value > 0:
+        raise LowbitError(f"{name} must be a positive {what}, got {raw!r}")
+    return value
+
+
+def _iters(default: int) -> int:
+    iters = _positive_env(ITERS_ENV, int, "integer")  # iters=0 would switch auto-round to plain RTN
+    return default if iters is None else iters
 
 
 def _lr() -> float | None:
-    raw = os.environ.get(LR_ENV, "").strip()
-    if not raw:
-        return None  # auto-round's own default
-    try:
-        lr = float(raw)
-    except ValueError:
-        lr = 0.0
-    if not lr > 0:
-        raise LowbitError(f"{LR_ENV} must be a positive number, got {raw!r}")
-    return lr
+    return _positive_env(LR_ENV, float, "number")
+
+
+def _restore_environ(old: dict[str, str | None]) -> None:
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @contextmanager
@@ -97,11 +102,7 @@ def _environ(**values: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_environ(old)
 
 
 def _rng_states() -> dict:
@@ -208,31 +209,21 @@ def _resumable(model: nn.Module, state: Path, settings: dict) -> Iterator[dict]:
 @contextmanager
 def _global_state_kept() -> Iterator[None]:
     """Undo what auto-round changes process-wide (it seeds every RNG and sets print options)."""
-    import numpy as np
-
     print_opts = {k: getattr(torch._tensor_str.PRINT_OPTS, k)
                   for k in ("precision", "threshold", "edgeitems", "linewidth", "sci_mode")}
-    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    rng = _rng_states()
     threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
     determ = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    env = {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
     try:
         yield
     finally:
         torch.set_printoptions(**print_opts)
-        random.setstate(rng[0])
-        np.random.set_state(rng[1])
-        torch.set_rng_state(rng[2])
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        _set_rng_states(rng)
         torch.set_num_threads(threads)
         torch.set_grad_enabled(grad)
         torch.use_deterministic_algorithms(determ[0], warn_only=determ[1])
-        if cublas is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        else:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+        _restore_environ(env)
 
 
 def _ragged(linears: dict[str, nn.Linear], group: int) -> str | None:

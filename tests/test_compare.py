@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import lowbit.recipes
 from lowbit.compare import CompareConfig, WeightScheme, run_compare
 from lowbit.compare.jobs import plan_jobs
 from lowbit.compare.plots import pareto_front
@@ -138,6 +140,10 @@ def test_plan_rejects_bad_input(tmp_path):
         plan_jobs(CompareConfig(model="x", recipes=[], peers=["gptqmodel"]))
     with pytest.raises(LowbitError, match="rows named twice: rtn-w4"):
         plan_jobs(CompareConfig(model="x", recipes=["rtn-w4", "rtn-w4"]))
+    own = tmp_path / "mine.yaml"  # a recipe file labelled by its `name:`, clashing with a preset
+    own.write_text((Path(lowbit.recipes.__file__).parent / "presets" / "rtn-w4.yaml").read_text())
+    with pytest.raises(LowbitError, match=rf"rows named twice: rtn-w4 \(from rtn-w4, {re.escape(str(own))}\)"):
+        plan_jobs(CompareConfig(model="x", recipes=["rtn-w4", str(own)]))
     with pytest.raises(LowbitError, match="unknown recipe"):
         plan_jobs(CompareConfig(model="x", recipes=["gptq-w9"]))
     for bad in ("w4g0", "4g128", "w9", "w4g-1"):

@@ -49,21 +49,23 @@ def plan_jobs(cfg: CompareConfig) -> list[Job]:
     from lowbit import recipes
     from lowbit.compare.peers import check_peer
 
-    jobs = [Job(FP, FP, {})]
+    jobs, given = [Job(FP, FP, {})], {FP: ["the full model"]}
     for name in cfg.recipes:
         rec = recipes.apply_overrides(recipes.get(name), cfg.overrides)
         rec.calibration = dataclasses.replace(rec.calibration, **cfg.calibration())
         rec.validate()
         label = rec.name if Path(name).is_file() else name  # a recipe file's row: its own name, not its path
         jobs.append(Job("recipe", label, rec.to_dict()))
+        given.setdefault(label, []).append(name)
     for text in cfg.peers:
         peer, _, scheme = text.partition("@")
         settings = check_peer(peer).settings()
         scheme = str(WeightScheme.parse(scheme or cfg.peer_scheme))
         spec = {"peer": peer, "scheme": scheme, **({"env": settings} if settings else {})}
         jobs.append(Job("peer", f"{peer}@{scheme}", spec))
-    names = [j.name for j in jobs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+        given.setdefault(jobs[-1].name, []).append(text)
+    dupes = [f"{label} (from {', '.join(sources)})" for label, sources in given.items() if len(sources) > 1]
     if dupes:
-        raise LowbitError(f"rows named twice: {', '.join(dupes)}")
+        raise LowbitError(f"rows named twice: {'; '.join(dupes)}; a recipe file's row takes the file's `name:`, "
+                          "so give one of them another name")
     return jobs

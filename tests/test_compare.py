@@ -4,6 +4,7 @@ SmolLM2's real tokenizer (so the real WikiText-2 / C4 protocol runs, at 64-token
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -365,7 +366,7 @@ def test_llmcompressor_peer_runs_in_its_own_environment(variant, tiny_dir, tmp_p
         run_peer(variant, load_model(tiny_dir)[0], tok, calib, WeightScheme(4, 48), tmp_path / "ragged")
 
 
-def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_path, monkeypatch):
+def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_path, monkeypatch, caplog):
     """Killed after its first block, the row continues at the second and ends with exactly the
     weights of an uninterrupted run: the first block's weights come back (auto-round alone would
     leave them in float) and so does the random state that orders the second block's batches (two
@@ -406,10 +407,20 @@ def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_p
         weights(tmp_path / "killed")
     state = tmp_path / "killed/progress/autoround"
     assert (state / "blocks/model.layers.0.safetensors").exists()
-    tuned = []
+    tuned, heard = [], []
     monkeypatch.setattr(ResumeState, "mark_block_done", lambda self, name, *a: (tuned.append(name), mark(self, name, *a)))
-    resumed = weights(tmp_path / "killed")
+    listener = logging.Handler()
+    listener.emit = lambda record: heard.append(record.getMessage())
+    logging.getLogger("autoround").addHandler(listener)  # auto-round's logger does not propagate
+    try:
+        with caplog.at_level(logging.INFO, logger="lowbit.compare.peers.autoround_peer"):
+            resumed = weights(tmp_path / "killed")
+    finally:
+        logging.getLogger("autoround").removeHandler(listener)
     assert tuned == ["model.layers.1"]  # the first block was not tuned again
+    assert any("resuming after 1/2" in m for m in heard)  # auto-round's own resume line stays
+    assert not any("have meta/empty weights" in m for m in heard)  # its warning that would be untrue here
+    assert "restored the tuned weights and random state of 1 finished block(s)" in caplog.text
     assert extras[-1]["earlier_seconds"] > 0  # the killed run's first block counts in the row's time
     assert whole.keys() == resumed.keys()
     for name in whole:

@@ -18,7 +18,8 @@ Interpretations, and why:
 * Resume: a killed row continues at its first unfinished block, to the weights an uninterrupted
   run gives. auto-round's own resume (``AR_RESUME_DIR``) keeps the chain of block inputs but, for a
   model held in memory, not the tuned weights of finished blocks (it would leave them in float;
-  its warning that resuming needs ``low_cpu_mem_usage`` is about that gap) nor the random state
+  its warning that resuming needs ``low_cpu_mem_usage`` is about that gap, and is dropped from the
+  row's log because here the gap is filled) nor the random state
   that orders each block's batches; both are kept here per block (``_resumable``). Once tuning is
   done its weights are kept, so a row stopped while evaluating is not tuned again. All of it lives
   in the row's ``progress`` directory, which the comparison clears when the row's settings change
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -62,6 +64,15 @@ from lowbit.compare.peers import PeerUnavailable, decoder_linears
 from lowbit.errors import LowbitError
 
 MAX_BATCH = 8
+log = logging.getLogger(__name__)
+
+
+class _NoMetaWeightsWarning(logging.Filter):
+    """Drops auto-round's warning that a resumed in-memory model has empty weights: ``_resumable``
+    puts them back, so in a lowbit row that warning is untrue."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "AR_RESUME_DIR is set but neither" not in record.getMessage()
 
 
 def _positive_env(name: str, parse: type, what: str) -> int | float | None:
@@ -180,6 +191,8 @@ def _resumable(model: nn.Module, state: Path, settings: dict) -> Iterator[dict]:
             last = self.completed_blocks[-1]
             _set_rng_states(torch.load(ours(last)[1], weights_only=False))
             kept["earlier_seconds"] = earlier.get(last, 0.0)
+            log.info("restored the tuned weights and random state of %d finished block(s) from %s",
+                     len(self.completed_blocks), blocks)
         return ids
 
     def save_then_mark(self, name: str, *args) -> None:  # ours first: a block is done once the manifest says so
@@ -199,11 +212,14 @@ def _resumable(model: nn.Module, state: Path, settings: dict) -> Iterator[dict]:
 
     ResumeState._load, ResumeState.mark_block_done = load_checked, save_then_mark
     ResumeState.load_input_ids = restore_when_resuming
+    untrue = _NoMetaWeightsWarning()
+    logging.getLogger("autoround").addFilter(untrue)
     try:
         with _environ(AR_RESUME_DIR=str(state / "auto-round"), AR_WORK_SPACE=str(state / "work")):
             yield kept
     finally:
         ResumeState._load, ResumeState.mark_block_done, ResumeState.load_input_ids = load, mark, load_ids
+        logging.getLogger("autoround").removeFilter(untrue)
 
 
 @contextmanager

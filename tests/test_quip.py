@@ -151,6 +151,26 @@ def test_greedy_passes_never_increase_the_loss_and_help():
     assert proxy_loss(refined.dequantize() - wd, hd) <= proxy_loss(ldlq.dequantize() - wd, hd) + 1e-9
 
 
+def test_blocked_greedy_pass_equals_updating_every_column_each_time():
+    """The lazily updated gradient gives the codes of the textbook coordinate descent (float64,
+    blocks of 8 over 64 columns, visited in a random order, two passes)."""
+    w, h = _problem(seed=6, spiky=True)
+    grid = UniformGrid(2, group_size=16)
+    hd, wd = condition_hessian(h, w, 0.01)
+    start = rtn_quantize(wd, grid)
+    order = torch.randperm(wd.shape[1], generator=torch.Generator().manual_seed(0))
+    what, codes = start.dequantize().double(), start.codes.clone()
+    s, z = start.scale.double()[:, start.g_idx.long()], start.zero.double()[:, start.g_idx.long()]
+    for _ in range(2):
+        for k in order.tolist():
+            grad = ((what - wd) @ hd)[:, k]  # recomputed from scratch: no bookkeeping to get wrong
+            codes[:, k] = grid.quantize(what[:, k] - grad / hd[k, k], s[:, k], z[:, k]).to(codes.dtype)
+            what[:, k] = grid.dequantize(codes[:, k], s[:, k], z[:, k])
+    refined = greedy_refine(wd, hd, start, grid, passes=2, order=order, dtype=torch.float64, block=8)
+    assert torch.equal(refined.codes, codes)
+    assert not torch.equal(start.codes, codes)  # the passes did change codes
+
+
 def test_rms_grid_levels_are_midrise_and_scaled_by_rms():
     w = torch.randn(8, 64, dtype=torch.float64)
     grid = RMSGrid(2, rms_mult=2.4)

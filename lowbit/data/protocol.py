@@ -18,14 +18,12 @@ import random
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lowbit.data.sources import c4_documents, wikitext2_test_rows
+from lowbit.data.sources import DATASETS, SAMPLING, c4_documents, wikitext2_test_rows
 from lowbit.errors import LowbitError
 
-DATASETS = ("wikitext2", "c4")
 C4_EVAL_DOCS = 1100
 C4_EVAL_WINDOWS = 256
 BOS_PER_WINDOW_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
-SAMPLING = ("documents", "concat")
 
 
 def bos_per_window(tok: PreTrainedTokenizerBase, model_type: str | None, bos: str = "auto") -> bool:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError
 
+DATASETS = ("wikitext2", "c4")
+SAMPLING = ("documents", "concat")  # how calibration windows are cut (see ``protocol.calibration``)
 C4_FILES = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",

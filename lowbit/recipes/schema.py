@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from lowbit.data.protocol import DATASETS, SAMPLING
+from lowbit.data.sources import DATASETS, SAMPLING
 from lowbit.errors import LowbitError
 
 METHODS = ("none", "rtn", "gptq", "ldlq", "billm")  # none: weights stay in float (activation-only ablations)

@@ -7,7 +7,7 @@
     lowbit.save(qmodel, "runs/gptq-w4", tok, report)
 """
 
-import importlib
+import importlib as _importlib
 
 from lowbit.errors import LowbitError
 
@@ -25,7 +25,7 @@ def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
     module, attr = _LAZY[name]
-    value = importlib.import_module(module)
+    value = _importlib.import_module(module)
     return value if attr is None else getattr(value, attr)
 
 

@@ -139,11 +139,12 @@ def test_inspect_reads_the_saved_checkpoint(compared):
 def test_plan_rejects_bad_input(tmp_path):
     with pytest.raises(LowbitError, match="unknown peer 'gptqmodel'"):
         plan_jobs(CompareConfig(model="x", recipes=[], peers=["gptqmodel"]))
-    with pytest.raises(LowbitError, match="rows named twice: rtn-w4"):
+    with pytest.raises(LowbitError, match=r"rows named twice: rtn-w4 \(from rtn-w4, rtn-w4\)$"):
         plan_jobs(CompareConfig(model="x", recipes=["rtn-w4", "rtn-w4"]))
     own = tmp_path / "mine.yaml"  # a recipe file labelled by its `name:`, clashing with a preset
     own.write_text((Path(lowbit.recipes.__file__).parent / "presets" / "rtn-w4.yaml").read_text())
-    with pytest.raises(LowbitError, match=rf"rows named twice: rtn-w4 \(from rtn-w4, {re.escape(str(own))}\)"):
+    with pytest.raises(LowbitError, match=rf"rows named twice: rtn-w4 \(from rtn-w4, {re.escape(str(own))}\); "
+                                          "a recipe file's row takes the file's `name:`"):
         plan_jobs(CompareConfig(model="x", recipes=["rtn-w4", str(own)]))
     with pytest.raises(LowbitError, match="unknown recipe"):
         plan_jobs(CompareConfig(model="x", recipes=["gptq-w9"]))

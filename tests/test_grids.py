@@ -96,6 +96,6 @@ def test_clip_search_in_row_chunks_equals_all_at_once(monkeypatch):
     w = torch.randn(37, 50, generator=torch.Generator().manual_seed(5))
     grid = UniformGrid(2, clip_search=True)
     whole = grid.fit(w)
-    monkeypatch.setattr(uniform, "CLIP_CHUNK_ELEMENTS", 80 * 50 * 3)  # 3 rows at a time
+    monkeypatch.setitem(uniform.CLIP_CHUNK_ELEMENTS, "cpu", 80 * 50 * 3)  # 3 rows at a time
     chunked = grid.fit(w)
     assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.zero, chunked.zero)

@@ -153,7 +153,8 @@ def test_greedy_passes_never_increase_the_loss_and_help():
 
 def test_blocked_greedy_pass_equals_updating_every_column_each_time():
     """The lazily updated gradient gives the codes of the textbook coordinate descent (float64,
-    blocks of 8 over 64 columns, visited in a random order, two passes)."""
+    blocks of 7 over 96 columns, so the last block is short, visited in a random order, two
+    passes); the default float32 path and block size give the same codes here too."""
     w, h = _problem(seed=6, spiky=True)
     grid = UniformGrid(2, group_size=16)
     hd, wd = condition_hessian(h, w, 0.01)
@@ -166,9 +167,23 @@ def test_blocked_greedy_pass_equals_updating_every_column_each_time():
             grad = ((what - wd) @ hd)[:, k]  # recomputed from scratch: no bookkeeping to get wrong
             codes[:, k] = grid.quantize(what[:, k] - grad / hd[k, k], s[:, k], z[:, k]).to(codes.dtype)
             what[:, k] = grid.dequantize(codes[:, k], s[:, k], z[:, k])
-    refined = greedy_refine(wd, hd, start, grid, passes=2, order=order, dtype=torch.float64, block=8)
+    assert wd.shape[1] % 7
+    refined = greedy_refine(wd, hd, start, grid, passes=2, order=order, dtype=torch.float64, block=7)
     assert torch.equal(refined.codes, codes)
+    assert torch.equal(greedy_refine(wd, hd, start, grid, passes=2, order=order).codes, codes)
     assert not torch.equal(start.codes, codes)  # the passes did change codes
+
+
+def test_greedy_pass_keeps_quantized_group_scales():
+    """A recipe may combine SpQR-style quantized scales (``stats_bits``) with greedy passes: the
+    pass changes codes only, so the scales' own codes must survive it (they set the storage)."""
+    w, h = _problem(seed=7)
+    grid = UniformGrid(2, group_size=16)
+    qw = gptq_quantize(w, h, grid, stats_bits=3)
+    hd, wd = condition_hessian(h, w, 0.01)
+    refined = greedy_refine(wd, hd, qw, grid, passes=1)
+    assert qw.scale_stats is not None and refined.scale_stats is qw.scale_stats
+    assert refined.storage_bits() == qw.storage_bits() and not torch.equal(refined.codes, qw.codes)
 
 
 def test_rms_grid_levels_are_midrise_and_scaled_by_rms():

@@ -64,8 +64,10 @@ def plan_jobs(cfg: CompareConfig) -> list[Job]:
         spec = {"peer": peer, "scheme": scheme, **({"env": settings} if settings else {})}
         jobs.append(Job("peer", f"{peer}@{scheme}", spec))
         given.setdefault(jobs[-1].name, []).append(text)
-    dupes = [f"{label} (from {', '.join(sources)})" for label, sources in given.items() if len(sources) > 1]
-    if dupes:
-        raise LowbitError(f"rows named twice: {'; '.join(dupes)}; a recipe file's row takes the file's `name:`, "
-                          "so give one of them another name")
+    clashes = {label: sources for label, sources in given.items() if len(sources) > 1}
+    if clashes:
+        files = any(Path(s).is_file() for sources in clashes.values() for s in sources)
+        hint = "; a recipe file's row takes the file's `name:`, so give one of them another name" if files else ""
+        raise LowbitError("rows named twice: " + "; ".join(f"{label} (from {', '.join(sources)})"
+                                                           for label, sources in clashes.items()) + hint)
     return jobs

@@ -11,3 +11,7 @@ def __getattr__(name: str):  # the protocol needs torch and a tokenizer: loaded 
 
         return getattr(protocol, name)
     raise AttributeError(f"module 'lowbit.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

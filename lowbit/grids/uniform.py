@@ -16,8 +16,9 @@ from lowbit.errors import LowbitError
 
 MIN_SCALE = 1e-5  # representable in float16; keeps all-zero groups finite
 CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM = 100, 0.8, 2.4  # GPTQ's quantizer defaults
-CLIP_CHUNK_ELEMENTS = 2**20  # candidates evaluated at once: 4 MB of float32 stays in cache (64 MB
-# buffers made the search 5x slower, most of it page faults of fresh allocations)
+# Candidates evaluated at once. On a CPU 4 MB of float32 stays in cache (64 MB buffers made the
+# search 5x slower, most of it page faults of fresh allocations); a GPU wants few large launches.
+CLIP_CHUNK_ELEMENTS = {"cpu": 2**20, "other": 2**24}
 
 
 def natural_group_index(cols: int, group_size: int | None, device: torch.device | None = None) -> torch.Tensor:
@@ -75,7 +76,8 @@ class UniformGrid:
         if not self.clip_search:
             return self.range_params(xmin, xmax)
         n_shrink = int(CLIP_MAX_SHRINK * CLIP_GRID)
-        chunk = max(1, CLIP_CHUNK_ELEMENTS // (n_shrink * w.shape[1]))
+        elements = CLIP_CHUNK_ELEMENTS["cpu" if w.device.type == "cpu" else "other"]
+        chunk = max(1, elements // (n_shrink * w.shape[1]))
         parts = [self._clip(w[r : r + chunk], xmin[r : r + chunk], xmax[r : r + chunk], n_shrink)
                  for r in range(0, w.shape[0], chunk)]
         return GridParams(torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]))

@@ -12,6 +12,8 @@ column each time (up to float summation order), at a fraction of the memory traf
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lowbit.rounding.quantized import QuantizedWeight
@@ -23,7 +25,7 @@ def greedy_refine(
     w: torch.Tensor, h: torch.Tensor, qw: QuantizedWeight, grid, passes: int = 1,
     order: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, block: int = BLOCK,
 ) -> QuantizedWeight:
-    """Improve ``qw``'s codes for ``w`` under the (damped) Hessian ``h``; scales and zeros stay.
+    """Improve ``qw``'s codes for ``w`` under the (damped) Hessian ``h``; everything else stays.
     Columns are visited in ``order`` (default: left to right)."""
     n = w.shape[1]
     perm = order.long() if order is not None else torch.arange(n, device=w.device)
@@ -47,4 +49,4 @@ def greedy_refine(
                     what[:, k], codes[:, k], changed[:, k - b0] = new, q.to(codes.dtype), delta
             eh[:, :b0] += changed @ H[b0:b1, :b0]
             eh[:, b1:] += changed @ H[b0:b1, b1:]
-    return QuantizedWeight(codes[:, torch.argsort(perm)], qw.scale, qw.zero, qw.g_idx, qw.bits)
+    return dataclasses.replace(qw, codes=codes[:, torch.argsort(perm)])  # scales, zeros, scale codes: as they were

@@ -68,8 +68,9 @@ log = logging.getLogger(__name__)
 
 
 class _NoMetaWeightsWarning(logging.Filter):
-    """Drops auto-round's warning that a resumed in-memory model has empty weights: ``_resumable``
-    puts them back, so in a lowbit row that warning is untrue."""
+    """Drops auto-round's warning that a resumed in-memory model has empty weights. It is logged on
+    every run with ``AR_RESUME_DIR`` set, resumed or not, and ``_resumable`` puts the weights back
+    when a run does resume, so in a lowbit row it is never true."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "AR_RESUME_DIR is set but neither" not in record.getMessage()

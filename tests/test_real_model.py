@@ -66,7 +66,14 @@ def test_checkpoint_is_about_a_quarter_of_fp16_linears(gptq_checkpoint):
 
 def test_quip_preset_from_the_cli_reloads_and_runs_fast_transforms(tmp_path, smollm2):
     """QuIP-2bit on the real model from the CLI; the reloaded checkpoint's fast Hadamard path equals
-    the dense inverse-transformed weights, and its perplexity is finite."""
+    the dense inverse-transformed weights, and its perplexity is finite.
+
+    Equal within float32 rounding, measured rather than guessed: through 30 blocks of a 2-bit model
+    the dense float32 logits are themselves ~1.5e-3 from a float64 run of the same weights (logits
+    reach ±30); the fast path rounds in other places (the transforms of the activations), so
+    the bound is 3x that gap (a wrong transform is off by whole units)."""
+    import copy
+
     from lowbit.runtime import QuipLinear
 
     out = tmp_path / "quip"
@@ -80,7 +87,8 @@ def test_quip_preset_from_the_cli_reloads_and_runs_fast_transforms(tmp_path, smo
     ids = lowbit.data.eval_windows("wikitext2", tok, seqlen=256, windows=1)
     with torch.no_grad():
         fast, ref = qmodel(ids).logits, dense(ids).logits
-    torch.testing.assert_close(fast, ref, atol=2e-3, rtol=1e-3)  # float32 transforms vs dense matmul
+        float32_noise = float((ref.double() - copy.deepcopy(dense).double()(ids).logits).abs().max())
+    assert float((fast - ref).abs().max()) <= 3 * float32_noise, float32_noise
     q = json.loads(_cli("eval", str(out), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256", "--json"))
     assert math.isfinite(q["perplexity"]["wikitext2"]["ppl"])
 

@@ -88,9 +88,7 @@ class UniformGrid:
         cand = self.range_params((shrink[:, None] * xmin).reshape(-1), (shrink[:, None] * xmax).reshape(-1))
         scale = cand.scale.view(n_shrink, -1, 1)
         zero = cand.zero.view(n_shrink, -1, 1)
-        # quantize_dequantize(w) - w, op for op (so bit for bit), in one buffer: 6x faster than fresh tensors
-        err = torch.div(w.unsqueeze(0), scale).round_().add_(zero).clamp_(0, self.maxq).sub_(zero).mul_(scale)
-        err = err.sub_(w).abs_().pow_(CLIP_NORM).sum(2)
+        err = self.quantize_dequantize(w.unsqueeze(0), scale, zero).sub_(w).abs_().pow_(CLIP_NORM).sum(2)
         best = err.argmin(0)
         rows = torch.arange(w.shape[0], device=w.device)
         return GridParams(scale[best, rows], zero[best, rows])
@@ -118,12 +116,14 @@ class UniformGrid:
         return GridParams(torch.cat([p.scale for p in parts], 1), torch.cat([p.zero for p in parts], 1))
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """Integer codes in ``[0, maxq]``; scale/zero broadcast against ``w``."""
-        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+        """Integer codes in ``[0, maxq]``; scale/zero (same shape) broadcast against ``w``. One buffer
+        for every step: fresh tensors per step made the clipping search 6x slower on a CPU."""
+        return torch.div(w, scale).round_().add_(zero).clamp_(0, self.maxq)
 
     @staticmethod
     def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return scale * (codes.to(scale.dtype) - zero)
 
     def quantize_dequantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return self.dequantize(self.quantize(w, scale, zero), scale, zero)
+        """``dequantize(quantize(w))``, op for op, in the buffer ``quantize`` made (it is ours)."""
+        return self.quantize(w, scale, zero).to(scale.dtype).sub_(zero).mul_(scale)

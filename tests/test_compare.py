@@ -344,6 +344,19 @@ def test_eval_cli_checks_tasks_before_loading_the_model(tmp_path):
         assert r.returncode == 2 and len(errors) == 1 and msg in errors[0], r.stderr
 
 
+def test_a_peer_whose_package_is_missing_is_unavailable_before_it_runs(monkeypatch, tmp_path):
+    """The adapters import their toolkit lazily: a missing one is found before any work, and its row says
+    how to install it (a clean `.[dev]` install has no peers)."""
+    import dataclasses
+
+    from lowbit.compare import peers
+
+    fake = dataclasses.replace(peers.PEERS["hqq"], package="no_such_toolkit_xyz", requirement="xyz==1.0")
+    monkeypatch.setitem(peers.PEERS, "hqq", fake)
+    with pytest.raises(peers.PeerUnavailable, match=r"not installed \(no_such_toolkit_xyz\): pip install 'xyz==1.0'"):
+        peers.run_peer("hqq", None, None, None, WeightScheme(4, 32), tmp_path)  # no model: nothing may run
+
+
 @pytest.mark.skipif(not os.environ.get("LOWBIT_LLMCOMPRESSOR_PYTHON"),
                     reason="needs LOWBIT_LLMCOMPRESSOR_PYTHON: a Python with llmcompressor (it pins an older transformers)")
 @pytest.mark.parametrize("variant", ["llmcompressor-gptq", "llmcompressor-rtn", "llmcompressor-quip"])

@@ -9,6 +9,7 @@ that is not installed, or cannot run here, raises :class:`PeerUnavailable` and i
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class Peer:
     requirement: str
     description: str
     env: tuple[str, ...] = ()  # environment variables that change the peer's numbers (part of its cache key)
+    package: str | None = None  # the peer's own import name, looked for before a row loads anything of it
 
     def settings(self) -> dict[str, str]:
         """The peer's environment knobs as set now, so that a row run with other settings is not reused."""
@@ -41,10 +43,10 @@ AUTOROUND_LR_ENV = "LOWBIT_AUTOROUND_LR"  # its learning rate (default: 1/iters)
 
 PEERS: dict[str, Peer] = {
     "hqq": Peer("lowbit.compare.peers.hqq_peer", "hqq==0.2.8.post1",
-                "HQQ: calibration-free half-quadratic optimisation of scales and zeros"),
+                "HQQ: calibration-free half-quadratic optimisation of scales and zeros", package="hqq"),
     "autoround": Peer("lowbit.compare.peers.autoround_peer", "auto-round==0.16.1",
                       "Intel auto-round: sign-gradient tuning of rounding offsets and clipping, block by block",
-                      env=(AUTOROUND_ITERS_ENV, AUTOROUND_LR_ENV)),
+                      env=(AUTOROUND_ITERS_ENV, AUTOROUND_LR_ENV), package="auto_round"),
     "llmcompressor-gptq": Peer("lowbit.compare.peers.llmcompressor_peer", "llmcompressor==0.14.0.1",
                                "llm-compressor GPTQModifier"),
     "llmcompressor-rtn": Peer("lowbit.compare.peers.llmcompressor_peer", "llmcompressor==0.14.0.1",
@@ -63,11 +65,15 @@ def check_peer(name: str) -> Peer:
 def run_peer(name: str, model: nn.Module, tok, calib: torch.Tensor | None, scheme: WeightScheme,
              run_dir: Path) -> dict:
     peer = check_peer(name)
+    # the adapters import their peer lazily, so a missing package is looked for here, not met mid-run
+    missing = peer.package if peer.package and importlib.util.find_spec(peer.package) is None else None
     try:
         module = importlib.import_module(peer.module)
     except ImportError as exc:
-        raise PeerUnavailable(f"not installed ({exc.name}): pip install '{peer.requirement}' "
-                              "or pip install 'lowbit[peers]'") from None
+        missing = exc.name
+    if missing:
+        raise PeerUnavailable(f"not installed ({missing}): pip install '{peer.requirement}' "
+                              "or pip install 'lowbit[peers]'")
     extra = module.quantize(model, tok, calib, scheme, run_dir, variant=name)
     return {"peer_requirement": peer.requirement, **extra}
 

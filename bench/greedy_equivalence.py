@@ -47,6 +47,7 @@ def main() -> None:
 
     import lowbit
     import lowbit.rounding.dispatch as dispatch
+    from lowbit.models import keep_first_blocks
     from lowbit.rounding.quantized import proxy_loss
 
     old = _module_at(args.against, "lowbit/rounding/greedy.py").greedy_refine
@@ -61,8 +62,7 @@ def main() -> None:
 
     dispatch.greedy_refine = both
     model, tok = lowbit.load_model(args.model)
-    model.model.layers = model.model.layers[: args.blocks]
-    model.config.num_hidden_layers = args.blocks
+    keep_first_blocks(model, args.blocks)
     calib = lowbit.data.calibration("c4", tok, n=args.nsamples, seqlen=args.seqlen, seed=0)
     lowbit.quantize(model, args.preset, calib, show_progress=False)
 

@@ -39,6 +39,7 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         model, tok = lowbit.load_model(args.model)
+        # cut here, not with lowbit.models.keep_first_blocks: the script also times older commits
         model.model.layers = model.model.layers[: args.blocks]
         model.config.num_hidden_layers = args.blocks
         calib = lowbit.data.calibration("c4", tok, n=args.nsamples, seqlen=args.seqlen, seed=0)

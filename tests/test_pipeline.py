@@ -6,7 +6,7 @@ import torch
 
 import lowbit
 from lowbit.errors import ResumeMismatch
-from lowbit.models import block_linears, find_blocks
+from lowbit.models import block_linears, find_blocks, keep_first_blocks
 from lowbit.pipeline import driver, quantize_model
 from lowbit.pipeline.capture import capture_block_inputs, sequential_groups
 from lowbit.recipes import Recipe, WeightSpec
@@ -26,6 +26,31 @@ def test_true_sequential_groups_follow_execution_order(calib_ids):
     groups = sequential_groups(blocks[0], block_linears(blocks[0]), inputs, kwargs[0])
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+
+def _block_output(model, block: int, ids: torch.Tensor) -> torch.Tensor:
+    out = {}
+    handle = find_blocks(model)[1][block].register_forward_hook(
+        lambda _m, _a, o: out.update(h=(o[0] if isinstance(o, tuple) else o).clone()))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    return out["h"]
+
+
+@pytest.mark.parametrize("factory", ARCHITECTURES)
+def test_first_blocks_run_as_in_the_whole_model(factory, calib_ids):
+    """A model cut to its first blocks (the benchmarks' few-block runs) computes them bit for bit as
+    the whole model does: Gemma's last kept block is a sliding-window one with its own mask."""
+    model = factory(layers=4)
+    whole = _block_output(model, 2, calib_ids)
+    keep_first_blocks(model, 3)
+    assert len(find_blocks(model)[1]) == model.config.num_hidden_layers == 3
+    type(model.config)(**model.config.to_dict())  # the cut config reloads (Gemma checks its layer_types)
+    torch.testing.assert_close(_block_output(model, 2, calib_ids), whole, atol=0, rtol=0)
+    with pytest.raises(lowbit.LowbitError, match="cannot keep 4 of the 3"):
+        keep_first_blocks(model, 4)
 
 
 @pytest.mark.parametrize("factory", ARCHITECTURES)

@@ -24,6 +24,25 @@ def find_blocks(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     raise LowbitError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
 
 
+def keep_first_blocks(model: PreTrainedModel, n: int) -> PreTrainedModel:
+    """Cut ``model`` to its first ``n`` decoder blocks, in place.
+
+    For benchmarks that time or compare rounding on a few blocks of a real model: the cut model
+    runs those blocks exactly as the whole model does (per-layer attention types included), so
+    a result on the first blocks is the whole model's on them.
+    """
+    path, blocks = find_blocks(model)
+    if not 0 < n <= len(blocks):
+        raise LowbitError(f"cannot keep {n} of the {len(blocks)} decoder blocks of {type(model).__name__}")
+    model.set_submodule(path, blocks[:n])
+    configs = {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)()) if c}
+    for cfg in configs.values():
+        cfg.num_hidden_layers = n
+        if isinstance(getattr(cfg, "layer_types", None), list):
+            cfg.layer_types = cfg.layer_types[:n]
+    return model
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
     if not linears:

@@ -22,7 +22,7 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
     import dataclasses
 
     import lowbit
-    from lowbit.pipeline.report import peak_memory_mb
+    from lowbit.memory import peak_memory_mb
     from lowbit.recipes import apply_overrides
     from lowbit.rounding import effective_bits
 

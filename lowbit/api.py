@@ -29,12 +29,18 @@ def quantize(
     progress_dir: str | Path | None = None,
     resume: bool = False,
     show_progress: bool = True,
+    hessian_cache: str | Path | None = None,
 ) -> tuple[nn.Module, QuantReport]:
-    """Quantize ``model`` in place; ``calib`` defaults to the recipe's calibration set (needs ``tokenizer``)."""
+    """Quantize ``model`` in place; ``calib`` defaults to the recipe's calibration set (needs ``tokenizer``).
+
+    ``hessian_cache``: a directory shared by runs on the same model and calibration set, where OAC's
+    gradient pass is kept so that it runs once for every output-adaptive recipe.
+    """
     recipe = _recipes.get(recipe)
     if calib is None and recipe.needs_calibration:
         if tokenizer is None:
             raise ValueError("pass calibration token ids or a tokenizer to build them from the recipe")
         calib = calibration_for(recipe, tokenizer, model)
-    report = quantize_model(model, recipe, calib, progress_dir=progress_dir, resume=resume, show_progress=show_progress)
+    report = quantize_model(model, recipe, calib, progress_dir=progress_dir, resume=resume, show_progress=show_progress,
+                            hessian_cache=hessian_cache)
     return model, report

@@ -68,6 +68,9 @@ def quantize(
     eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4"),
     windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (quick protocol)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
+    hessian_cache: Optional[Path] = typer.Option(
+        None, help="directory where OAC's output-adaptive Hessians are kept and reused by later runs on "
+                   "the same model and calibration set (the gradient pass then runs once for all of them)"),
 ) -> None:
     """Quantize MODEL with a recipe and write a packed checkpoint to OUT."""
     from lowbit import recipes
@@ -86,6 +89,8 @@ def quantize(
     dev = _device(device)
     if out.exists() and not out.is_dir():
         raise LowbitError(f"--out {out} exists and is not a directory")
+    if hessian_cache is not None and hessian_cache.exists() and not hessian_cache.is_dir():
+        raise LowbitError(f"--hessian-cache {hessian_cache} exists and is not a directory")
     if datasets or rec.needs_calibration:
         check_data_available()
 
@@ -97,7 +102,7 @@ def quantize(
     calib = calibration_for(rec, tok, m) if rec.needs_calibration else None
     progress = out / ".progress"
     try:
-        report = quantize_model(m, rec, calib, progress_dir=progress, resume=resume)
+        report = quantize_model(m, rec, calib, progress_dir=progress, resume=resume, hessian_cache=hessian_cache)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; finished blocks are kept in {progress}: rerun with --resume", err=True)
         raise typer.Exit(130)
@@ -107,8 +112,9 @@ def quantize(
     shutil.rmtree(progress, ignore_errors=True)
     typer.echo(f"saved {rec.name} checkpoint to {out} ({report.total_seconds:.1f} s, peak {report.peak_memory_mb:.0f} MB)")
     if report.hessian_pass:
-        typer.echo(f"output-adaptive Hessian pass: {report.hessian_pass['seconds']:.1f} s, "
-                   f"peak {report.hessian_pass['peak_memory_mb']:.0f} MB")
+        hp = report.hessian_pass
+        typer.echo(f"output-adaptive Hessian pass: {hp['seconds']:.1f} s, peak {hp['peak_memory_mb']:.0f} MB"
+                   + (f" (an earlier run's, read from {hp['cache']})" if hp.get("reused") else ""))
     if report.activation_quantizers:
         a = rec.activations
         typer.echo(f"activations: {a.bits}-bit, KV cache {a.kv_bits}-bit, {a.granularity} ranges"

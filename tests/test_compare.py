@@ -116,6 +116,17 @@ def test_rerun_reuses_cache_and_a_changed_recipe_reruns(compared, tiny_dir):
 
 
 @needs_data
+def test_output_adaptive_rows_run_one_gradient_pass_between_them(tiny_dir, tmp_path):
+    """Two OAC rows side by side: one runs the gradient pass, the other waits for it and reads it."""
+    rows = run_compare(_config(tiny_dir, recipes=["gptq-w2g64-oac", "oac-w2"], peers=[], windows=1, kl=False),
+                       tmp_path, show_progress=False, jobs_at_once=2)
+    passes = {r["name"]: r["hessian_pass"] for r in rows if r["kind"] == "recipe"}
+    assert all(r["status"] == "ok" for r in rows)
+    assert sorted(p["reused"] for p in passes.values()) == [False, True]
+    assert len({p["cache"] for p in passes.values()}) == 1 and len(list((tmp_path / "hessians").glob("*.safetensors"))) == 1
+
+
+@needs_data
 def test_inspect_reads_the_saved_checkpoint(compared):
     out, _ = compared
     ckpt = out / "runs" / "gptq-w4" / "checkpoint"

@@ -87,7 +87,9 @@ def _run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_a
     job_file = run_dir / "job.json"
     job_file.write_text(json.dumps({"kind": job.kind, "name": job.name, "spec": job.spec, "key": key,
                                     "quant_key": quant_key, "resume": resume, "config": asdict(cfg),
-                                    "calibration": str(calib) if calib else None}, indent=1))
+                                    "calibration": str(calib) if calib else None,
+                                    # every output-adaptive row of the report runs OAC's gradient pass once
+                                    "hessian_cache": str(run_dir.parent.parent / "hessians")}, indent=1))
     t0 = time.perf_counter()
     with open(run_dir / "run.log", "w") as logf:
         proc = subprocess.run([sys.executable, "-m", "lowbit.compare.worker", str(job_file)], stdout=logf,

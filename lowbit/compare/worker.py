@@ -24,7 +24,7 @@ def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path, resume: bool) -> dict:
+def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path, resume: bool, hessian_cache: str | None) -> dict:
     from lowbit.api import quantize
     from lowbit.export import save
     from lowbit.recipes import Recipe
@@ -33,10 +33,12 @@ def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path, resume: bool)
     rec = Recipe.from_dict(spec)
     # per-block progress goes to the row's run.log; finished blocks to progress/, kept for a rerun
     try:
-        _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=resume, show_progress=True)
+        _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=resume, show_progress=True,
+                             hessian_cache=hessian_cache)
     except ResumeMismatch as exc:  # the stored blocks are another run's (e.g. the data changed): start afresh
         logging.getLogger(__name__).warning("%s; quantizing from the start", exc)
-        _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=False, show_progress=True)
+        _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=False, show_progress=True,
+                             hessian_cache=hessian_cache)
     if report.resumed_blocks < len(report.block_seconds):  # a model quantized now: no earlier window is its
         shutil.rmtree(run_dir / "eval", ignore_errors=True)
     ckpt = save(model, run_dir / "checkpoint", tok, report)
@@ -60,7 +62,7 @@ def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path, resume: bool)
 
 def _quantize_peer(model, tok, spec: dict, calib, run_dir: Path) -> dict:
     from lowbit.compare.peers import decoder_linears, run_peer
-    from lowbit.pipeline.report import peak_memory_mb
+    from lowbit.memory import peak_memory_mb
 
     scheme = WeightScheme.parse(spec["scheme"])
     linears = list(decoder_linears(model).values())  # before a peer swaps them
@@ -87,7 +89,8 @@ def run_job(job: dict, run_dir: Path) -> dict:
     calib = torch.load(job["calibration"]) if job.get("calibration") else None
     row: dict = {"name": job["name"], "kind": job["kind"], "status": "ok", "threads": torch.get_num_threads()}
     if job["kind"] == "recipe":
-        row.update(_quantize_recipe(model, tok, job["spec"], calib, run_dir, job.get("resume", False)))
+        row.update(_quantize_recipe(model, tok, job["spec"], calib, run_dir, job.get("resume", False),
+                                    job.get("hessian_cache")))
     elif job["kind"] == "peer":
         row.update(_quantize_peer(model, tok, job["spec"], calib, run_dir))
     else:

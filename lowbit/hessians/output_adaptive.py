@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.atomic import atomic_path
-from lowbit.pipeline.report import peak_memory_mb
+from lowbit.memory import peak_memory_mb
 
 
 class _Accumulator:

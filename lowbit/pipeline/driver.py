@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import re
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,11 +21,13 @@ from tqdm.auto import tqdm
 
 from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_block
 from lowbit.hessians import HessianAccumulator
+from lowbit.hessians.cache import HessianCache
 from lowbit.hessians.output_adaptive import output_adaptive_hessians
 from lowbit.models import block_linears, find_blocks
 from lowbit.models.layout import block_layout
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
-from lowbit.pipeline.report import LayerReport, QuantReport, peak_memory_mb
+from lowbit.memory import peak_memory_mb
+from lowbit.pipeline.report import LayerReport, QuantReport
 from lowbit.pipeline.resume import ProgressStore, fingerprint
 from lowbit.recipes import Recipe
 from lowbit.rounding import QuantizedWeight, proxy_loss
@@ -91,8 +94,13 @@ def quantize_model(
     progress_dir: str | Path | None = None,
     resume: bool = False,
     show_progress: bool = True,
+    hessian_cache: str | Path | None = None,
 ) -> QuantReport:
-    """Quantize ``model`` in place following ``recipe``; returns the per-layer report."""
+    """Quantize ``model`` in place following ``recipe``; returns the per-layer report.
+
+    ``hessian_cache``: a directory where output-adaptive Hessians are kept and looked up, so that
+    recipes on the same model and calibration set run OAC's gradient pass once (``HessianCache``).
+    """
     recipe.validate()
     t_start = time.perf_counter()
     report = QuantReport(recipe=recipe.name)
@@ -125,9 +133,16 @@ def quantize_model(
         targets = {f"{blocks_path}.{b}.{n}": m for b, ls in every.items() for n, m in ls.items()}
         rounded = [f"{blocks_path}.{b}.{n}" for b in done for n in every[b]]  # their Hessians are not needed
         t0 = time.perf_counter()
-        precomputed, report.hessian_pass = output_adaptive_hessians(
-            model, targets, calib, show_progress=show_progress, state=store.hessian_state if store else None,
-            passes=recipe.hessian.passes, skip=rounded)
+        cache = HessianCache(hessian_cache) if hessian_cache is not None else None
+        claim = cache.claim(cache.key(model, targets, calib)) if cache is not None else nullcontext()
+        with claim as cached:  # a cache keeps every layer's Hessian, for the next recipe that asks
+            state = cached if cache is not None else (store.hessian_state if store else None)
+            precomputed, report.hessian_pass = output_adaptive_hessians(
+                model, targets, calib, show_progress=show_progress, state=state,
+                passes=recipe.hessian.passes, skip=() if cache is not None else rounded)
+        if cache is not None:  # "reused": every sequence of every pass was read, none computed here
+            hp = report.hessian_pass
+            hp.update(cache=str(cached), reused=hp.get("resumed_at", 0) == calib.shape[0] * hp.get("passes", 1))
         earlier_seconds += report.hessian_pass["seconds"] - (time.perf_counter() - t0)  # an interrupted pass's part
         if store is not None:
             store.save_costs(hessian_pass=report.hessian_pass)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import resource
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 
 @dataclass
@@ -57,11 +54,3 @@ class QuantReport:
             lambda r: r.rel_weight_error)
         rows = sorted(self.layers, key=key, reverse=True)[:k]
         return "\n".join(f"  {r.name:40s} {key(r):.3e}" for r in rows)
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process (and of the GPU, if one was used)."""
-    mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if torch.cuda.is_available():
-        mb = max(mb, torch.cuda.max_memory_allocated() / 2**20)
-    return mb

@@ -30,7 +30,7 @@ from torch import nn
 
 from lowbit.compare.config import WeightScheme
 from lowbit.compare.peers import PeerUnavailable, decoder_linears
-from lowbit.pipeline.report import peak_memory_mb
+from lowbit.memory import peak_memory_mb
 
 PYTHON_ENV = "LOWBIT_LLMCOMPRESSOR_PYTHON"
 REQUIREMENT = "llmcompressor==0.14.0.1 transformers==5.17.0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -128,6 +129,14 @@ def quantize(
         typer.echo(_ppl_table(rows, datasets))
 
 
+def _checkpoint_log_dir(model: str) -> Optional[Path]:
+    """A lowbit checkpoint's own per-window log: its files never change, so its results stay valid."""
+    from lowbit.models.loading import CHECKPOINT_MARKER
+
+    path = Path(model)
+    return path / "eval-log" if (path / CHECKPOINT_MARKER).is_file() and os.access(path, os.W_OK) else None
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="checkpoint directory, alias, local dir or Hugging Face id"),
@@ -142,6 +151,10 @@ def evaluate(
     num_fewshot: Optional[int] = typer.Option(None, help="few-shot examples per task (default: the task's)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+    log: Optional[Path] = typer.Option(
+        None, help="keep each finished window here, so that a rerun resumes and --windows N reads a longer "
+                   "run's first N (default: DIR/eval-log for a lowbit checkpoint DIR)"),
+    no_log: bool = typer.Option(False, "--no-log", help="keep no per-window log"),
 ) -> None:
     """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol; zero-shot tasks with --tasks."""
     from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
@@ -161,11 +174,12 @@ def evaluate(
         from lowbit.eval.harness import check_tasks
 
         check_tasks(task_list, task_path)  # before hours of perplexity, not after
+    logs = None if no_log else (log or _checkpoint_log_dir(model))
     m, tok = load_model(model)
     m.to(dev)
     result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}
     for d in datasets:
-        r = perplexity(m, tok, d, seqlen=seqlen, windows=windows)
+        r = perplexity(m, tok, d, seqlen=seqlen, windows=windows, log=logs / f"{d}-{seqlen}.nll.json" if logs else None)
         result["perplexity"][d] = {"ppl": r.ppl, "tokens": r.tokens, "windows": r.windows}
     if kl and datasets:
         ref_name = kl_ref or getattr(m, "lowbit_source", None)
@@ -173,7 +187,8 @@ def evaluate(
             raise LowbitError("--kl needs --kl-ref: this model records no base model")
         ref, _ = load_model(ref_name)
         ref.to(m.device)
-        result["kl"] = {d: kl_divergence(m, ref, tok, d, seqlen=seqlen, windows=windows) for d in datasets}
+        result["kl"] = {d: kl_divergence(m, ref, tok, d, seqlen=seqlen, windows=windows,
+                                         log=logs / f"{d}-{seqlen}.kl.json" if logs else None) for d in datasets}
     if task_list:
         out = evaluate_tasks(m, tok, task_list, include_path=task_path, limit=limit, num_fewshot=num_fewshot)
         result["tasks"] = out["results"]

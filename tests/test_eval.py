@@ -1,5 +1,6 @@
 """Perplexity and KL against float64 computations written out by hand."""
 
+import json
 import math
 
 import pytest
@@ -64,6 +65,34 @@ def test_interrupted_evaluation_resumes_at_its_first_unfinished_window(tmp_path)
     other = _StopAfter(model)  # a log of other windows is not reused
     window_nll(other, wins[:, :12], log=tmp_path / "nll.json")
     assert other.calls == 5
+
+
+def test_a_longer_runs_log_serves_its_first_windows_and_is_extended_by_more(tmp_path):
+    model, other = tiny_llama(seed=0), tiny_llama(seed=1)
+    wins = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    log = tmp_path / "nll.json"
+    window_nll(_StopAfter(model), wins[:4], log=log)  # wrapped, as every run below: the log is the wrapper's
+    first = _StopAfter(model)
+    assert window_nll(first, wins[:2], log=log) == pytest.approx(window_nll(model, wins[:2]), rel=1e-9)
+    assert first.calls == 0  # the protocol's first N windows are a prefix of all of them
+    more = _StopAfter(model)
+    assert window_nll(more, wins, log=log) == pytest.approx(window_nll(model, wins), rel=1e-9)
+    assert more.calls == 2  # windows 4 and 5 only
+    assert window_nll(_StopAfter(model), wins[:3], log=log) == pytest.approx(window_nll(model, wins[:3]), rel=1e-9)
+    assert len(json.loads(log.read_text())["values"]) == 6  # a shorter run keeps the longer one's windows
+    fresh = _StopAfter(other)
+    window_nll(fresh, wins, log=log)
+    assert fresh.calls == 6  # another model's windows are not its own
+
+
+def test_a_log_without_window_keys_is_started_afresh(tmp_path):
+    model = tiny_llama()
+    wins = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    log = tmp_path / "nll.json"
+    log.write_text(json.dumps({"tag": "0" * 20, "values": [1.0, 2.0, 3.0]}))  # the format before keys
+    again = _StopAfter(model)
+    assert window_nll(again, wins, log=log) == pytest.approx(window_nll(model, wins), rel=1e-9)
+    assert again.calls == 3
 
 
 def test_missing_model_package_says_what_to_install():

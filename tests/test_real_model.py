@@ -43,7 +43,7 @@ def test_checkpoint_reloads_with_identical_logits(tmp_path, smollm2):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # identical weights; float32 matmul noise only
 
 
-def test_cli_checkpoint_evaluates_close_to_full_precision(gptq_checkpoint, smollm2):
+def test_cli_checkpoint_evaluates_close_to_full_precision(gptq_checkpoint, smollm2, tmp_path):
     fp = json.loads(_cli("eval", "smollm2-135m", "--ppl", "wikitext2", "--windows", "2", "--seqlen", "512", "--json"))
     q = json.loads(_cli("eval", str(gptq_checkpoint), "--ppl", "wikitext2", "--windows", "2", "--seqlen", "512",
                         "--json", "--kl"))
@@ -51,6 +51,16 @@ def test_cli_checkpoint_evaluates_close_to_full_precision(gptq_checkpoint, smoll
     assert q["perplexity"]["wikitext2"]["tokens"] == 2 * 511 and q["perplexity"]["wikitext2"]["windows"] == 2
     assert math.isfinite(q_ppl) and fp_ppl < q_ppl < 1.5 * fp_ppl  # W4g128 is close to lossless here
     assert 0 < q["kl"]["wikitext2"] < 0.5
+    # the checkpoint keeps its finished windows: a rerun's first window is read, not computed
+    nll = json.loads((gptq_checkpoint / "eval-log" / "wikitext2-512.nll.json").read_text())
+    assert len(nll["values"]) == 2 and (gptq_checkpoint / "eval-log" / "wikitext2-512.kl.json").exists()
+    assert math.exp(sum(nll["values"]) / (2 * 511)) == pytest.approx(q_ppl, rel=1e-12)
+    doctored = tmp_path / "log"
+    doctored.mkdir()
+    (doctored / "wikitext2-512.nll.json").write_text(json.dumps({**nll, "values": [511.0, nll["values"][1]]}))
+    one = json.loads(_cli("eval", str(gptq_checkpoint), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "512",
+                          "--json", "--log", str(doctored)))
+    assert one["perplexity"]["wikitext2"]["ppl"] == pytest.approx(math.e, rel=1e-12)  # 511 nats over 511 tokens
 
 
 def test_checkpoint_is_about_a_quarter_of_fp16_linears(gptq_checkpoint):

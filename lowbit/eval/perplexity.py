@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from lowbit.data import eval_windows
 from lowbit.errors import LowbitError
 from lowbit.eval.window_log import WindowLog
+from lowbit.models.fingerprint import model_digest
 
 
 @dataclass
@@ -60,10 +61,11 @@ def window_nll(model: nn.Module, windows: torch.Tensor, desc: str = "ppl", show_
                log: str | Path | None = None) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over token windows ``(n, seqlen)`` and its count.
 
-    ``log``: a file that keeps each finished window's sum, so that a rerun skips them.
+    ``log``: a file that keeps each finished window's sum, so that a rerun skips them (only this
+    model's: the log is keyed by ``model_digest``).
     """
     dev = _device(model)
-    done = WindowLog(log, windows, "nll")
+    done = WindowLog(log, windows, f"nll:{model_digest(model)}" if log is not None else "nll")
     start = len(done.values)
     for i in tqdm(range(start, windows.shape[0]), desc=desc, unit="win", disable=not show_progress,
                   initial=start, total=windows.shape[0]):
@@ -77,7 +79,8 @@ def window_nll(model: nn.Module, windows: torch.Tensor, desc: str = "ppl", show_
 def window_kl(model: nn.Module, reference: nn.Module, windows: torch.Tensor, show_progress: bool = False,
               log: str | Path | None = None) -> float:
     """Mean per-token ``KL(p_reference ‖ p_model)`` of next-token distributions, in nats."""
-    done = WindowLog(log, windows, "kl")
+    label = f"kl:{model_digest(model)}:{model_digest(reference)}" if log is not None else "kl"
+    done = WindowLog(log, windows, label)
     start = len(done.values)
     for i in tqdm(range(start, windows.shape[0]), desc="kl", unit="win", disable=not show_progress,
                   initial=start, total=windows.shape[0]):

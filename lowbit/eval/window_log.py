@@ -1,8 +1,11 @@
 """Per-window results on disk, so that an evaluation of hours resumes at its first unfinished window.
 
 Under the full protocol one row is ~400 forwards of 2048 tokens (an hour of CPU): an interrupted
-run keeps every finished window. The log is tied to the exact windows (a hash of their token ids)
-and a label; it is the caller's job to use a fresh path for a different model.
+run keeps every finished window. Each entry is keyed by a hash of its window's token ids and a
+label (the quantity and the model), so a log is reused exactly as far as the windows agree: a
+rerun continues after the last finished window, and the protocol's first N windows — always a
+prefix of all of them — are read from a longer run's log without a forward. A log of other
+windows (another dataset, window length or model) is started afresh.
 """
 
 from __future__ import annotations
@@ -16,20 +19,35 @@ import torch
 from lowbit.atomic import atomic_write_text
 
 
+def _digest(label: str, window: torch.Tensor) -> str:
+    h = hashlib.sha256(label.encode())
+    h.update(window.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class WindowLog:
     def __init__(self, path: str | Path | None, windows: torch.Tensor, label: str):
         self.path = Path(path) if path is not None else None
-        h = hashlib.sha256(label.encode())
-        h.update(windows.cpu().numpy().tobytes())
-        self.tag = h.hexdigest()[:20]
-        self.values: list = []
+        self.digests = [_digest(label, w) for w in windows]
+        self._keys: list[str] = []  # what the file holds, cut where its windows stop being ours
+        self._values: list = []
         if self.path is not None and self.path.exists():
             data = json.loads(self.path.read_text())
-            if data.get("tag") == self.tag:
-                self.values = data["values"]
+            keys, values = data.get("windows", []), data.get("values", [])  # older logs had no keys: unused
+            k = 0
+            while k < min(len(keys), len(self.digests)) and keys[k] == self.digests[k]:
+                k += 1
+            keep = len(keys) if k == len(self.digests) else k  # a longer run's later windows stay in its log
+            self._keys, self._values = keys[:keep], values[:keep]
+
+    @property
+    def values(self) -> list:
+        """The finished windows among ours, in order."""
+        return self._values[: len(self.digests)]
 
     def add(self, value) -> None:
-        self.values.append(value)
+        self._keys.append(self.digests[len(self._values)])
+        self._values.append(value)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps({"tag": self.tag, "values": self.values}))
+            atomic_write_text(self.path, json.dumps({"windows": self._keys, "values": self._values}))

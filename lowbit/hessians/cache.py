@@ -9,10 +9,8 @@ under a key is the pass's own resume state (running sums + sequences done): an i
 is continued by whichever recipe asks next, and a finished one is simply read. A lock file makes
 two processes that ask at once (``lowbit compare --jobs 2``) run the pass once.
 
-The model enters the key by its source name and the names, shapes, dtypes and a strided sample of
-every parameter's values (≤ 4096 per tensor, so keying a 7B model costs a fraction of a second):
-a different checkpoint gets its own Hessians; an edit of a few weights that misses the sample
-would not, which is why only the full-precision model, before any rounding, is ever keyed.
+The model enters the key by ``model_digest`` (its source and a strided sample of every tensor):
+the pipeline keys the full-precision model as loaded, before any block is rounded.
 """
 
 from __future__ import annotations
@@ -27,22 +25,11 @@ import torch
 from filelock import FileLock, Timeout
 from torch import nn
 
+from lowbit.models.fingerprint import model_digest
+
 log = logging.getLogger(__name__)
 
 FORMAT = "oac-sums-v1"  # raw Σ GᵀG per layer (not divided), float32 (float64 for a float64 model)
-SAMPLES_PER_TENSOR = 4096
-
-
-def model_digest(model: nn.Module) -> str:
-    """A cheap fingerprint of ``model``'s weights (see the module docstring for what it can miss)."""
-    h = hashlib.sha256(str(getattr(model, "lowbit_source", type(model).__name__)).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)]
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-            h.update(sample.to(torch.float64).cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 class HessianCache:
@@ -53,7 +40,7 @@ class HessianCache:
 
     def key(self, model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor) -> str:
         h = hashlib.sha256(FORMAT.encode())
-        h.update(model_digest(model).encode())
+        h.update(model_digest(model, buffers=False).encode())  # as keyed since the cache exists
         h.update(";".join(f"{n}:{m.in_features}x{m.out_features}" for n, m in sorted(layers.items())).encode())
         h.update(f"{tuple(calib.shape)}:{calib.dtype};".encode())
         h.update(calib.cpu().numpy().tobytes())

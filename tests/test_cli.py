@@ -29,6 +29,8 @@ def _lowbit(*args, timeout=120):
      "weights.outlier_fraction must be a number in [0, 0.5)"),
     (["quantize", "smollm2-135m", "--recipe", "billm-w1", "--out", "x", "--set", "weights.bits=2"],
      "weights.method billm binarizes"),
+    (["quantize", "smollm2-135m", "--recipe", "oac-w2", "--out", "x", "--hessian-cache", "pyproject.toml"],
+     "--hessian-cache pyproject.toml exists and is not a directory"),
 ])
 def test_bad_input_is_one_line_error(args, message):
     r = _lowbit(*args)

@@ -99,3 +99,21 @@ def test_clip_search_in_row_chunks_equals_all_at_once(monkeypatch):
     monkeypatch.setitem(uniform.CLIP_CHUNK_ELEMENTS, "cpu", 80 * 50 * 3)  # 3 rows at a time
     chunked = grid.fit(w)
     assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.zero, chunked.zero)
+
+
+@pytest.mark.parametrize("cols,group_size,permuted", [(96, None, False), (96, 32, False), (96, 32, True), (100, 32, False)])
+def test_dequantize_equals_the_gathered_formula_bit_for_bit(cols, group_size, permuted):
+    """Natural groups broadcast their scale and zero, others gather them: the same floats as
+    ``scale[:, g]·(codes − zero[:, g])`` either way (per channel, equal runs, act-order, smaller last group)."""
+    from lowbit.rounding import QuantizedWeight
+
+    gen = torch.Generator().manual_seed(cols)
+    g = natural_group_index(cols, group_size)
+    if permuted:
+        g = g[torch.randperm(cols, generator=gen)]
+    n_groups = int(g.max()) + 1
+    codes = torch.randint(0, 8, (24, cols), generator=gen, dtype=torch.uint8)
+    scale, zero = torch.rand(24, n_groups, generator=gen), torch.randint(0, 8, (24, n_groups), generator=gen).float()
+    got = QuantizedWeight(codes, scale, zero, g, 3).dequantize()
+    assert torch.equal(got, scale[:, g] * (codes.float() - zero[:, g]))
+

@@ -247,6 +247,26 @@ def test_quip_checkpoint_reloads_with_equal_logits(make, kind, calib_ids, tmp_pa
         "inner.qweight", "inner.scales", "inner.zeros", "inner.g_idx", "in_scale", "bias"}
 
 
+@pytest.mark.parametrize("kind", ["hadamard", "kron"])
+@pytest.mark.parametrize("tokens", [1, 200])
+def test_quip_layer_output_is_the_dense_inverse_transformed_weights(kind, tokens):
+    """Fast transforms on the activations, packed codes dequantized per call: the float64 product
+    with ``Uᵀ·Ŵ·V·D⁻¹`` to float32 rounding, for one token (decoding) and many (prefill)."""
+    from lowbit.rounding.dispatch import round_weight
+
+    w, h = _problem(rows=96, cols=72)
+    qw = round_weight(w.float(), h.float(), WeightSpec(method="gptq", bits=3), "layer", TransformSpec(incoherence=kind))
+    assert not torch.all(qw.transform.in_scale == 1)  # QuIP's rescaling is on, so D⁻¹ is checked too
+    bias = torch.randn(96)
+    layer = QuipLinear.from_quantized(qw, bias, None)
+    x = torch.randn(2, tokens, 72)
+    dense = qw.transform.inverse_weight(qw.dequantize().double())  # Uᵀ·Ŵ·V·D⁻¹ in float64
+    expected = x.double() @ dense.T + bias.double()
+    with torch.no_grad():
+        got = layer(x)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_quip_resume_gives_the_same_model(calib_ids, tmp_path, monkeypatch):
     from conftest import interrupt_rounding_in_block, tiny_llama
 

@@ -34,11 +34,21 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: the first ``numel`` codes as uint8."""
-    if 8 % bits == 0:  # fast path: whole codes per byte, same LSB-first layout
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as uint8.
+
+    Runs on every forward of a packed layer, so it works on whole words, not bits: 8 codes of
+    ``bits`` bits fill exactly ``bits`` bytes of the LSB-first stream, which read as one little-endian
+    integer of ``8·bits ≤ 64`` bits give the 8 codes by shift and mask.
+    """
+    if 8 % bits == 0:  # whole codes per byte, same LSB-first layout
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
         return ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
-    shifts = torch.arange(8, device=packed.device)
-    bitstream = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits]
-    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int64)
-    return (bitstream.reshape(numel, bits) * weights).sum(1).to(torch.uint8)
+    words = -(-numel // 8)
+    stream = packed.new_zeros(words * bits)
+    stream[: packed.numel()] = packed  # the last word's missing bytes read as zero padding
+    by = stream.view(words, bits).to(torch.int64)
+    word = by[:, 0].clone()
+    for j in range(1, bits):
+        word |= by[:, j] << (8 * j)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int64)
+    return ((word.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel].to(torch.uint8)

@@ -47,8 +47,7 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The grid values of the codes, outliers in place (in the transformed space, if there is one)."""
-        g = self.g_idx.long()
-        w = self.scale[:, g] * (self.codes.float() - self.zero[:, g])
+        w = _dequantize(self.codes, self.scale, self.zero, self.g_idx.long())
         return self.sparse.apply(w) if self.sparse is not None else w
 
     def storage_bits(self) -> int:
@@ -92,3 +91,19 @@ def proxy_loss(delta: torch.Tensor, h: torch.Tensor) -> float:
     """``tr(ΔW·H·ΔWᵀ)``: the output error the Hessian predicts for a weight change."""
     d = delta.to(torch.float64)
     return float(torch.einsum("ij,jk,ik->", d, h.to(torch.float64), d))
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``scale[:, g]·(codes − zero[:, g])``. A packed layer runs this on every forward, so groups in
+    natural order (one per row, or equal runs of columns) broadcast their scale and zero instead of
+    gathering a full-size copy of each — the same products, so the same floats."""
+    rows, cols = codes.shape
+    n_groups = scale.shape[1]
+    if n_groups == 1:
+        return scale * (codes.float() - zero)
+    size = cols // n_groups
+    if cols % n_groups == 0 and torch.equal(g, torch.arange(cols, device=g.device) // size):
+        w = scale.unsqueeze(2) * (codes.float().view(rows, n_groups, size) - zero.unsqueeze(2))
+        return w.view(rows, cols)
+    idx = g.unsqueeze(0).expand(rows, cols)  # act-order's permuted groups, a smaller last group
+    return torch.gather(scale, 1, idx) * (codes.float() - torch.gather(zero, 1, idx))

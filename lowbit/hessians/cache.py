@@ -40,7 +40,7 @@ class HessianCache:
 
     def key(self, model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor) -> str:
         h = hashlib.sha256(FORMAT.encode())
-        h.update(model_digest(model, buffers=False).encode())  # as keyed since the cache exists
+        h.update(model_digest(model, buffers=False).encode())  # the weights; buffers (rotary tables) hold no weights
         h.update(";".join(f"{n}:{m.in_features}x{m.out_features}" for n, m in sorted(layers.items())).encode())
         h.update(f"{tuple(calib.shape)}:{calib.dtype};".encode())
         h.update(calib.cpu().numpy().tobytes())

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lowbit.grids.uniform import natural_group_index
+
 if TYPE_CHECKING:
     from lowbit.grids.stats import ScaleStats
     from lowbit.rounding.outliers import SparseOutliers
@@ -102,7 +104,7 @@ def _dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g:
     if n_groups == 1:
         return scale * (codes.float() - zero)
     size = cols // n_groups
-    if cols % n_groups == 0 and torch.equal(g, torch.arange(cols, device=g.device) // size):
+    if cols % n_groups == 0 and torch.equal(g, natural_group_index(cols, size, g.device)):
         w = scale.unsqueeze(2) * (codes.float().view(rows, n_groups, size) - zero.unsqueeze(2))
         return w.view(rows, cols)
     idx = g.unsqueeze(0).expand(rows, cols)  # act-order's permuted groups, a smaller last group

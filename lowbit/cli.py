@@ -174,6 +174,8 @@ def evaluate(
         from lowbit.eval.harness import check_tasks
 
         check_tasks(task_list, task_path)  # before hours of perplexity, not after
+    if log is not None and log.exists() and not log.is_dir():
+        raise LowbitError(f"--log {log} exists and is not a directory")
     logs = None if no_log else (log or _checkpoint_log_dir(model))
     m, tok = load_model(model)
     m.to(dev)

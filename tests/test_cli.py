@@ -31,6 +31,7 @@ def _lowbit(*args, timeout=120):
      "weights.method billm binarizes"),
     (["quantize", "smollm2-135m", "--recipe", "oac-w2", "--out", "x", "--hessian-cache", "pyproject.toml"],
      "--hessian-cache pyproject.toml exists and is not a directory"),
+    (["eval", "smollm2-135m", "--log", "pyproject.toml"], "--log pyproject.toml exists and is not a directory"),
 ])
 def test_bad_input_is_one_line_error(args, message):
     r = _lowbit(*args)

@@ -224,6 +224,8 @@ def compare_cmd(
     set_: list[str] = typer.Option([], "--set", help="override a key in every recipe"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
     jobs: int = typer.Option(1, help="rows run side by side, one process each, sharing the cores' threads"),
+    reuse: list[Path] = typer.Option([], "--reuse", help="an earlier report's results.json: its rows whose "
+                                     "recipe and protocol are unchanged are taken from it, not run again"),
 ) -> None:
     """Run recipes and peers under one calibration set and protocol; write DIR/report.md and report.html."""
     from lowbit.compare import CompareConfig, run_compare
@@ -240,7 +242,7 @@ def compare_cmd(
         raise LowbitError(f"--jobs must be a positive integer, got {jobs}")
     check_data_available()
     try:
-        rows = run_compare(cfg, report, jobs_at_once=jobs)
+        rows = run_compare(cfg, report, jobs_at_once=jobs, reuse=reuse)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; finished rows are cached in {report}: rerun the same command to continue", err=True)
         raise typer.Exit(130)

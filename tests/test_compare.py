@@ -116,6 +116,22 @@ def test_rerun_reuses_cache_and_a_changed_recipe_reruns(compared, tiny_dir):
 
 
 @needs_data
+@needs_data
+def test_rows_of_an_earlier_report_seed_a_new_one_only_where_the_key_holds(tiny_dir, tmp_path):
+    cfg = _config(tiny_dir, recipes=["rtn-w4"], peers=[], windows=1)
+    rows = run_compare(cfg, tmp_path / "first", show_progress=False)
+    fresh = tmp_path / "fresh"
+    again = run_compare(cfg, fresh, show_progress=False, reuse=[tmp_path / "first" / "results.json"])
+    assert [(r["name"], r["perplexity"]) for r in again] == [(r["name"], r["perplexity"]) for r in rows]
+    assert (fresh / "compare.log").read_text().count("reusing its row of an earlier report") == 2  # fp, rtn-w4
+    assert sorted(p.name for p in (fresh / "runs" / "rtn-w4").iterdir()) == ["result.json"]  # nothing ran
+    # a changed recipe is not taken from the earlier report: it runs, and its key is its own
+    changed = run_compare(_config(tiny_dir, recipes=["rtn-w4"], peers=[], windows=1, overrides=["weights.group_size=32"]),
+                          tmp_path / "changed", show_progress=False, reuse=[tmp_path / "first" / "results.json"])
+    assert changed[1]["group_size"] == 32 and changed[1]["key"] != rows[1]["key"]
+    assert (tmp_path / "changed" / "compare.log").read_text().count("reusing its row of an earlier report") == 1  # fp
+
+
 def test_output_adaptive_rows_run_one_gradient_pass_between_them(tiny_dir, tmp_path):
     """Two OAC rows side by side: one runs the gradient pass, the other waits for it and reads it."""
     rows = run_compare(_config(tiny_dir, recipes=["gptq-w2g64-oac", "oac-w2"], peers=[], windows=1, kl=False),
@@ -282,7 +298,8 @@ def test_compare_cli_errors_are_one_line(tmp_path):
     for args, msg in ((["--peers", "nope"], "unknown peer 'nope'"), (["--peer-scheme", "w4g0"], "weight scheme"),
                       (["--nsamples", "0"], "nsamples must be a positive integer"),
                       (["--kl-windows", "0"], "kl_windows must be a positive integer"),
-                      (["--jobs", "0"], "--jobs must be a positive integer")):
+                      (["--jobs", "0"], "--jobs must be a positive integer"),
+                      (["--reuse", str(tmp_path / "none.json")], "not a readable results.json")):
         r = subprocess.run([sys.executable, "-m", "lowbit.cli", "compare", "x", "--recipes", "rtn-w4", "--report",
                             str(tmp_path), *args], capture_output=True, text=True, timeout=120, env=env)
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

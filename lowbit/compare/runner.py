@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lowbit.atomic import atomic_write_text
 from lowbit.compare.config import CompareConfig
 from lowbit.compare.jobs import Job, plan_jobs
+from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit.compare")
 
@@ -35,6 +36,21 @@ def _cached(run_dir: Path, key: str) -> dict | None:
         return None
     row = json.loads(f.read_text())
     return row if row.get("key") == key and row.get("status") == "ok" else None
+
+
+def _reusable(files: list[Path]) -> dict[str, dict]:
+    """Rows of earlier reports' ``results.json`` by cache key: a report's archived rows can seed a new
+    report directory (its run directories gone), and only rows whose key still matches are taken."""
+    rows: dict[str, dict] = {}
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            raise LowbitError(f"--reuse {f}: not a readable results.json ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            raise LowbitError(f"--reuse {f}: not a lowbit compare results.json (no 'rows' list)")
+        rows.update({r["key"]: r for r in data["rows"] if r.get("key") and r.get("status") == "ok"})
+    return rows
 
 
 def _calibration(cfg: CompareConfig, report_dir: Path) -> Path:
@@ -108,11 +124,12 @@ def _run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_a
 
 
 def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool = True,
-                jobs_at_once: int = 1) -> list[dict]:
+                jobs_at_once: int = 1, reuse: list[Path] | None = None) -> list[dict]:
     """Run (or reuse) every row, then write ``report.md``, ``report.html`` and the plots.
 
     ``jobs_at_once``: rows run side by side (one process each, sharing the cores' threads); on one
-    GPU, 1.
+    GPU, 1. ``reuse``: earlier reports' ``results.json``; a row whose key matches one of theirs is
+    taken from there (and cached in this report directory) instead of running again.
     """
     from lowbit.compare.report import write_report
 
@@ -125,17 +142,24 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
     log.setLevel(logging.INFO)
     try:
         jobs = plan_jobs(cfg)
+        earlier = _reusable(list(reuse or []))  # a bad file fails here, before any model loads
         calib = _calibration(cfg, report_dir) if any(j.needs_calibration for j in jobs) else None
         protocol = cfg.protocol()
         todo, cached = [], {}
         for job in jobs:
-            row = _cached(report_dir / "runs" / job.slug, job.key(protocol))
+            run_dir, key = report_dir / "runs" / job.slug, job.key(protocol)
+            row = _cached(run_dir, key)
             if row is not None:
-                log.info("%s: reusing the cached result in %s (recipe and protocol unchanged)", job.name,
-                         report_dir / "runs" / job.slug)
-                cached[job.name] = {**row, "name": job.name}  # a label is not part of what was measured
-            else:
+                log.info("%s: reusing the cached result in %s (recipe and protocol unchanged)", job.name, run_dir)
+            elif key in earlier:
+                row = earlier[key]
+                log.info("%s: reusing its row of an earlier report (same key %s)", job.name, key)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run_dir / "result.json", json.dumps(row, indent=1))
+            if row is None:
                 todo.append(job)
+            else:
+                cached[job.name] = {**row, "name": job.name}  # a label is not part of what was measured
         bar = tqdm(total=len(jobs), initial=len(cached), desc="compare", unit="row", disable=not show_progress)
 
         def run_one(job: Job) -> dict:

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "full-protocol"
+KEEP = ("--keep-dequantized",)  # same numbers; binary rows' windows ≈ 40 % faster on the CPU
 
 
 def _lowbit(*args: str, out: Path | None = None) -> None:
@@ -45,11 +46,11 @@ def run_row(recipe: str, work: Path, model: str, hessian_cache: Path | None, kl_
         extra = ["--hessian-cache", str(hessian_cache)] if hessian_cache else []
         _lowbit("quantize", model, "--recipe", recipe, "--out", str(ckpt), "--resume", *extra)
     if not files["eval"].exists():
-        _lowbit("eval", str(ckpt), "--ppl", "wikitext2,c4", "--json", out=files["eval"])
+        _lowbit("eval", str(ckpt), "--ppl", "wikitext2,c4", "--json", *KEEP, out=files["eval"])
     if not files["first8"].exists():
         _lowbit("eval", str(ckpt), "--ppl", "wikitext2,c4", "--windows", "8", "--json", out=files["first8"])
     if not files["kl"].exists():
-        _lowbit("eval", str(ckpt), "--ppl", "wikitext2", "--windows", str(kl_windows), "--kl", "--json",
+        _lowbit("eval", str(ckpt), "--ppl", "wikitext2", "--windows", str(kl_windows), "--kl", "--json", *KEEP,
                 out=files["kl"])
     dest = RESULTS / recipe
     dest.mkdir(parents=True, exist_ok=True)

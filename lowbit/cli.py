@@ -155,6 +155,9 @@ def evaluate(
         None, help="keep each finished window here, so that a rerun resumes and --windows N reads a longer "
                    "run's first N (default: DIR/eval-log for a lowbit checkpoint DIR)"),
     no_log: bool = typer.Option(False, "--no-log", help="keep no per-window log"),
+    keep_dequantized: bool = typer.Option(
+        False, "--keep-dequantized", help="rebuild each packed layer's weight once and keep it: faster on many "
+                                          "windows, memory of the unquantized model; same numbers"),
 ) -> None:
     """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol; zero-shot tasks with --tasks."""
     from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
@@ -179,6 +182,10 @@ def evaluate(
     logs = None if no_log else (log or _checkpoint_log_dir(model))
     m, tok = load_model(model)
     m.to(dev)
+    if keep_dequantized:
+        from lowbit.runtime import keep_dequantized as keep
+
+        keep(m)
     result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}
     for d in datasets:
         r = perplexity(m, tok, d, seqlen=seqlen, windows=windows, log=logs / f"{d}-{seqlen}.nll.json" if logs else None)

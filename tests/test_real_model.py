@@ -55,6 +55,9 @@ def test_cli_checkpoint_evaluates_close_to_full_precision(gptq_checkpoint, smoll
     nll = json.loads((gptq_checkpoint / "eval-log" / "wikitext2-512.nll.json").read_text())
     assert len(nll["values"]) == 2 and (gptq_checkpoint / "eval-log" / "wikitext2-512.kl.json").exists()
     assert math.exp(sum(nll["values"]) / (2 * 511)) == pytest.approx(q_ppl, rel=1e-12)
+    kept = json.loads(_cli("eval", str(gptq_checkpoint), "--ppl", "wikitext2", "--windows", "2", "--seqlen", "512",
+                           "--json", "--no-log", "--keep-dequantized"))
+    assert kept["perplexity"]["wikitext2"]["ppl"] == pytest.approx(q_ppl, rel=1e-12)  # computed again, same weights
     doctored = tmp_path / "log"
     doctored.mkdir()
     (doctored / "wikitext2-512.nll.json").write_text(json.dumps({**nll, "values": [511.0, nll["values"][1]]}))

@@ -13,9 +13,10 @@ from torch import nn
 
 from lowbit.grids import pack_codes, packed_nbytes, unpack_codes
 from lowbit.rounding.binary import BinaryWeight
+from lowbit.runtime.kept_weight import KeptWeight
 
 
-class BinaryLinear(nn.Module):
+class BinaryLinear(KeptWeight, nn.Module):
     def __init__(self, in_features: int, out_features: int, n_salient: int, n_blocks: int, blocksize: int, bias: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -52,9 +53,11 @@ class BinaryLinear(nn.Module):
         signs = unpack_codes(self.signs, 1, rows * cols).bool().view(rows, cols)
         return BinaryWeight(signs, residual, split, sal, self.alphas, self.blocksize)
 
+    def dense_weight(self) -> torch.Tensor:
+        return self.binary().weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.binary().weight().to(x.dtype)
-        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        return F.linear(x, self.weight_for(x), self.bias.to(x.dtype) if self.bias is not None else None)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, binary, salient columns={self.n_salient}"

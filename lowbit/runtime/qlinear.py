@@ -17,9 +17,10 @@ from lowbit.grids import natural_group_index, pack_codes, packed_nbytes, unpack_
 from lowbit.rounding import QuantizedWeight
 from lowbit.grids.stats import ScaleStats, n_chunks
 from lowbit.rounding.outliers import SparseOutliers
+from lowbit.runtime.kept_weight import KeptWeight
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(KeptWeight, nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int,
                  bias: bool, has_g_idx: bool, group_size: int | None, float_zeros: bool = False,
                  n_outliers: int = 0, stats_bits: int | None = None):
@@ -95,10 +96,12 @@ class QuantLinear(nn.Module):
                                zero.view(self.out_features, self.n_groups), g_idx, self.bits, sparse=sparse,
                                scale_stats=stats)
 
+    def dense_weight(self) -> torch.Tensor:
+        return self.quantized().dequantize()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quantized().dequantize().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w, bias)
+        return F.linear(x, self.weight_for(x), bias)
 
     def extra_repr(self) -> str:
         extra = f", outliers={self.n_outliers}" if self.n_outliers else ""

@@ -118,15 +118,16 @@ def test_rerun_reuses_cache_and_a_changed_recipe_reruns(compared, tiny_dir):
 @needs_data
 @needs_data
 def test_rows_of_an_earlier_report_seed_a_new_one_only_where_the_key_holds(tiny_dir, tmp_path):
-    cfg = _config(tiny_dir, recipes=["rtn-w4"], peers=[], windows=1)
+    cfg = _config(tiny_dir, recipes=["gptq-w4"], peers=[], windows=1)
     rows = run_compare(cfg, tmp_path / "first", show_progress=False)
     fresh = tmp_path / "fresh"
     again = run_compare(cfg, fresh, show_progress=False, reuse=[tmp_path / "first" / "results.json"])
     assert [(r["name"], r["perplexity"]) for r in again] == [(r["name"], r["perplexity"]) for r in rows]
-    assert (fresh / "compare.log").read_text().count("reusing its row of an earlier report") == 2  # fp, rtn-w4
-    assert sorted(p.name for p in (fresh / "runs" / "rtn-w4").iterdir()) == ["result.json"]  # nothing ran
+    assert (fresh / "compare.log").read_text().count("reusing its row of an earlier report") == 2  # fp, gptq-w4
+    assert sorted(p.name for p in (fresh / "runs" / "gptq-w4").iterdir()) == ["result.json"]  # nothing ran
+    assert (tmp_path / "first" / "calibration.pt").exists() and not (fresh / "calibration.pt").exists()  # nor loaded
     # a changed recipe is not taken from the earlier report: it runs, and its key is its own
-    changed = run_compare(_config(tiny_dir, recipes=["rtn-w4"], peers=[], windows=1, overrides=["weights.group_size=32"]),
+    changed = run_compare(_config(tiny_dir, recipes=["gptq-w4"], peers=[], windows=1, overrides=["weights.group_size=32"]),
                           tmp_path / "changed", show_progress=False, reuse=[tmp_path / "first" / "results.json"])
     assert changed[1]["group_size"] == 32 and changed[1]["key"] != rows[1]["key"]
     assert (tmp_path / "changed" / "compare.log").read_text().count("reusing its row of an earlier report") == 1  # fp

@@ -143,7 +143,6 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
     try:
         jobs = plan_jobs(cfg)
         earlier = _reusable(list(reuse or []))  # a bad file fails here, before any model loads
-        calib = _calibration(cfg, report_dir) if any(j.needs_calibration for j in jobs) else None
         protocol = cfg.protocol()
         todo, cached = [], {}
         for job in jobs:
@@ -160,6 +159,8 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
                 todo.append(job)
             else:
                 cached[job.name] = {**row, "name": job.name}  # a label is not part of what was measured
+        # built (loading the model) only for rows that will run: a report seeded whole from cache needs none
+        calib = _calibration(cfg, report_dir) if any(j.needs_calibration for j in todo) else None
         bar = tqdm(total=len(jobs), initial=len(cached), desc="compare", unit="row", disable=not show_progress)
 
         def run_one(job: Job) -> dict:

@@ -143,7 +143,8 @@ def quantize_model(
         if cache is not None:  # "reused": every sequence of every pass was read, none computed here
             hp = report.hessian_pass
             hp.update(cache=str(cached), reused=hp.get("resumed_at", 0) == calib.shape[0] * hp.get("passes", 1))
-        earlier_seconds += report.hessian_pass["seconds"] - (time.perf_counter() - t0)  # an interrupted pass's part
+        # an interrupted pass's part (a pass read whole reports its maker's time: never below zero)
+        earlier_seconds += max(0.0, report.hessian_pass["seconds"] - (time.perf_counter() - t0))
         if store is not None:
             store.save_costs(hessian_pass=report.hessian_pass)
     elif output_adaptive and store is not None and "hessian_pass" in store.costs:  # every block stored

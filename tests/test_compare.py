@@ -116,7 +116,6 @@ def test_rerun_reuses_cache_and_a_changed_recipe_reruns(compared, tiny_dir):
 
 
 @needs_data
-@needs_data
 def test_rows_of_an_earlier_report_seed_a_new_one_only_where_the_key_holds(tiny_dir, tmp_path):
     cfg = _config(tiny_dir, recipes=["gptq-w4"], peers=[], windows=1)
     rows = run_compare(cfg, tmp_path / "first", show_progress=False)
@@ -133,6 +132,7 @@ def test_rows_of_an_earlier_report_seed_a_new_one_only_where_the_key_holds(tiny_
     assert (tmp_path / "changed" / "compare.log").read_text().count("reusing its row of an earlier report") == 1  # fp
 
 
+@needs_data
 def test_output_adaptive_rows_run_one_gradient_pass_between_them(tiny_dir, tmp_path):
     """Two OAC rows side by side: one runs the gradient pass, the other waits for it and reads it."""
     rows = run_compare(_config(tiny_dir, recipes=["gptq-w2g64-oac", "oac-w2"], peers=[], windows=1, kl=False),

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lowbit.recipes
 from lowbit.compare import CompareConfig, WeightScheme, run_compare
 from lowbit.compare.jobs import plan_jobs
-from lowbit.compare.plots import pareto_front
+from lowbit.compare.plots import pareto_front, spread_labels
 from lowbit.compare.report import gap_ratios
 from lowbit.data import data_dir
 from lowbit.errors import LowbitError
@@ -292,6 +292,20 @@ def test_pareto_front_and_gap_ratio():
             {"name": "c", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 8, "perplexity": {"w": 20.5}}]
     (g,) = gap_ratios(rows, "w")
     assert (g["lowbit"], g["peer"]) == ("b", "p") and g["ratio"] == pytest.approx(1.0 / 4.0)
+
+
+def test_spread_labels_leaves_no_two_names_overlapping():
+    # four 4-bit rows within a few pixels of each other (as in the SmolLM2 report), two far apart
+    boxes = [(500.0, 100.0, 90.0, 10.0), (502.0, 103.0, 120.0, 10.0), (498.0, 99.0, 60.0, 10.0),
+             (505.0, 101.0, 80.0, 10.0), (100.0, 100.0, 50.0, 10.0), (300.0, 400.0, 70.0, 10.0)]
+    low = spread_labels(boxes)
+    placed = [(x, y, w, h) for (x, _, w, h), y in zip(boxes, low)]
+    for i, (x, y, w, h) in enumerate(placed):
+        assert y >= boxes[i][1]  # names only move up from their point
+        for px, py, pw, ph in placed[i + 1:]:
+            assert not (x < px + pw and px < x + w and y < py + ph and py < y + h)
+    assert low[4:] == [100.0, 400.0]  # a name that covers nothing stays beside its point
+    assert max(low[:4]) - min(low[:4]) == pytest.approx(3 * 10.0, abs=3.0)  # stacked one above another
 
 
 def test_compare_cli_errors_are_one_line(tmp_path):

@@ -78,6 +78,7 @@ def _draw_pareto(ax, pts: list[tuple], fp_ppl: float | None, log: bool) -> None:
 def _label_points(fig, ax, pts: list[tuple]) -> None:
     """Names beside their points (left of a point near the right edge, so no name leaves its panel),
     moved apart where they would overlap, with a thin line back to a point whose name had to move."""
+    ax.autoscale(False)  # a leader line must not move the limits the names were placed against
     fig.canvas.draw()  # final limits and layout, so display coordinates hold
     renderer = fig.canvas.get_renderer()
     right = ax.get_window_extent(renderer).x1

@@ -75,12 +75,11 @@ def _draw_pareto(ax, pts: list[tuple], fp_ppl: float | None, log: bool) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
-def _label_points(fig, ax, pts: list[tuple]) -> None:
+def _label_points(fig, ax, pts: list[tuple], renderer) -> None:
     """Names beside their points (left of a point near the right edge, so no name leaves its panel),
-    moved apart where they would overlap, with a thin line back to a point whose name had to move."""
+    moved apart where they would overlap, with a thin line back to a point whose name had to move.
+    Needs the figure drawn at its final layout: the names are placed in its display pixels."""
     ax.autoscale(False)  # a leader line must not move the limits the names were placed against
-    fig.canvas.draw()  # final limits and layout, so display coordinates hold
-    renderer = fig.canvas.get_renderer()
     right = ax.get_window_extent(renderer).x1
     pad = 4 * fig.dpi / 72  # the 4-point gap between a point and its name
     texts, boxes, anchors = [], [], []
@@ -122,9 +121,10 @@ def plot_pareto(rows: list[dict], dataset: str, fp_ppl: float | None, out: Path)
         ax.set_xlim(lo, hi + 0.3 * (hi - lo))  # room for the names right of the highest-bit points
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
+    fig.canvas.draw()  # final limits and layout, once for every panel
     for ax, (sel, _, _) in zip(axes[0], panels):
-        _label_points(fig, ax, sel)
-    fig.savefig(out, dpi=120)
+        _label_points(fig, ax, sel, fig.canvas.get_renderer())
+    fig.savefig(out, dpi=fig.dpi)  # the names sit at pixel positions of this resolution
     plt.close(fig)
     return out
 

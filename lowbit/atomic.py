@@ -22,3 +22,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def as_umask_allows(path: str | Path) -> None:
+    """Give a file the mode ``open()`` would have (0644 under the usual umask): some writers, such
+    as safetensors' ``save_file``, create theirs 0600, unlike every other file of a checkpoint."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

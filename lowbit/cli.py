@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -15,9 +16,33 @@ import typer
 
 from lowbit.data.sources import check_data_available
 from lowbit.errors import LowbitError
+from lowbit.models.resolve import resolve
+from lowbit.phases import Phases
 
+# Everything here validates its input before torch or transformers are imported (seconds of CPU
+# and 500 MB), so that a typo costs a fraction of a second; heavy imports sit inside the commands.
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization of LLMs.")
 log = logging.getLogger("lowbit")
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"lowbit {version('lowbit')}")
+        except PackageNotFoundError:  # run from a checkout that is not installed
+            from lowbit import __version__
+
+            typer.echo(f"lowbit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print lowbit's version and exit")) -> None:
+    """Post-training quantization of LLMs: GPTQ, QuIP, OAC, RPTQ, ASER behind one command line."""
 
 
 def _datasets(spec: str) -> list[str]:
@@ -35,18 +60,32 @@ def _check_windows(windows: Optional[int]) -> None:
         raise LowbitError(f"--windows must be a positive integer, got {windows}")
 
 
+def _check_device(name: Optional[str]) -> None:
+    """The device's spelling, checked without torch; whether it exists is checked by :func:`_device`."""
+    if name is not None and not DEVICE.fullmatch(name):
+        raise LowbitError(f"unknown device '{name}' (cpu, cuda, cuda:N)")
+
+
 def _device(name: Optional[str]):
     import torch
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise LowbitError(f"unknown device '{name}' (cpu, cuda, cuda:N)") from None
+    dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LowbitError(f"device '{name}' asked for, but no CUDA GPU is available")
     return dev
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """An output folder (or the nearest folder above it that exists) must be a folder we may write."""
+    if path.exists() and not path.is_dir():
+        raise LowbitError(f"{flag} {path} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LowbitError(f"{flag} {path}: cannot write in {existing}")
 
 
 def _ppl_table(rows: dict[str, dict[str, float]], datasets: list[str]) -> str:
@@ -75,43 +114,53 @@ def quantize(
 ) -> None:
     """Quantize MODEL with a recipe and write a packed checkpoint to OUT."""
     from lowbit import recipes
+
+    phases = Phases()
+    rec = recipes.apply_overrides(recipes.get(recipe), set_)
+    given = dict(nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling)
+    overrides = {k: v for k, v in given.items() if v is not None}
+    rec.calibration = dataclasses.replace(rec.calibration, **overrides)
+    rec.validate()
+    datasets = _datasets(eval_ppl)
+    _check_windows(windows)
+    _check_device(device)
+    _check_writable(out, "--out")
+    if hessian_cache is not None:
+        _check_writable(hessian_cache, "--hessian-cache")
+    ref = resolve(model)
+    if datasets or rec.needs_calibration:
+        check_data_available()
+
     from lowbit.api import calibration_for
     from lowbit.eval import perplexity
     from lowbit.export import save
     from lowbit.models import load_model
     from lowbit.pipeline import quantize_model
 
-    rec = recipes.apply_overrides(recipes.get(recipe), set_)
-    overrides = {k: v for k, v in dict(nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling).items() if v is not None}
-    rec.calibration = dataclasses.replace(rec.calibration, **overrides)
-    rec.validate()
-    datasets = _datasets(eval_ppl)
-    _check_windows(windows)
     dev = _device(device)
-    if out.exists() and not out.is_dir():
-        raise LowbitError(f"--out {out} exists and is not a directory")
-    if hessian_cache is not None and hessian_cache.exists() and not hessian_cache.is_dir():
-        raise LowbitError(f"--hessian-cache {hessian_cache} exists and is not a directory")
-    if datasets or rec.needs_calibration:
-        check_data_available()
-
-    m, tok = load_model(model)
-    m.to(dev)
+    with phases("load"):
+        m, tok = load_model(ref)
+        m.to(dev)
     rows: dict[str, dict[str, float]] = {}
     if datasets:
-        rows["full precision"] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
-    calib = calibration_for(rec, tok, m) if rec.needs_calibration else None
+        with phases("eval of the full model"):
+            rows["full precision"] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
+    with phases("calibration set"):
+        calib = calibration_for(rec, tok, m) if rec.needs_calibration else None
     progress = out / ".progress"
     try:
-        report = quantize_model(m, rec, calib, progress_dir=progress, resume=resume, hessian_cache=hessian_cache)
+        with phases("quantization"):
+            report = quantize_model(m, rec, calib, progress_dir=progress, resume=resume, hessian_cache=hessian_cache)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; finished blocks are kept in {progress}: rerun with --resume", err=True)
         raise typer.Exit(130)
     if report.resumed_blocks:
         log.info("resumed %d finished blocks from %s", report.resumed_blocks, progress)
-    save(m, out, tok, report)
-    shutil.rmtree(progress, ignore_errors=True)
-    typer.echo(f"saved {rec.name} checkpoint to {out} ({report.total_seconds:.1f} s, peak {report.peak_memory_mb:.0f} MB)")
+    with phases("save"):
+        save(m, out, tok, report)
+        shutil.rmtree(progress, ignore_errors=True)
+    typer.echo(f"saved {rec.name} checkpoint to {out} (quantization {report.total_seconds:.1f} s, "
+               f"peak {report.peak_memory_mb:.0f} MB by its end)")
     if report.hessian_pass:
         hp = report.hessian_pass
         typer.echo(f"output-adaptive Hessian pass: {hp['seconds']:.1f} s, peak {hp['peak_memory_mb']:.0f} MB"
@@ -124,14 +173,16 @@ def quantize(
     if report.layers:
         typer.echo(f"largest relative layer errors (all layers in {out / 'report.json'}):\n{report.worst()}")
     if datasets:
-        rows[rec.name] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
+        with phases("eval of the quantized model"):
+            rows[rec.name] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
         (out / "eval.json").write_text(json.dumps({"windows": windows, "perplexity": rows}, indent=1))
         typer.echo(_ppl_table(rows, datasets))
+    typer.echo(phases.summary())
 
 
 def _checkpoint_log_dir(model: str) -> Optional[Path]:
     """A lowbit checkpoint's own per-window log: its files never change, so its results stay valid."""
-    from lowbit.models.loading import CHECKPOINT_MARKER
+    from lowbit.models.resolve import CHECKPOINT_MARKER
 
     path = Path(model)
     return path / "eval-log" if (path / CHECKPOINT_MARKER).is_file() and os.access(path, os.W_OK) else None
@@ -160,9 +211,6 @@ def evaluate(
                                           "windows, memory of the unquantized model; same numbers"),
 ) -> None:
     """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol; zero-shot tasks with --tasks."""
-    from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
-    from lowbit.models import load_model
-
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     datasets = _datasets(ppl if ppl is not None else ("" if task_list else "wikitext2,c4"))
     _check_windows(windows)
@@ -170,17 +218,26 @@ def evaluate(
         raise LowbitError(f"--seqlen must be at least 2, got {seqlen}")
     if limit is not None and limit <= 0:
         raise LowbitError(f"--limit must be a positive integer, got {limit}")
-    dev = _device(device)
+    _check_device(device)
+    if log is not None:
+        _check_writable(log, "--log")
+    ref = resolve(model)
+    if kl and kl_ref:
+        resolve(kl_ref)
     if datasets:
         check_data_available()
     if task_list:
         from lowbit.eval.harness import check_tasks
 
         check_tasks(task_list, task_path)  # before hours of perplexity, not after
-    if log is not None and log.exists() and not log.is_dir():
-        raise LowbitError(f"--log {log} exists and is not a directory")
     logs = None if no_log else (log or _checkpoint_log_dir(model))
-    m, tok = load_model(model)
+    if logs is not None and datasets:
+        typer.echo(f"per-window log: {logs} (a rerun reads finished windows from it; --no-log keeps none)", err=True)
+    from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
+    from lowbit.models import load_model
+
+    dev = _device(device)
+    m, tok = load_model(ref)
     m.to(dev)
     if keep_dequantized:
         from lowbit.runtime import keep_dequantized as keep
@@ -235,10 +292,9 @@ def compare_cmd(
                                      "recipe and protocol are unchanged are taken from it, not run again"),
 ) -> None:
     """Run recipes and peers under one calibration set and protocol; write DIR/report.md and report.html."""
-    from lowbit.compare import CompareConfig, run_compare
+    from lowbit.compare import CompareConfig
 
-    if device is not None:
-        _device(device)
+    _check_device(device)
     cfg = CompareConfig(model=model, recipes=[r.strip() for r in recipes_.split(",") if r.strip()],
                         peers=[p.strip() for p in peers.split(",") if p.strip()], overrides=list(set_),
                         nsamples=nsamples, calib_seqlen=seqlen, seed=seed, datasets=_datasets(ppl), windows=windows,
@@ -247,7 +303,12 @@ def compare_cmd(
         raise LowbitError("--ppl needs at least one dataset")
     if jobs <= 0:
         raise LowbitError(f"--jobs must be a positive integer, got {jobs}")
+    resolve(model)
     check_data_available()
+    if device is not None:
+        _device(device)
+    from lowbit.compare import run_compare
+
     try:
         rows = run_compare(cfg, report, jobs_at_once=jobs, reuse=reuse)
     except KeyboardInterrupt:
@@ -274,7 +335,7 @@ def export_lora_cmd(
 ) -> None:
     """Write the checkpoint's low-rank error branches as a PEFT LoRA adapter."""
     from lowbit.export import export_lora, load_quantized
-    from lowbit.models.loading import CHECKPOINT_MARKER
+    from lowbit.models.resolve import CHECKPOINT_MARKER
 
     if not (checkpoint / CHECKPOINT_MARKER).exists():
         raise LowbitError(f"{checkpoint} is not a lowbit checkpoint (no {CHECKPOINT_MARKER})")
@@ -284,16 +345,57 @@ def export_lora_cmd(
 
 
 @app.command("recipes")
-def list_recipes() -> None:
-    """List the preset recipes."""
+def list_recipes(
+    name: Optional[str] = typer.Argument(None, help="a preset: print its full description and YAML"),
+) -> None:
+    """The preset recipes as a table; with NAME, one preset in full."""
+    import textwrap
+
+    import yaml
+
     from lowbit import recipes
 
-    for name in recipes.presets():
-        typer.echo(f"{name:16s} {recipes.get(name).description}")
+    if name is not None:
+        rec = recipes.get(name)
+        typer.echo(textwrap.fill(f"{rec.name}: {rec.description}", width=100) + "\n")
+        typer.echo(yaml.safe_dump(rec.to_dict(), sort_keys=False, allow_unicode=True).rstrip())
+        return
+    rows = [_recipe_row(recipes.get(n)) for n in recipes.presets()]
+    head = ("recipe", "weights", "activations", "calibration", "method")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+    for r in [head, *rows]:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    typer.echo("\n`lowbit recipes NAME` prints one preset in full (description and YAML).")
+
+
+def _recipe_row(rec) -> tuple[str, str, str, str, str]:
+    """One line per preset, derived from its sections (nothing to keep in step with the YAML)."""
+    w, a, t, h, sm, lr = rec.weights, rec.activations, rec.transform, rec.hessian, rec.smoothing, rec.lowrank
+    weights = "float" if w.method == "none" else f"W{w.bits}" + (f"g{w.group_size}" if w.group_size else "")
+    acts = "-" if not a.enabled else f"A{a.bits}" + (f" KV{a.kv_bits}" if a.kv_bits < 16 else "") + f" {a.granularity}"
+    calib = f"{rec.calibration.nsamples}×{rec.calibration.seqlen}" if rec.needs_calibration else "none"
+    parts = [{"ldlq": "LDLQ", "billm": "BiLLM"}.get(w.method, w.method.upper())]
+    parts += [f"incoherence ({t.incoherence})"] if t.incoherence != "none" else []
+    parts += ["OAC Hessian"] if h.source == "output_adaptive" else []
+    parts += ["act-order"] if w.act_order else []
+    parts += ["clip search"] if w.clip_search else []
+    parts += [f"greedy ×{w.greedy_passes}"] if w.greedy_passes else []
+    parts += [f"{w.outlier_fraction:.0%} outliers"] if w.outlier_fraction else []
+    parts += [f"smoothing α={sm.alpha}"] if sm.alpha is not None else []
+    parts += [f"{sm.outliers} outlier columns"] if sm.outliers else []
+    parts += [("whitened " if lr.whiten else "") + "low-rank"] if lr.enabled else []
+    parts += ["reordered clusters"] if a.enabled and a.granularity == "cluster" and a.reorder else []
+    return rec.name, weights, acts, calib, ", ".join(parts)
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # lowbit's own messages once, on stderr; other libraries keep their own logging set-up
+    # (a root handler here printed every hub warning twice)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         app()
     except LowbitError as exc:

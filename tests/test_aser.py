@@ -10,7 +10,7 @@ from conftest import ARCHITECTURES, full_and_resumed, tiny_llama
 from lowbit.activations.calibrate import calibrate_block
 from lowbit.errors import LowbitError
 from lowbit.export.load import load_quantized
-from lowbit.export.save import save
+from lowbit.export.write import save
 from lowbit.models import find_blocks
 from lowbit.models.layout import block_layout
 from lowbit.pipeline import quantize_model

@@ -1,5 +1,6 @@
 """Bad input fails fast with one line on stderr and exit code 2, before any model is loaded."""
 
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,14 @@ def _lowbit(*args, timeout=120):
     (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--nsamples", "0"], "nsamples must be a positive"),
     (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--eval", "ptb"], "unknown dataset 'ptb'"),
     (["eval", "smollm2-135m", "--windows", "0"], "--windows must be a positive integer"),
-    (["eval", "./no/such/dir"], "not a directory with a Hugging Face model"),
+    (["eval", "./no/such/dir"], "model path './no/such/dir' does not exist"),
+    (["eval", "tests/no-such-checkpoint"], "model path 'tests/no-such-checkpoint' does not exist"),
+    (["eval", "lowbit"], "model path 'lowbit' is not a directory with a Hugging Face model (no config.json)"),
+    (["eval", "pyproject.toml"], "model path 'pyproject.toml' is not a directory with a Hugging Face model"),
+    (["quantize", "smollm2-135m", "--recipe", "rtn-w4", "--out", "pyproject.toml"],
+     "--out pyproject.toml exists and is not a directory"),
+    (["quantize", "smollm2-135m", "--recipe", "rtn-w4", "--out", "pyproject.toml/x"], "cannot write in pyproject.toml"),
+    (["recipes", "gptq-w9"], "unknown recipe 'gptq-w9'"),
     (["eval", "smollm2-135m", "--device", "tpu9"], "unknown device 'tpu9'"),
     (["quantize", "smollm2-135m", "--recipe", "rptq-w4a4", "--out", "x", "--set", "activations.bits=9"],
      "activations.bits must be an integer from 2 to 8, or 16"),
@@ -38,6 +46,54 @@ def test_bad_input_is_one_line_error(args, message):
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_errors_come_before_torch_is_imported():
+    """Validation, model resolution and data checks cost a fraction of a second, not torch's import."""
+    code = ("import sys\nfrom lowbit import cli\nsys.argv = ['lowbit', 'quantize', 'smollm2-135m', '--recipe', "
+            "'gptq-w4', '--out', 'x', '--nsamples', '0']\ntry:\n    cli.main()\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["2", "False", "False"], r.stdout + r.stderr
+
+
+def test_missing_lowbit_data_folder_is_an_error(tmp_path):
+    env = {**os.environ, "LOWBIT_DATA": str(tmp_path / "nope")}
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", "smollm2-135m", "--windows", "1"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and f"LOWBIT_DATA={tmp_path / 'nope'} is not a folder" in r.stderr, r.stderr
+
+
+def test_help_renders_switches_and_argument_names():
+    for args in (["--help"], ["quantize", "--help"], ["eval", "--help"], ["compare", "--help"]):
+        r = _lowbit(*args)
+        assert r.returncode == 0, r.stderr
+        assert "<bool>" not in r.stdout and "{model}" not in r.stdout and "Usage:" in r.stdout, r.stdout
+    assert "[OPTIONS] MODEL" in _lowbit("eval", "--help").stdout
+
+
+def test_version():
+    from lowbit import __version__
+
+    r = _lowbit("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"lowbit {__version__}"
+
+
+def test_recipes_table_and_one_recipe_in_full():
+    from lowbit import recipes
+
+    r = _lowbit("recipes")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].split() == ["recipe", "weights", "activations", "calibration", "method"]
+    rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("`")}
+    assert set(rows) == set(recipes.presets())
+    assert max(len(line) for line in lines) <= 120
+    assert rows["gptq-w3g128"].split()[1:4] == ["W3g128", "-", "128×2048"]
+    assert rows["rtn-w4"].split()[1:4] == ["W4", "-", "none"]
+    full = _lowbit("recipes", "quip-w3")
+    assert full.returncode == 0
+    data = __import__("yaml").safe_load(full.stdout.split("\n\n", 1)[1])
+    assert data == recipes.get("quip-w3").to_dict()  # the YAML printed is the recipe itself
 
 
 def test_bad_recipe_file_key(tmp_path):

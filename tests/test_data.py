@@ -9,7 +9,7 @@ from lowbit.data import calibration, data_dir, eval_windows, wikitext2_test_rows
 from lowbit.data.protocol import eval_text
 from lowbit.errors import LowbitError
 
-pytestmark = pytest.mark.skipif(data_dir() is None, reason="needs ../shared/data or LOWBIT_DATA")
+pytestmark = pytest.mark.skipif(data_dir() is None, reason="LOWBIT_DATA=hub: these check the local text")
 
 WIKITEXT_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 
@@ -88,3 +88,64 @@ def test_bos_per_window_for_gemma_style_models(tok):
     assert torch.all(wins[:, 0] == tok.bos_token_id)
     plain = eval_windows("wikitext2", tok, seqlen=64, windows=3, model_type="llama")
     assert torch.equal(wins[0, 1:], plain.reshape(-1)[:63])
+
+
+def test_embedded_text_is_the_protocols_text(monkeypatch, tmp_path):
+    """With no data folder anywhere, the copy shipped in the package is read, and it is the same text."""
+    from lowbit.data import sources
+
+    shared = (wikitext2_test_rows(), sources.c4_documents("train"), sources.c4_documents("validation"))
+    monkeypatch.delenv("LOWBIT_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sources, "CHECKOUT", tmp_path / "checkout")
+    for cached in (sources.wikitext2_test_rows, sources.c4_documents):
+        cached.cache_clear()
+    try:
+        assert sources.data_dir() == sources.EMBEDDED
+        assert hashlib.sha256((sources.EMBEDDED / "wikitext-2-raw" / "wiki.test.raw").read_bytes()).hexdigest() \
+            == WIKITEXT_SHA256
+        embedded = (wikitext2_test_rows(), sources.c4_documents("train"), sources.c4_documents("validation"))
+        assert embedded == shared
+        assert [len(x) for x in embedded] == [4358, 1041, 1025]
+    finally:
+        for cached in (sources.wikitext2_test_rows, sources.c4_documents):
+            cached.cache_clear()
+
+
+def test_damaged_embedded_file_is_refused(monkeypatch, tmp_path):
+    import shutil
+
+    from lowbit.data import sources
+
+    copy = tmp_path / "text"
+    shutil.copytree(sources.EMBEDDED, copy)
+    (copy / "wikitext-2-raw" / "wiki.test.raw").write_bytes(b" = Robert Boulter = \n")
+    monkeypatch.setattr(sources, "EMBEDDED", copy)
+    monkeypatch.setenv("LOWBIT_DATA", str(copy))  # the folder is found; it is the embedded one that is checked
+    sources.wikitext2_test_rows.cache_clear()
+    try:
+        with pytest.raises(LowbitError, match="is damaged"):
+            wikitext2_test_rows()
+    finally:
+        sources.wikitext2_test_rows.cache_clear()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\xff\xfe\x00binary", "is not UTF-8 text"),
+    (b'{"txt": "no text field"}\n', "is not JSON lines with a 'text' field"),
+    (b'{"text": "cut off', "is not JSON lines with a 'text' field"),
+])
+def test_bad_user_data_folder_is_one_error(monkeypatch, tmp_path, content, message):
+    from lowbit.data import sources
+
+    (tmp_path / "c4").mkdir()
+    (tmp_path / "c4" / "c4-validation.00000-of-00008.head.jsonl").write_bytes(content)
+    monkeypatch.setenv("LOWBIT_DATA", str(tmp_path))
+    sources.c4_documents.cache_clear()
+    try:
+        with pytest.raises(LowbitError, match=message):
+            sources.c4_documents("validation")
+        with pytest.raises(LowbitError, match="no wikitext-2-raw/wiki.test.raw in the data folder"):
+            sources.wikitext2_test_rows.__wrapped__()
+    finally:
+        sources.c4_documents.cache_clear()

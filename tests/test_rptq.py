@@ -11,7 +11,7 @@ from lowbit.activations import ActQuantizer
 from lowbit.activations.calibrate import active_sites, observe_block, plan_block
 from lowbit.errors import LowbitError
 from lowbit.export.load import load_quantized
-from lowbit.export.save import save
+from lowbit.export.write import save
 from lowbit.models import find_blocks
 from lowbit.models.layout import block_layout
 from lowbit.pipeline import quantize_model

@@ -1,12 +1,15 @@
-"""Raw text: local files (``$LOWBIT_DATA`` or a ``shared/data`` beside the checkout) or the hub.
+"""Raw text, from the first of: ``$LOWBIT_DATA``, a ``shared/data`` folder beside the checkout (or
+the working directory), the copy embedded in the package (``lowbit/data/text``, sha256 checked).
 
-Local layout (same as the hub files): ``wikitext-2-raw/wiki.test.raw`` and
+``LOWBIT_DATA=hub`` reads the full shards from the Hugging Face hub instead (``lowbit[hub]``).
+Layout of a data folder (the same as the hub files): ``wikitext-2-raw/wiki.test.raw`` and
 ``c4/c4-{train.00000-of-01024,validation.00000-of-00008}*.jsonl``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,24 +22,30 @@ C4_FILES = {
     "train": "en/c4-train.00000-of-01024.json.gz",
     "validation": "en/c4-validation.00000-of-00008.json.gz",
 }
+EMBEDDED = Path(__file__).resolve().parent / "text"
+HUB = "hub"  # the value of LOWBIT_DATA that asks for the hub's full shards
+CHECKOUT = Path(__file__).resolve().parents[2]  # a source checkout's root (site-packages when installed)
 
 
 def data_dir() -> Path | None:
-    """The first directory that exists of ``$LOWBIT_DATA``, ``./shared/data``, ``../shared/data``."""
-    candidates = []
-    if os.environ.get("LOWBIT_DATA"):
-        candidates.append(Path(os.environ["LOWBIT_DATA"]))
-    repo = Path(__file__).resolve().parents[2]
-    for base in (Path.cwd(), repo):
-        candidates += [base / "shared" / "data", base.parent / "shared" / "data"]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
+    """The folder text is read from; ``None`` means the hub (``LOWBIT_DATA=hub``)."""
+    env = os.environ.get("LOWBIT_DATA")
+    if env:
+        if env == HUB:
+            return None
+        if not Path(env).expanduser().is_dir():
+            raise LowbitError(f"LOWBIT_DATA={env} is not a folder (it needs wikitext-2-raw/ and c4/; "
+                              f"unset it to use the text embedded in lowbit, or set it to '{HUB}')")
+        return Path(env).expanduser()
+    for base in (Path.cwd(), CHECKOUT):
+        for candidate in (base / "shared" / "data", base.parent / "shared" / "data"):
+            if candidate.is_dir():
+                return candidate
+    return EMBEDDED
 
 
 def check_data_available() -> None:
-    """Fail fast (before a model is loaded) when neither local files nor the hub loader exist."""
+    """Fail fast (before a model is loaded) when the text cannot be had."""
     if data_dir() is None:
         _datasets_module()
 
@@ -45,21 +54,35 @@ def _datasets_module():
     try:
         import datasets
     except ImportError:
-        raise LowbitError(
-            "no local data found (set LOWBIT_DATA to a folder with wikitext-2-raw/ and c4/) "
-            'and the hub fallback needs `pip install "lowbit[hub]"`'
-        ) from None
+        raise LowbitError(f'LOWBIT_DATA={HUB} needs `pip install "lowbit[hub]"`') from None
     return datasets
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_sums() -> dict[str, str]:
+    lines = (EMBEDDED / "SHA256SUMS").read_text().splitlines()
+    return {name: digest for digest, name in (line.split() for line in lines if line.strip())}
+
+
+def read_bytes(root: Path, relative: str) -> bytes:
+    """A data file's bytes; the embedded copy must match its recorded sha256."""
+    data = (root / relative).read_bytes()
+    if root == EMBEDDED and hashlib.sha256(data).hexdigest() != _embedded_sums().get(relative):
+        raise LowbitError(f"embedded data file {root / relative} is damaged (sha256 differs); reinstall lowbit")
+    return data
 
 
 @functools.lru_cache(maxsize=2)
 def wikitext2_test_rows() -> tuple[str, ...]:
     """The rows of WikiText-2-raw-v1 ``test`` exactly as the ``datasets`` loader yields them."""
     root = data_dir()
-    if root is not None and (root / "wikitext-2-raw" / "wiki.test.raw").exists():
-        raw = (root / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
-        return tuple(line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1])
-    return tuple(_hub("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+    if root is None:
+        return tuple(_hub("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+    relative = "wikitext-2-raw/wiki.test.raw"
+    if not (root / relative).is_file():
+        raise LowbitError(f"no {relative} in the data folder {root}")
+    raw = _decode(root, relative)
+    return tuple(line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1])
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,13 +91,23 @@ def c4_documents(split: str) -> tuple[str, ...]:
     if split not in C4_FILES:
         raise LowbitError(f"unknown C4 split '{split}' (train, validation)")
     root = data_dir()
-    if root is not None:
-        local = sorted((root / "c4").glob(f"c4-{split}.*.jsonl")) if (root / "c4").is_dir() else []
-        if local:
-            with open(local[0], encoding="utf-8") as f:
-                return tuple(json.loads(line)["text"] for line in f if line.strip())
-    ds = _hub("allenai/c4", data_files={split: C4_FILES[split]}, split=split)
-    return tuple(ds["text"])
+    if root is None:
+        return tuple(_hub("allenai/c4", data_files={split: C4_FILES[split]}, split=split)["text"])
+    local = sorted((root / "c4").glob(f"c4-{split}.*.jsonl")) if (root / "c4").is_dir() else []
+    if not local:
+        raise LowbitError(f"no c4/c4-{split}.*.jsonl in the data folder {root}")
+    relative = str(local[0].relative_to(root))
+    try:  # split on "\n" only: a document may hold other line separators (U+2028)
+        return tuple(json.loads(line)["text"] for line in _decode(root, relative).split("\n") if line.strip())
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LowbitError(f"{root / relative} is not JSON lines with a 'text' field") from None
+
+
+def _decode(root: Path, relative: str) -> str:
+    try:
+        return read_bytes(root, relative).decode("utf-8")
+    except UnicodeDecodeError:
+        raise LowbitError(f"{root / relative} is not UTF-8 text") from None
 
 
 def _hub(*args, **kwargs):
@@ -82,4 +115,5 @@ def _hub(*args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # network, auth, missing files: say what to do instead
-        raise LowbitError(f"could not load {args[0]} from the hub ({exc}); set LOWBIT_DATA") from None
+        raise LowbitError(f"could not load {args[0]} from the hub ({type(exc).__name__}); "
+                          "unset LOWBIT_DATA to use the text embedded in lowbit") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from lowbit.errors import LowbitError
-from lowbit.models.loading import CHECKPOINT_MARKER
+from lowbit.models.resolve import CHECKPOINT_MARKER
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -68,7 +68,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
     report = json.loads((path / "report.json").read_text()) if (path / "report.json").exists() else {}
     errors = {r["name"]: r.get("rel_output_error") for r in report.get("layers", [])}
     sizes: dict[str, int] = {}
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
+    with safe_open(str(path / "model.safetensors"), "numpy") as f:  # header only: no torch
         for key in f.keys():
             sl = f.get_slice(key)
             n = 1

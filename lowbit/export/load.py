@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from lowbit.activations.install import restore
 from lowbit.errors import LowbitError
-from lowbit.models.loading import CHECKPOINT_MARKER
+from lowbit.models.resolve import CHECKPOINT_MARKER
 from lowbit.runtime import empty_module
 from lowbit.runtime.build import scales_key
 

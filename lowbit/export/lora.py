@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lowbit.atomic import as_umask_allows
 from lowbit.errors import LowbitError
 from lowbit.runtime import LowRankLinear
 
@@ -39,6 +40,7 @@ def export_lora(model: nn.Module, out_dir: str | Path) -> Path:
         tensors[f"base_model.model.{name}.lora_B.weight"] = a.detach().to(torch.float16).cpu().contiguous()
         ranks[name] = int(a.shape[1])
     save_file(tensors, str(out / "adapter_model.safetensors"))
+    as_umask_allows(out / "adapter_model.safetensors")
     r = max(ranks.values())
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,

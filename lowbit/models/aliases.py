@@ -21,14 +21,16 @@ class GGUFAlias:
     hub_id: str
     install: str
 
-    def gguf_path(self) -> Path:
+    def check_installed(self) -> importlib.metadata.Distribution:
         try:
-            dist = importlib.metadata.distribution(self.package)
+            return importlib.metadata.distribution(self.package)
         except importlib.metadata.PackageNotFoundError:
             raise LowbitError(
                 f"model alias '{self.name}' needs the package {self.package}: {self.install}"
             ) from None
-        return self._locate(dist)
+
+    def gguf_path(self) -> Path:
+        return self._locate(self.check_installed())
 
     def _locate(self, dist: importlib.metadata.Distribution) -> Path:
         for f in dist.files or []:

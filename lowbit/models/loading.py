@@ -17,10 +17,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from lowbit.errors import LowbitError
 from lowbit.models.aliases import ALIASES, GGUFAlias
+from lowbit.models.resolve import CHECKPOINT_MARKER, ModelRef, resolve
+
+__all__ = ["CHECKPOINT_MARKER", "cache_dir", "load_model"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_MARKER = "lowbit_config.json"
 
 
 def cache_dir() -> Path:
@@ -28,30 +29,28 @@ def cache_dir() -> Path:
 
 
 def load_model(
-    name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
+    name_or_path: str | os.PathLike | ModelRef, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` in eval mode; ``model.lowbit_source`` records where it came from.
 
     ``dtype`` defaults to float32 for float models and to the saved dtype for lowbit checkpoints.
+    A :class:`ModelRef` from :func:`~lowbit.models.resolve.resolve` is not resolved again.
     """
-    name = str(name_or_path)
-    path = Path(name).expanduser()
-    if path.is_dir() and (path / CHECKPOINT_MARKER).exists():
+    ref = name_or_path if isinstance(name_or_path, ModelRef) else resolve(str(name_or_path))
+    if ref.kind == "checkpoint":
         from lowbit.export.load import load_quantized
 
-        return load_quantized(path, dtype=dtype)
+        return load_quantized(ref.path, dtype=dtype)
     dtype = dtype or torch.float32
-    if name in ALIASES:
-        model, tok = _load_local(_cached_alias(ALIASES[name]), dtype)
-        model.lowbit_source = name
+    if ref.kind == "alias":
+        model, tok = _load_local(_cached_alias(ALIASES[ref.name]), dtype)
+        model.lowbit_source = ref.name
         return model, tok
-    if path.is_dir():
-        model, tok = _load_local(path, dtype)
-        model.lowbit_source = str(path.resolve())
+    if ref.kind == "local":
+        model, tok = _load_local(ref.path, dtype)
+        model.lowbit_source = str(ref.path.resolve())
         return model, tok
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise LowbitError(f"model path '{name}' is not a directory with a Hugging Face model")
-    return _load_hub(name, dtype)
+    return _load_hub(ref.name, dtype)
 
 
 def _check_causal_lm(config, name: str) -> None:

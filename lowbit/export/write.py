@@ -19,8 +19,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lowbit.activations.install import activation_metadata
+from lowbit.atomic import as_umask_allows
 from lowbit.errors import LowbitError
-from lowbit.models.loading import CHECKPOINT_MARKER
+from lowbit.models.resolve import CHECKPOINT_MARKER
 from lowbit.pipeline.report import QuantReport
 from lowbit.runtime import layer_metadata, packed_module
 
@@ -60,6 +61,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBa
         seen[ident] = key
         tensors[key] = value.detach().cpu().contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "lowbit", "version": str(FORMAT_VERSION)})
+    as_umask_allows(out / "model.safetensors")
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

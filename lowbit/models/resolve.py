@@ -1,0 +1,88 @@
+"""What a model argument names, decided without torch or transformers (so a typo fails in well
+under a second): a lowbit checkpoint, a built-in alias, a local Hugging Face folder, or a hub id.
+
+A name that looks like a path never goes to the hub, and the hub is asked once, with a short
+timeout, before ``transformers`` would retry for half a minute.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lowbit.errors import LowbitError
+from lowbit.models.aliases import ALIASES
+
+CHECKPOINT_MARKER = "lowbit_config.json"
+HUB_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    kind: Literal["checkpoint", "alias", "local", "hub"]
+    name: str  # as the user gave it
+    path: Path | None = None  # for checkpoints and local folders
+
+
+def looks_local(name: str) -> bool:
+    """A path, not a hub id ``org/name``: starts like one, has two slashes, or its first part exists here."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or name.count("/") > 1:
+        return True
+    first = name.split("/")[0]
+    return "/" in name and Path(first).exists()
+
+
+def resolve(name: str, *, check_hub: bool = True) -> ModelRef:
+    """Classify ``name``; a missing path or an unreachable hub id is a one-line error."""
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / CHECKPOINT_MARKER).is_file():
+        return ModelRef("checkpoint", name, path)
+    if name in ALIASES:
+        ALIASES[name].check_installed()
+        return ModelRef("alias", name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LowbitError(f"model path '{name}' is not a directory with a Hugging Face model (no config.json)")
+        return ModelRef("local", name, path)
+    if path.exists() or looks_local(name):
+        what = "does not exist" if not path.exists() else "is not a directory with a Hugging Face model"
+        raise LowbitError(f"model path '{name}' {what}")
+    if check_hub:
+        _check_hub(name)
+    return ModelRef("hub", name)
+
+
+def _unknown(name: str, why: str) -> LowbitError:
+    known = ", ".join(sorted(ALIASES))
+    return LowbitError(f"unknown model '{name}': not a built-in alias ({known}), a local directory, "
+                       f"or a Hugging Face id that can be loaded ({why})")
+
+
+def _check_hub(name: str) -> None:
+    """One request for the id's config; offline, a cached copy is used as it is."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants, try_to_load_from_cache
+        from huggingface_hub.errors import RepositoryNotFoundError
+    except ImportError:  # transformers depends on it; without it nothing loads from the hub
+        raise _unknown(name, "huggingface_hub is not installed") from None
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        raise _unknown(name, "not a valid id") from None
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise _unknown(name, "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache")
+        return
+    try:
+        huggingface_hub.model_info(name, timeout=HUB_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise _unknown(name, "the hub has no such model, or it is private: log in with `hf auth login`") from None
+    except Exception as exc:  # network down, DNS, timeout, proxy
+        if not cached:
+            raise _unknown(name, f"the hub cannot be reached: {type(exc).__name__}") from None
+        # use the cached copy without transformers' retries against an unreachable hub
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True

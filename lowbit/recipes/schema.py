@@ -7,7 +7,9 @@ out-of-range values are rejected with a one-line message before any model is loa
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -23,9 +25,77 @@ ACT_SITES = SMOOTHING_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")  # th
 FLOAT_BITS = 16  # activations (or the KV cache) left in floating point
 
 
-def _positive_int(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise LowbitError(f"{what} must be a positive integer, got {value!r}")
+# Upper bounds no real run comes near: a typo (an extra zero, a seed pasted as a count) fails here, not after hours.
+MAX_NSAMPLES = 100_000          # calibration sequences
+MAX_SEQLEN = 1_048_576          # tokens per calibration sequence (2**20)
+MAX_WIDTH = 65_536              # group_size, blocksize, lowrank.rank, smoothing.outliers: columns of one layer
+MAX_CLUSTERS = 4_096            # activation clusters (more than a layer's channels are cut to them when clustering)
+MAX_GREEDY_PASSES = 100         # QuIP's coordinate-descent passes (the presets use 1)
+MAX_HESSIAN_PASSES = 1_024      # output-adaptive gradient passes (a 7B Llama has 224 linear layers to share out)
+MAX_SEED = 2**32 - 1            # KMeans' random_state (numpy) takes no larger seed
+MAX_RMS_MULT = 100.0            # QuIP's per-matrix grid ±rms_mult·RMS(W) (the paper: 2.4)
+
+
+def _is_int(value: Any) -> bool:
+    """Counts are real ints: YAML's ``true`` is an int to Python and ``12.0`` would be cast silently later."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(value: Any, what: str, lo: int, hi: int, *, null: bool = False) -> None:
+    """An integer in ``[lo, hi]`` (or None with ``null``), named in one line when it is not."""
+    if (null and value is None) or (_is_int(value) and lo <= value <= hi):
+        return
+    kind = {0: "a non-negative integer", 1: "a positive integer"}.get(lo)
+    rule = f"{kind} (at most {hi})" if kind else f"an integer from {lo} to {hi}"
+    raise LowbitError(f"{what} must be {rule}{' or null' if null else ''}, got {value!r}")
+
+
+def _float(value: Any, what: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
+           null: bool = False) -> None:
+    """A finite number in the interval: YAML's ``.inf``/``.nan`` would be saved as Infinity/NaN and compute nan."""
+    if null and value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    finite = number and (isinstance(value, int) or math.isfinite(value))  # an int is exact: no float(), no overflow
+    if finite and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi):
+        return
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    raise LowbitError(f"{what} must be a number in {interval}{' or null' if null else ''}, got {value!r}")
+
+
+def _bool(value: Any, what: str) -> None:
+    """A switch is ``true``/``false``: ``1`` or ``"yes"`` would be truthy by accident."""
+    if not isinstance(value, bool):
+        raise LowbitError(f"{what} must be true or false, got {value!r}")
+
+
+def _choice(value: Any, what: str, options: tuple[str, ...]) -> None:
+    """One of a fixed set of names, spelled exactly (a list or a number is no name)."""
+    if not (isinstance(value, str) and value in options):
+        raise LowbitError(f"{what} must be one of {', '.join(options)}, got {value!r}")
+
+
+def _str(value: Any, what: str) -> None:
+    """Free text (name, description) must be text: ``name: 5`` is a number YAML read, not a name."""
+    if not isinstance(value, str):
+        raise LowbitError(f"{what} must be a string, got {value!r}")
+
+
+def _list(value: Any, what: str, rule: str, item_ok: Callable[[Any], bool], *, nonempty: bool = False) -> None:
+    """A YAML list whose items all pass ``item_ok``: a bare string would otherwise be read letter by letter."""
+    if not isinstance(value, list) or (nonempty and not value) or not all(item_ok(x) for x in value):
+        raise LowbitError(f"{what} must be {rule}, got {value!r}")
+
+
+def _sites(value: Any, what: str, options: tuple[str, ...], *, nonempty: bool = False) -> None:
+    """A list of linear-input site names."""
+    rule = f"a {'non-empty ' if nonempty else ''}list of {', '.join(options)}"
+    _list(value, what, rule, lambda x: isinstance(x, str) and x in options, nonempty=nonempty)
+
+
+def _seed(value: Any, what: str) -> None:
+    """Seeds are non-negative and fit every generator they reach (KMeans' is 32-bit)."""
+    _int(value, what, 0, MAX_SEED)
 
 
 @dataclass
@@ -55,46 +125,39 @@ class WeightSpec:
     stats_bits: int | None = None
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise LowbitError(f"weights.method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "billm":
-            if (self.bits != 1 or self.group_size is not None or self.act_order or self.clip_search
-                    or self.grid != "minmax" or self.greedy_passes):
-                raise LowbitError("weights.method billm binarizes: set bits: 1, group_size: null, act_order: false, "
-                                  "clip_search: false, greedy_passes: 0")
-        elif isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        """Each value's type and range, then the combinations a method supports."""
+        _choice(self.method, "weights.method", METHODS)
+        lo = 1 if self.method == "billm" else 2
+        if not (_is_int(self.bits) and lo <= self.bits <= 8):
             raise LowbitError(f"weights.bits must be an integer from 2 to 8 (1 with method billm), got {self.bits!r}")
-        if self.group_size is not None:
-            _positive_int(self.group_size, "weights.group_size")
-        _positive_int(self.blocksize, "weights.blocksize")
+        _int(self.group_size, "weights.group_size", 1, MAX_WIDTH, null=True)
         for flag in ("symmetric", "clip_search", "act_order"):
-            if not isinstance(getattr(self, flag), bool):
-                raise LowbitError(f"weights.{flag} must be true or false, got {getattr(self, flag)!r}")
-        if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
-            raise LowbitError(f"weights.damp must be a number in [0, 1), got {self.damp!r}")
-        if self.grid not in GRIDS:
-            raise LowbitError(f"weights.grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
-        if self.grid == "rms":
-            if self.group_size is not None or self.clip_search:
-                raise LowbitError("weights.grid: rms has one scale per matrix: set group_size: null and clip_search: false")
-            if isinstance(self.rms_mult, bool) or not isinstance(self.rms_mult, (int, float)) or self.rms_mult <= 0:
-                raise LowbitError(f"weights.rms_mult must be a positive number, got {self.rms_mult!r}")
-        if isinstance(self.greedy_passes, bool) or not isinstance(self.greedy_passes, int) or self.greedy_passes < 0:
-            raise LowbitError(f"weights.greedy_passes must be a non-negative integer, got {self.greedy_passes!r}")
+            _bool(getattr(self, flag), f"weights.{flag}")
+        _float(self.damp, "weights.damp", 0, 1, hi_open=True)
+        _int(self.blocksize, "weights.blocksize", 1, MAX_WIDTH)
+        _choice(self.grid, "weights.grid", GRIDS)
+        _float(self.rms_mult, "weights.rms_mult", 0, MAX_RMS_MULT, lo_open=True)
+        _int(self.greedy_passes, "weights.greedy_passes", 0, MAX_GREEDY_PASSES)
+        _float(self.outlier_fraction, "weights.outlier_fraction", 0, 0.5, hi_open=True)
+        _int(self.stats_bits, "weights.stats_bits", 2, 8, null=True)
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Settings valid alone that a method or grid cannot honour together."""
+        if self.method == "billm" and (self.bits != 1 or self.group_size is not None or self.act_order
+                                       or self.clip_search or self.grid != "minmax" or self.greedy_passes):
+            raise LowbitError("weights.method billm binarizes: set bits: 1, group_size: null, act_order: false, "
+                              "clip_search: false, greedy_passes: 0")
+        if self.grid == "rms" and (self.group_size is not None or self.clip_search):
+            raise LowbitError("weights.grid: rms has one scale per matrix: set group_size: null and clip_search: false")
         if self.greedy_passes and self.method in ("rtn", "none"):
             raise LowbitError("weights.greedy_passes needs a Hessian: use method gptq or ldlq, not rtn")
-        f = self.outlier_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 0.5:
-            raise LowbitError(f"weights.outlier_fraction must be a number in [0, 0.5), got {f!r}")
-        if f and (self.method != "gptq" or self.greedy_passes or self.grid != "minmax"):
+        if self.outlier_fraction and (self.method != "gptq" or self.greedy_passes or self.grid != "minmax"):
             raise LowbitError("weights.outlier_fraction needs method gptq on the minmax grid, without greedy passes")
-        sb = self.stats_bits
-        if sb is not None:
-            if isinstance(sb, bool) or not isinstance(sb, int) or not 2 <= sb <= 8:
-                raise LowbitError(f"weights.stats_bits must be an integer from 2 to 8 or null, got {sb!r}")
-            if self.method not in ("gptq", "rtn") or self.group_size is None or self.grid != "minmax":
-                raise LowbitError("weights.stats_bits quantizes group scales: it needs method gptq or rtn, a group_size "
-                                  "and the minmax grid")
+        if self.stats_bits is not None and (self.method not in ("gptq", "rtn") or self.group_size is None
+                                            or self.grid != "minmax"):
+            raise LowbitError("weights.stats_bits quantizes group scales: it needs method gptq or rtn, a group_size "
+                              "and the minmax grid")
 
 
 @dataclass
@@ -109,12 +172,10 @@ class TransformSpec:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.incoherence not in INCOHERENCE:
-            raise LowbitError(f"transform.incoherence must be one of {', '.join(INCOHERENCE)}, got {self.incoherence!r}")
-        if not isinstance(self.rescale, bool):
-            raise LowbitError(f"transform.rescale must be true or false, got {self.rescale!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise LowbitError(f"transform.seed must be a non-negative integer, got {self.seed!r}")
+        """Type and range of each value."""
+        _choice(self.incoherence, "transform.incoherence", INCOHERENCE)
+        _bool(self.rescale, "transform.rescale")
+        _seed(self.seed, "transform.seed")
 
 
 @dataclass
@@ -131,14 +192,13 @@ class HessianSpec:
     passes: int = 1
 
     def validate(self) -> None:
-        if self.source not in HESSIAN_SOURCES:
-            raise LowbitError(f"hessian.source must be one of {', '.join(HESSIAN_SOURCES)}, got {self.source!r}")
-        if isinstance(self.skip_first_tokens, bool) or not isinstance(self.skip_first_tokens, int) or self.skip_first_tokens < 0:
-            raise LowbitError(f"hessian.skip_first_tokens must be a non-negative integer, got {self.skip_first_tokens!r}")
+        """Type and range of each value; each knob applies to one source only."""
+        _choice(self.source, "hessian.source", HESSIAN_SOURCES)
+        _int(self.skip_first_tokens, "hessian.skip_first_tokens", 0, MAX_SEQLEN)
         if self.skip_first_tokens and self.source != "layerwise":
             raise LowbitError("hessian.skip_first_tokens applies to the layer-wise Hessian only, "
                               f"not to hessian.source {self.source!r}")
-        _positive_int(self.passes, "hessian.passes")
+        _int(self.passes, "hessian.passes", 1, MAX_HESSIAN_PASSES)
         if self.passes > 1 and self.source != "output_adaptive":
             raise LowbitError("hessian.passes applies to the output-adaptive Hessian only, "
                               f"not to hessian.source {self.source!r}")
@@ -178,21 +238,18 @@ class ActivationSpec:
         return self.enabled and self.granularity != "token"
 
     def validate(self) -> None:
+        """Type and range of each value (clusters beyond a layer's channels need the model: cut when clustering)."""
         for key in ("bits", "kv_bits"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or not (2 <= v <= 8 or v == FLOAT_BITS):
+            if not (_is_int(v) and (2 <= v <= 8 or v == FLOAT_BITS)):
                 raise LowbitError(f"activations.{key} must be an integer from 2 to 8, or 16 for float, got {v!r}")
-        if self.granularity not in ACT_GRANULARITY:
-            raise LowbitError(f"activations.granularity must be one of {', '.join(ACT_GRANULARITY)}, got {self.granularity!r}")
+        _choice(self.granularity, "activations.granularity", ACT_GRANULARITY)
         for flag in ("symmetric", "reorder"):
-            if not isinstance(getattr(self, flag), bool):
-                raise LowbitError(f"activations.{flag} must be true or false, got {getattr(self, flag)!r}")
+            _bool(getattr(self, flag), f"activations.{flag}")
         for key in ("clusters_norm", "clusters_mlp", "clusters_head"):
-            _positive_int(getattr(self, key), f"activations.{key}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise LowbitError(f"activations.seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.sites, list) or any(x not in ACT_SITES for x in self.sites):
-            raise LowbitError(f"activations.sites must be a list of {', '.join(ACT_SITES)}, got {self.sites!r}")
+            _int(getattr(self, key), f"activations.{key}", 1, MAX_CLUSTERS)
+        _seed(self.seed, "activations.seed")
+        _sites(self.sites, "activations.sites", ACT_SITES)
 
 
 @dataclass
@@ -200,8 +257,8 @@ class SmoothingSpec:
     """SmoothQuant's migration of activation range into the weights, per input channel
     ``s_j = max|X_j|^α / max|W_:,j|^(1−α)`` folded into the producing norm / linear
     (``alpha: null``: off) at ``sites`` (SmoothQuant's: the two norm outputs; ``attn_out`` and
-    ``mlp_mid`` fold into V and up-projection rows), and ASER's outlier extraction: the ``outliers`` input columns of each
-    layer with the largest (smoothed) weight magnitude are left out of the quantized weight, so
+    ``mlp_mid`` fold into V and up-projection rows), and ASER's outlier extraction: the ``outliers`` input columns
+    of each layer with the largest (smoothed) weight magnitude are left out of the quantized weight, so
     the quantization error the low-rank branch reconstructs holds them whole."""
 
     alpha: float | None = None
@@ -213,13 +270,10 @@ class SmoothingSpec:
         return self.alpha is not None
 
     def validate(self) -> None:
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
-                                       or not 0 <= self.alpha <= 1):
-            raise LowbitError(f"smoothing.alpha must be a number in [0, 1] or null, got {self.alpha!r}")
-        if isinstance(self.outliers, bool) or not isinstance(self.outliers, int) or self.outliers < 0:
-            raise LowbitError(f"smoothing.outliers must be a non-negative integer, got {self.outliers!r}")
-        if not isinstance(self.sites, list) or not self.sites or any(x not in SMOOTHING_SITES for x in self.sites):
-            raise LowbitError(f"smoothing.sites must be a non-empty list of {', '.join(SMOOTHING_SITES)}, got {self.sites!r}")
+        """Type and range of each value."""
+        _float(self.alpha, "smoothing.alpha", 0, 1, null=True)
+        _int(self.outliers, "smoothing.outliers", 0, MAX_WIDTH)
+        _sites(self.sites, "smoothing.sites", SMOOTHING_SITES, nonempty=True)
 
 
 @dataclass
@@ -242,18 +296,14 @@ class LowRankSpec:
         return self.rank > 0 or self.energy is not None
 
     def validate(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
-            raise LowbitError(f"lowrank.rank must be a non-negative integer, got {self.rank!r}")
+        """Type and range of each value; the rank is fixed or found from the energy, not both."""
+        _int(self.rank, "lowrank.rank", 0, MAX_WIDTH)
         for key in ("energy", "budget"):
-            v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
-                raise LowbitError(f"lowrank.{key} must be a number in (0, 1] or null, got {v!r}")
+            _float(getattr(self, key), f"lowrank.{key}", 0, 1, lo_open=True, null=True)
         if self.rank and self.energy is not None:
             raise LowbitError("lowrank: give either rank or energy, not both")
-        if not isinstance(self.whiten, bool):
-            raise LowbitError(f"lowrank.whiten must be true or false, got {self.whiten!r}")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
-            raise LowbitError(f"lowrank.damp must be a number in [0, 1), got {self.damp!r}")
+        _bool(self.whiten, "lowrank.whiten")
+        _float(self.damp, "lowrank.damp", 0, 1, hi_open=True)
 
 
 @dataclass
@@ -265,12 +315,12 @@ class CalibrationSpec:
     sampling: str = "documents"
 
     def validate(self) -> None:
-        if self.dataset not in DATASETS:
-            raise LowbitError(f"calibration.dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        _positive_int(self.nsamples, "calibration.nsamples")
-        _positive_int(self.seqlen, "calibration.seqlen")
-        if self.sampling not in SAMPLING:
-            raise LowbitError(f"calibration.sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
+        """Type and range of each value: a huge count would run for days before anything failed."""
+        _choice(self.dataset, "calibration.dataset", DATASETS)
+        _int(self.nsamples, "calibration.nsamples", 1, MAX_NSAMPLES)
+        _int(self.seqlen, "calibration.seqlen", 1, MAX_SEQLEN)
+        _seed(self.seed, "calibration.seed")
+        _choice(self.sampling, "calibration.sampling", SAMPLING)
 
 
 @dataclass
@@ -282,15 +332,15 @@ class PipelineSpec:
     skip: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        if not isinstance(self.true_sequential, bool):
-            raise LowbitError(f"pipeline.true_sequential must be true or false, got {self.true_sequential!r}")
-        if not isinstance(self.skip, list) or not all(isinstance(p, str) for p in self.skip):
-            raise LowbitError(f"pipeline.skip must be a list of regular expressions, got {self.skip!r}")
+        """Type of each value; every skip pattern must compile."""
+        _bool(self.true_sequential, "pipeline.true_sequential")
+        _list(self.skip, "pipeline.skip", "a list of regular expressions", lambda p: isinstance(p, str))
         for pattern in self.skip:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise LowbitError(f"pipeline.skip pattern {pattern!r} is not a valid regular expression: {exc}") from None
+                raise LowbitError(f"pipeline.skip pattern {pattern!r} is not a valid regular expression: "
+                                  f"{exc}") from None
 
 
 @dataclass
@@ -307,6 +357,9 @@ class Recipe:
     lowrank: LowRankSpec = field(default_factory=LowRankSpec)
 
     def validate(self) -> "Recipe":
+        """Every section, then the settings that span sections; returns the recipe for chaining."""
+        _str(self.name, "name")
+        _str(self.description, "description")
         self.weights.validate()
         self.transform.validate()
         self.hessian.validate()
@@ -315,10 +368,16 @@ class Recipe:
         self.activations.validate()
         self.smoothing.validate()
         self.lowrank.validate()
+        skip, seqlen = self.hessian.skip_first_tokens, self.calibration.seqlen
+        if skip >= seqlen:
+            raise LowbitError(f"hessian.skip_first_tokens must be less than calibration.seqlen ({seqlen}): "
+                              f"it would drop every calibration token, got {skip}")
         if self.smoothing.outliers and not self.lowrank.enabled:
-            raise LowbitError("smoothing.outliers leaves columns out of the quantized weight: it needs lowrank.rank or lowrank.energy")
+            raise LowbitError("smoothing.outliers leaves columns out of the quantized weight: it needs lowrank.rank "
+                              "or lowrank.energy")
         if (self.smoothing.enabled or self.lowrank.enabled) and self.hessian.source == "output_adaptive":
-            raise LowbitError("smoothing and lowrank need layer-wise calibration statistics (hessian.source: layerwise)")
+            raise LowbitError("smoothing and lowrank need layer-wise calibration statistics "
+                              "(hessian.source: layerwise)")
         if self.lowrank.enabled and self.weights.method == "none":
             raise LowbitError("lowrank reconstructs a quantization error: weights.method none has none")
         if self.weights.method == "billm" and (self.lowrank.enabled or self.transform.incoherence != "none"):

@@ -21,7 +21,8 @@ from lowbit.phases import Phases
 
 # Everything here validates its input before torch or transformers are imported (seconds of CPU
 # and 500 MB), so that a typo costs a fraction of a second; heavy imports sit inside the commands.
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Post-training quantization of LLMs.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Post-training quantization of LLMs: GPTQ, QuIP, OAC, RPTQ, ASER and baselines.")
 log = logging.getLogger("lowbit")
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
 
@@ -42,7 +43,7 @@ def _version(show: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="print lowbit's version and exit")) -> None:
-    """Post-training quantization of LLMs: GPTQ, QuIP, OAC, RPTQ, ASER behind one command line."""
+    """Options that come before the command."""
 
 
 def _datasets(spec: str) -> list[str]:
@@ -103,7 +104,7 @@ def quantize(
     seqlen: Optional[int] = typer.Option(None, help="calibration sample length in tokens"),
     seed: Optional[int] = typer.Option(None, help="calibration sampling seed"),
     sampling: Optional[str] = typer.Option(None, help="documents (GPTQ) or concat"),
-    resume: bool = typer.Option(False, help="continue an interrupted run from its last finished block"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last finished block"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set weights.act_order=false"),
     eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4"),
     windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (quick protocol)"),

@@ -11,7 +11,7 @@ def _lowbit(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUTS = [
     (["quantize", "smollm2-135m", "--recipe", "gptq-w9", "--out", "x"], "unknown recipe 'gptq-w9'"),
     (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--nsamples", "0"], "nsamples must be a positive"),
     (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--eval", "ptb"], "unknown dataset 'ptb'"),
@@ -40,7 +40,10 @@ def _lowbit(*args, timeout=120):
     (["quantize", "smollm2-135m", "--recipe", "oac-w2", "--out", "x", "--hessian-cache", "pyproject.toml"],
      "--hessian-cache pyproject.toml exists and is not a directory"),
     (["eval", "smollm2-135m", "--log", "pyproject.toml"], "--log pyproject.toml exists and is not a directory"),
-])
+]  # bench/cli_errors.py times these
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS)
 def test_bad_input_is_one_line_error(args, message):
     r = _lowbit(*args)
     assert r.returncode == 2, r.stderr

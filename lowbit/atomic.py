@@ -1,13 +1,18 @@
-"""Files that are either whole or absent: written under a temporary name next to the target, then
-renamed over it, so that a run killed mid-write (resume state, logs, results) never leaves a
-truncated file for the next run to trust."""
+"""Files and folders that are either whole or absent: written under a temporary name next to the
+target, then renamed over it, so that a run killed mid-write (a checkpoint, resume state, logs,
+results) never leaves a truncated file for the next run to trust, and the previous version stays
+intact until the new one is complete."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from lowbit import faults
 
 
 @contextmanager
@@ -15,8 +20,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary name to write ``path``'s new content to; it replaces ``path`` when the block ends."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    yield tmp
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -24,9 +33,63 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def as_umask_allows(path: str | Path) -> None:
     """Give a file the mode ``open()`` would have (0644 under the usual umask): some writers, such
     as safetensors' ``save_file``, create theirs 0600, unlike every other file of a checkpoint."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def leftovers(target: Path) -> list[Path]:
+    """Temporary siblings a killed :func:`atomic_dir` left: ``.NAME.new-*`` (unfinished) and ``.NAME.old-*``."""
+    return sorted(target.parent.glob(f".{target.name}.new-*")) + sorted(target.parent.glob(f".{target.name}.old-*"))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Data on disk before the rename makes it visible: a power cut then leaves the old folder or the new one."""
+    for path in [*sorted(root.rglob("*")), root]:
+        _fsync(path)
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """A new, empty folder to fill; when the block ends it takes ``target``'s place whole.
+
+    On an error, or a kill, ``target`` is as it was (a kill leaves a ``.NAME.new-*`` sibling, which
+    the next call removes). The caller holds ``target``'s lock, so leftovers are nobody else's.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in leftovers(target):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.new-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the checkpoint private
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.rename(target, old)
+            faults.reach("save:swap")  # between the two renames: the old folder is kept under its new name
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from lowbit import faults
 from lowbit.data.sources import check_data_available
 from lowbit.errors import LowbitError
 from lowbit.models.resolve import resolve
 from lowbit.phases import Phases
+from lowbit.recipes.schema import MAX_SEQLEN
 
 # Everything here validates its input before torch or transformers are imported (seconds of CPU
 # and 500 MB), so that a typo costs a fraction of a second; heavy imports sit inside the commands.
@@ -25,6 +28,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Post-training quantization of LLMs: GPTQ, QuIP, OAC, RPTQ, ASER and baselines.")
 log = logging.getLogger("lowbit")
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+USER_FIXABLE_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _version(show: bool) -> None:
@@ -105,6 +109,7 @@ def quantize(
     seed: Optional[int] = typer.Option(None, help="calibration sampling seed"),
     sampling: Optional[str] = typer.Option(None, help="documents (GPTQ) or concat"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last finished block"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the lowbit checkpoint that OUT holds"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set weights.act_order=false"),
     eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4"),
     windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (quick protocol)"),
@@ -115,6 +120,8 @@ def quantize(
 ) -> None:
     """Quantize MODEL with a recipe and write a packed checkpoint to OUT."""
     from lowbit import recipes
+    from lowbit.export.folder import check_replaceable, holds_checkpoint
+    from lowbit.locks import run_lock
 
     phases = Phases()
     rec = recipes.apply_overrides(recipes.get(recipe), set_)
@@ -131,8 +138,20 @@ def quantize(
     ref = resolve(model)
     if datasets or rec.needs_calibration:
         check_data_available()
+    with run_lock(out):
+        check_replaceable(out)
+        if holds_checkpoint(out) and not overwrite:
+            raise LowbitError(f"--out {out} holds a lowbit checkpoint: pass --overwrite to replace it "
+                              "(its evaluation results go with it)")
+        _quantize(ref, rec, out, datasets, windows, device, resume, hessian_cache, phases)
+    typer.echo(phases.summary())
 
+
+def _quantize(ref, rec, out: Path, datasets: list[str], windows: Optional[int], device: Optional[str],
+              resume: bool, hessian_cache: Optional[Path], phases: Phases) -> None:
+    """The work of ``lowbit quantize`` once its input is known to be good and OUT is ours."""
     from lowbit.api import calibration_for
+    from lowbit.atomic import atomic_write_text
     from lowbit.eval import perplexity
     from lowbit.export import save
     from lowbit.models import load_model
@@ -148,6 +167,7 @@ def quantize(
             rows["full precision"] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
     with phases("calibration set"):
         calib = calibration_for(rec, tok, m) if rec.needs_calibration else None
+    faults.reach("calibration")
     progress = out / ".progress"
     try:
         with phases("quantization"):
@@ -158,10 +178,18 @@ def quantize(
     if report.resumed_blocks:
         log.info("resumed %d finished blocks from %s", report.resumed_blocks, progress)
     with phases("save"):
-        save(m, out, tok, report)
-        shutil.rmtree(progress, ignore_errors=True)
+        save(m, out, tok, report)  # replaces OUT whole: the finished blocks in OUT/.progress go with it
     typer.echo(f"saved {rec.name} checkpoint to {out} (quantization {report.total_seconds:.1f} s, "
                f"peak {report.peak_memory_mb:.0f} MB by its end)")
+    _print_report(rec, report, out)
+    if datasets:
+        with phases("eval of the quantized model"):
+            rows[rec.name] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
+        atomic_write_text(out / "eval.json", json.dumps({"windows": windows, "perplexity": rows}, indent=1))
+        typer.echo(_ppl_table(rows, datasets))
+
+
+def _print_report(rec, report, out: Path) -> None:
     if report.hessian_pass:
         hp = report.hessian_pass
         typer.echo(f"output-adaptive Hessian pass: {hp['seconds']:.1f} s, peak {hp['peak_memory_mb']:.0f} MB"
@@ -173,12 +201,6 @@ def quantize(
                    f"{report.activation_quantizers} quantizers calibrated in {report.activation_seconds:.1f} s")
     if report.layers:
         typer.echo(f"largest relative layer errors (all layers in {out / 'report.json'}):\n{report.worst()}")
-    if datasets:
-        with phases("eval of the quantized model"):
-            rows[rec.name] = {d: perplexity(m, tok, d, windows=windows).ppl for d in datasets}
-        (out / "eval.json").write_text(json.dumps({"windows": windows, "perplexity": rows}, indent=1))
-        typer.echo(_ppl_table(rows, datasets))
-    typer.echo(phases.summary())
 
 
 def _checkpoint_log_dir(model: str) -> Optional[Path]:
@@ -215,8 +237,8 @@ def evaluate(
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     datasets = _datasets(ppl if ppl is not None else ("" if task_list else "wikitext2,c4"))
     _check_windows(windows)
-    if seqlen < 2:
-        raise LowbitError(f"--seqlen must be at least 2, got {seqlen}")
+    if not 2 <= seqlen <= MAX_SEQLEN:
+        raise LowbitError(f"--seqlen must be an integer from 2 to {MAX_SEQLEN}, got {seqlen}")
     if limit is not None and limit <= 0:
         raise LowbitError(f"--limit must be a positive integer, got {limit}")
     _check_device(device)
@@ -234,6 +256,30 @@ def evaluate(
     logs = None if no_log else (log or _checkpoint_log_dir(model))
     if logs is not None and datasets:
         typer.echo(f"per-window log: {logs} (a rerun reads finished windows from it; --no-log keeps none)", err=True)
+    with contextlib.ExitStack() as held:
+        if logs is not None:
+            from lowbit.locks import run_lock
+
+            held.enter_context(run_lock(logs, "--log"))
+        result = _evaluate(ref, model, datasets, seqlen, windows, logs, kl, kl_ref, keep_dequantized,
+                           task_list, task_path, limit, num_fewshot, device)
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+        return
+    for d, r in result["perplexity"].items():
+        extra = f"  KL {result['kl'][d]:.4f}" if "kl" in result else ""
+        typer.echo(f"{d:10s} ppl {r['ppl']:10.3f}  ({r['windows']} windows, {r['tokens']} tokens){extra}")
+    for task, metrics in result.get("tasks", {}).items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)
+        typer.echo(f"{task:20s} {shown}")
+
+
+def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Optional[int], logs: Optional[Path],
+              kl: bool, kl_ref: Optional[str], keep_dequantized: bool, task_list: list[str],
+              task_path: Optional[Path], limit: Optional[int], num_fewshot: Optional[int],
+              device: Optional[str]) -> dict:
+    """The work of ``lowbit eval`` once its input is known to be good (and its log is ours)."""
     from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
     from lowbit.models import load_model
 
@@ -252,23 +298,14 @@ def evaluate(
         ref_name = kl_ref or getattr(m, "lowbit_source", None)
         if not ref_name:
             raise LowbitError("--kl needs --kl-ref: this model records no base model")
-        ref, _ = load_model(ref_name)
-        ref.to(m.device)
-        result["kl"] = {d: kl_divergence(m, ref, tok, d, seqlen=seqlen, windows=windows,
+        base, _ = load_model(ref_name)
+        base.to(m.device)
+        result["kl"] = {d: kl_divergence(m, base, tok, d, seqlen=seqlen, windows=windows,
                                          log=logs / f"{d}-{seqlen}.kl.json" if logs else None) for d in datasets}
     if task_list:
         out = evaluate_tasks(m, tok, task_list, include_path=task_path, limit=limit, num_fewshot=num_fewshot)
         result["tasks"] = out["results"]
-    if as_json:
-        typer.echo(json.dumps(result, default=str))
-        return
-    for d, r in result["perplexity"].items():
-        extra = f"  KL {result['kl'][d]:.4f}" if "kl" in result else ""
-        typer.echo(f"{d:10s} ppl {r['ppl']:10.3f}  ({r['windows']} windows, {r['tokens']} tokens){extra}")
-    for task, metrics in result.get("tasks", {}).items():
-        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
-                          if isinstance(v, float) and "stderr" not in k)
-        typer.echo(f"{task:20s} {shown}")
+    return result
 
 
 @app.command("compare")
@@ -309,9 +346,11 @@ def compare_cmd(
     if device is not None:
         _device(device)
     from lowbit.compare import run_compare
+    from lowbit.locks import run_lock
 
     try:
-        rows = run_compare(cfg, report, jobs_at_once=jobs, reuse=reuse)
+        with run_lock(report, "--report"):
+            rows = run_compare(cfg, report, jobs_at_once=jobs, reuse=reuse)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; finished rows are cached in {report}: rerun the same command to continue", err=True)
         raise typer.Exit(130)
@@ -405,6 +444,12 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("\ninterrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in USER_FIXABLE_OS_ERRORS:
+            raise
+        typer.echo(f"error: {exc.strerror}: {exc.filename or 'a file lowbit writes'} (free space or choose another "
+                   "folder; nothing was left half-written)", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

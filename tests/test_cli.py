@@ -118,3 +118,27 @@ def test_non_causal_lm_is_refused(tmp_path):
     DistilBertModel(DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37)).save_pretrained(tmp_path)
     r = _lowbit("eval", str(tmp_path), "--windows", "1")
     assert r.returncode == 2 and "is not a causal language model" in r.stderr, r.stderr
+
+
+def _as_printed(*args: str) -> str:
+    """``lowbit ARGS`` as a user sees it at 100 columns (the program named ``lowbit``, not ``python -m``)."""
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.argv[0] = 'lowbit'; from lowbit.cli import main; main()",
+                        *args], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "100",
+                                                                                "NO_COLOR": "1"})
+    assert r.returncode == 0, r.stderr
+    return "\n".join(line.rstrip() for line in r.stdout.strip("\n").splitlines())
+
+
+@pytest.mark.parametrize("args", [["--help"], ["quantize", "--help"], ["recipes"]])
+def test_readme_shows_the_commands_as_they_print(args):
+    """``LOWBIT_UPDATE_README=1`` writes the program's output into README.md instead of comparing."""
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "README.md"
+    readme = path.read_text()
+    block = re.compile(rf"(```console\n\$ lowbit {re.escape(' '.join(args))}\n)(.*?)(\n```)", re.S)
+    if os.environ.get("LOWBIT_UPDATE_README"):
+        path.write_text(block.sub(lambda m: m.group(1) + _as_printed(*args) + m.group(3), readme))
+        return
+    assert block.search(readme).group(2) == _as_printed(*args)

@@ -12,17 +12,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 
+from lowbit import faults
 from lowbit.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def _digest(label: str, window: torch.Tensor) -> str:
     h = hashlib.sha256(label.encode())
     h.update(window.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _read(path: Path) -> dict:
+    """A log is a cache of finished windows: a damaged one is set aside and the windows computed again."""
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("windows", []), list) \
+                and isinstance(data.get("values", []), list):
+            return data
+    except (ValueError, UnicodeDecodeError):
+        pass
+    log.warning("per-window log %s is damaged: its windows are computed again", path)
+    return {}
 
 
 class WindowLog:
@@ -32,7 +49,7 @@ class WindowLog:
         self._keys: list[str] = []  # what the file holds, cut where its windows stop being ours
         self._values: list = []
         if self.path is not None and self.path.exists():
-            data = json.loads(self.path.read_text())
+            data = _read(self.path)
             keys, values = data.get("windows", []), data.get("values", [])  # older logs had no keys: unused
             k = 0
             while k < min(len(keys), len(self.digests)) and keys[k] == self.digests[k]:
@@ -51,3 +68,4 @@ class WindowLog:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({"windows": self._keys, "values": self._values}))
+        faults.reach(f"eval:window:{len(self._values)}")

@@ -59,34 +59,59 @@ class CheckpointSummary:
         return "\n".join(lines)
 
 
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise LowbitError(f"{path} is damaged (not JSON)") from None
+    if not isinstance(data, dict):
+        raise LowbitError(f"{path} is damaged (not a JSON object)")
+    return data
+
+
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    """Each tensor's size, from the file's header alone (no torch, no tensor read)."""
+    sizes: dict[str, int] = {}
+    try:
+        with safe_open(str(path), "numpy") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                sizes[key] = n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+    except Exception as exc:  # safetensors' own error type: missing, truncated or not safetensors
+        raise LowbitError(f"{path} cannot be read ({str(exc).splitlines()[0]})") from None
+    return sizes
+
+
 def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
     path = Path(path)
     marker = path / CHECKPOINT_MARKER
     if not marker.exists():
         raise LowbitError(f"{path} is not a lowbit checkpoint (no {CHECKPOINT_MARKER})")
-    meta = json.loads(marker.read_text())
-    report = json.loads((path / "report.json").read_text()) if (path / "report.json").exists() else {}
-    errors = {r["name"]: r.get("rel_output_error") for r in report.get("layers", [])}
-    sizes: dict[str, int] = {}
-    with safe_open(str(path / "model.safetensors"), "numpy") as f:  # header only: no torch
-        for key in f.keys():
-            sl = f.get_slice(key)
-            n = 1
-            for d in sl.get_shape():
-                n *= d
-            sizes[key] = n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
-    layers = []
-    for name, info in meta.get("layers", {}).items():
-        extras = []
-        if info.get("act_order"):
-            extras.append("act-order")
-        if "incoherence" in info:
-            extras.append(f"incoherence {info['incoherence'].get('kind', '')}".strip())
-        if "lowrank_rank" in info:
-            extras.append(f"low-rank r={info['lowrank_rank']}")
-        layer_bytes = sum(v for k, v in sizes.items() if k.startswith(name + "."))
-        layers.append(LayerSummary(name, tuple(info["shape"]), info["bits"], info.get("group_size"), ", ".join(extras),
-                                   layer_bytes, errors.get(name)))
-    return CheckpointSummary(path, meta.get("base_model"), meta.get("recipe", {}), layers,
-                             len(meta.get("activations", {}).get("quantizers", {})),
+    meta = _json(marker)
+    report = _json(path / "report.json") if (path / "report.json").exists() else {}
+    errors = {r.get("name"): r.get("rel_output_error") for r in report.get("layers", []) if isinstance(r, dict)}
+    sizes = _tensor_bytes(path / "model.safetensors")
+    try:
+        layers = [_layer(name, info, sizes, errors) for name, info in meta.get("layers", {}).items()]
+        quantizers = len(meta.get("activations", {}).get("quantizers", {}))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise LowbitError(f"{marker} is damaged ({type(exc).__name__} {exc})") from None
+    return CheckpointSummary(path, meta.get("base_model"), meta.get("recipe", {}), layers, quantizers,
                              (path / "model.safetensors").stat().st_size, report.get("total_seconds"))
+
+
+def _layer(name: str, info: dict, sizes: dict[str, int], errors: dict) -> LayerSummary:
+    extras = []
+    if info.get("act_order"):
+        extras.append("act-order")
+    if "incoherence" in info:
+        extras.append(f"incoherence {info['incoherence'].get('kind', '')}".strip())
+    if "lowrank_rank" in info:
+        extras.append(f"low-rank r={info['lowrank_rank']}")
+    layer_bytes = sum(v for k, v in sizes.items() if k.startswith(name + "."))
+    rows, cols = info["shape"]
+    return LayerSummary(name, (int(rows), int(cols)), int(info["bits"]), info.get("group_size"), ", ".join(extras),
+                        layer_bytes, errors.get(name))

@@ -16,15 +16,66 @@ from lowbit.runtime import empty_module
 from lowbit.runtime.build import scales_key
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    path = Path(path)
-    meta = json.loads((path / CHECKPOINT_MARKER).read_text())
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _read_meta(path: Path) -> dict:
+    """The checkpoint's own config, checked before anything it names is used."""
+    try:
+        meta = json.loads((path / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise LowbitError(f"{path / CHECKPOINT_MARKER} is damaged (not JSON): quantize again") from None
+    if not isinstance(meta, dict):
+        raise LowbitError(f"{path / CHECKPOINT_MARKER} is damaged (not a JSON object): quantize again")
     if meta.get("format_version") != 1:
-        raise LowbitError(f"{path}: unsupported lowbit checkpoint version {meta.get('format_version')}")
-    dtype = dtype or getattr(torch, meta.get("dtype", "float32"))
-    config = AutoConfig.from_pretrained(path)
+        raise LowbitError(f"{path}: unsupported lowbit checkpoint version {meta.get('format_version')!r} "
+                          "(this lowbit reads version 1)")
+    for key in ("layers", "aliases"):
+        if not isinstance(meta.get(key), dict):
+            raise LowbitError(f"{path / CHECKPOINT_MARKER} is damaged (no '{key}' table): quantize again")
+    if meta.get("dtype", "float32") not in DTYPES:
+        raise LowbitError(f"{path / CHECKPOINT_MARKER}: unknown dtype {meta.get('dtype')!r} "
+                          f"(one of {', '.join(DTYPES)})")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / "model.safetensors"))
+    except FileNotFoundError:
+        raise LowbitError(f"{path} has no model.safetensors: the checkpoint is incomplete, quantize again") from None
+    except Exception as exc:  # safetensors' own error type: header or data cut short or overwritten
+        raise LowbitError(f"{path / 'model.safetensors'} is damaged or truncated ({str(exc).splitlines()[0]}): "
+                          "quantize again") from None
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype | None = None
+                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    path = Path(path)
+    meta = _read_meta(path)
+    dtype = dtype or DTYPES[meta.get("dtype", "float32")]
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"{path}/config.json cannot be read ({str(exc).splitlines()[0]})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = load_file(str(path / "model.safetensors"))
+    tensors = _read_tensors(path)
+    try:
+        _fill(model, meta, tensors)
+    except (KeyError, AttributeError, RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise LowbitError(f"{path}: the checkpoint's tensors do not match its config ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): quantize again") from None
+    model.eval()
+    model.lowbit_source = meta.get("base_model")
+    model.lowbit_recipe = meta.get("recipe", {})
+    model.lowbit_checkpoint = str(path)
+    if (path / "tokenizer_config.json").exists():
+        return model, AutoTokenizer.from_pretrained(path)
+    return model, _base_tokenizer(meta.get("base_model"))
+
+
+def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Packed layers in place of the linears they replace, then every tensor of the file."""
     for name, info in meta["layers"].items():
         old = model.get_submodule(name)
         scales = tensors[scales_key(name, info)]
@@ -33,20 +84,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[
     result = model.load_state_dict(tensors, strict=False)
     missing = set(result.missing_keys) - set(meta["aliases"])
     if missing or result.unexpected_keys:
-        raise LowbitError(f"{path}: checkpoint does not match its config (missing {sorted(missing)[:3]}, "
-                          f"unexpected {result.unexpected_keys[:3]})")
+        raise KeyError(f"missing {sorted(missing)[:3]}, unexpected {result.unexpected_keys[:3]}")
     params = dict(model.named_parameters(remove_duplicate=False))
     for alias, target in meta["aliases"].items():  # restore shared storage (tied embeddings)
         if alias in params and target in params and params[alias] is not params[target]:
             module_name, _, attr = alias.rpartition(".")
             setattr(model.get_submodule(module_name), attr, params[target])
-    model.eval()
-    model.lowbit_source = meta.get("base_model")
-    model.lowbit_recipe = meta.get("recipe", {})
-    model.lowbit_checkpoint = str(path)
-    if (path / "tokenizer_config.json").exists():
-        return model, AutoTokenizer.from_pretrained(path)
-    return model, _base_tokenizer(meta.get("base_model"))
 
 
 def _base_tokenizer(base: str | None) -> PreTrainedTokenizerBase | None:

@@ -18,9 +18,11 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lowbit import faults
 from lowbit.activations.install import activation_metadata
-from lowbit.atomic import as_umask_allows
+from lowbit.atomic import as_umask_allows, atomic_dir
 from lowbit.errors import LowbitError
+from lowbit.export.folder import check_replaceable
 from lowbit.models.resolve import CHECKPOINT_MARKER
 from lowbit.pipeline.report import QuantReport
 from lowbit.runtime import layer_metadata, packed_module
@@ -35,10 +37,19 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBa
     if not quant and not activations:
         raise LowbitError("model has not been quantized (no lowbit_quant); run lowbit.quantize first")
     recipe = getattr(model, "lowbit_recipe", {})
-    group_size = recipe.get("weights", {}).get("group_size")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out)
+    with atomic_dir(out) as tmp:
+        _write(model, tmp, quant, activations, recipe, tokenizer, report)
+    return out
 
+
+def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: dict,
+           tokenizer: PreTrainedTokenizerBase | None, report: QuantReport | None) -> None:
+    """Every file of the checkpoint, into a folder that becomes the checkpoint only once they all exist."""
+    group_size = recipe.get("weights", {}).get("group_size")
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    quant = dict(sorted(quant.items(), key=lambda item: order[item[0]]))  # model order, however the run went
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     for name, qw in quant.items():
@@ -60,8 +71,10 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBa
             continue
         seen[ident] = key
         tensors[key] = value.detach().cpu().contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "lowbit", "version": str(FORMAT_VERSION)})
+    # one metadata key: safetensors writes several in a different order each run (bytes would differ)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "lowbit"})
     as_umask_allows(out / "model.safetensors")
+    faults.reach("save:tensors")
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -77,4 +90,3 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBa
     (out / CHECKPOINT_MARKER).write_text(json.dumps(meta, indent=1))
     if report is not None:
         report.save(out / "report.json")
-    return out

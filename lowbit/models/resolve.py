@@ -34,11 +34,35 @@ def looks_local(name: str) -> bool:
     return "/" in name and Path(first).exists()
 
 
+def partial_checkpoint(path: Path) -> bool:
+    """Tensors that lowbit wrote without the config that says how to read them (an older lowbit killed
+    between two writes, or files copied in part): loading them as a plain model would give random layers."""
+    tensors = path / "model.safetensors"
+    if (path / CHECKPOINT_MARKER).exists() or not tensors.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(tensors), "numpy") as f:  # the header only
+            return (f.metadata() or {}).get("format") == "lowbit"
+    except Exception:  # a damaged file is not recognisably ours; its loader reports it
+        return False
+
+
+def _interrupted_save(path: Path) -> str:
+    """Where the previous checkpoint is when a save was killed between its two renames."""
+    old = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+    return f" (a save into it was interrupted: the previous checkpoint is in {old[0]})" if old else ""
+
+
 def resolve(name: str, *, check_hub: bool = True) -> ModelRef:
     """Classify ``name``; a missing path or an unreachable hub id is a one-line error."""
     path = Path(name).expanduser()
     if path.is_dir() and (path / CHECKPOINT_MARKER).is_file():
         return ModelRef("checkpoint", name, path)
+    if path.is_dir() and partial_checkpoint(path):
+        raise LowbitError(f"'{name}' holds a partial lowbit checkpoint (no {CHECKPOINT_MARKER}): "
+                          "quantize again into it with --overwrite")
     if name in ALIASES:
         ALIASES[name].check_installed()
         return ModelRef("alias", name)
@@ -47,7 +71,8 @@ def resolve(name: str, *, check_hub: bool = True) -> ModelRef:
             raise LowbitError(f"model path '{name}' is not a directory with a Hugging Face model (no config.json)")
         return ModelRef("local", name, path)
     if path.exists() or looks_local(name):
-        what = "does not exist" if not path.exists() else "is not a directory with a Hugging Face model"
+        what = f"does not exist{_interrupted_save(path)}" if not path.exists() else \
+            "is not a directory with a Hugging Face model"
         raise LowbitError(f"model path '{name}' {what}")
     if check_hub:
         _check_hub(name)

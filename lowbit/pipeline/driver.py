@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit import faults
 from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_block
 from lowbit.hessians import HessianAccumulator
 from lowbit.hessians.cache import HessianCache
@@ -221,6 +222,7 @@ def quantize_model(
             earlier_seconds += seconds
         elif store is not None:
             store.save_block(b, weights, [r.__dict__ for r in report.layers if r.block == b], seconds, peak_memory_mb())
+            faults.reach(f"block:{b}")
         report.block_seconds.append(seconds)
         bar.set_postfix(peak_mb=f"{peak_memory_mb():.0f}")
     if store is not None:

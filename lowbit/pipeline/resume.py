@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.atomic import atomic_path, atomic_write_text
-from lowbit.errors import ResumeMismatch
+from lowbit.errors import LowbitError, ResumeMismatch
 from lowbit.rounding import QuantizedWeight
 from lowbit.transforms.incoherence import Incoherence
 from lowbit.grids.stats import ScaleStats
@@ -36,6 +36,16 @@ def fingerprint(model_source: str, recipe: dict, calib: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _read_manifest(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("fingerprint"), str) and isinstance(data.get("done"), list):
+            return data
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise LowbitError(f"resume state {path} is damaged: rerun without --resume to start afresh")
+
+
 class ProgressStore:
     def __init__(self, root: Path, fp: str, resume: bool):
         self.root = Path(root)
@@ -45,7 +55,7 @@ class ProgressStore:
         self.peak_memory_mb = 0.0
         self.costs: dict = {}  # the run's costs outside the blocks (calibration capture, OAC's pass)
         if resume and self.manifest.exists():
-            data = json.loads(self.manifest.read_text())
+            data = _read_manifest(self.manifest)
             if data["fingerprint"] != fp:
                 raise ResumeMismatch(
                     f"cannot resume from {self.root}: it belongs to a different model, recipe or calibration set"

@@ -45,9 +45,15 @@ def as_umask_allows(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def leftovers(target: Path) -> list[Path]:
-    """Temporary siblings a killed :func:`atomic_dir` left: ``.NAME.new-*`` (unfinished) and ``.NAME.old-*``."""
-    return sorted(target.parent.glob(f".{target.name}.new-*")) + sorted(target.parent.glob(f".{target.name}.old-*"))
+def recover(target: str | Path) -> None:
+    """Undo what a kill inside :func:`atomic_dir` left: put the previous folder back if it had been set aside
+    (the kill came between the two renames), and drop unfinished new ones. Call it holding ``target``'s lock."""
+    target = Path(target)
+    old = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if old and not target.exists():
+        os.rename(old.pop(), target)
+    for stale in [*old, *target.parent.glob(f".{target.name}.new-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
@@ -69,12 +75,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """A new, empty folder to fill; when the block ends it takes ``target``'s place whole.
 
     On an error, or a kill, ``target`` is as it was (a kill leaves a ``.NAME.new-*`` sibling, which
-    the next call removes). The caller holds ``target``'s lock, so leftovers are nobody else's.
+    :func:`recover` removes next time). The caller holds ``target``'s lock, so leftovers are nobody else's.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in leftovers(target):
-        shutil.rmtree(stale, ignore_errors=True)
+    recover(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.new-"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the checkpoint private
     try:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 from lowbit import faults
@@ -120,6 +121,7 @@ def quantize(
 ) -> None:
     """Quantize MODEL with a recipe and write a packed checkpoint to OUT."""
     from lowbit import recipes
+    from lowbit.atomic import recover
     from lowbit.export.folder import check_replaceable, holds_checkpoint
     from lowbit.locks import run_lock
 
@@ -139,6 +141,7 @@ def quantize(
     if datasets or rec.needs_calibration:
         check_data_available()
     with run_lock(out):
+        recover(out)  # a save killed between its two renames: the previous checkpoint goes back in place
         check_replaceable(out)
         if holds_checkpoint(out) and not overwrite:
             raise LowbitError(f"--out {out} holds a lowbit checkpoint: pass --overwrite to replace it "
@@ -374,11 +377,13 @@ def export_lora_cmd(
     out: Path = typer.Argument(..., help="directory for adapter_config.json + adapter_model.safetensors"),
 ) -> None:
     """Write the checkpoint's low-rank error branches as a PEFT LoRA adapter."""
-    from lowbit.export import export_lora, load_quantized
     from lowbit.models.resolve import CHECKPOINT_MARKER
 
     if not (checkpoint / CHECKPOINT_MARKER).exists():
         raise LowbitError(f"{checkpoint} is not a lowbit checkpoint (no {CHECKPOINT_MARKER})")
+    _check_writable(out, "OUT")
+    from lowbit.export import export_lora, load_quantized
+
     model, _ = load_quantized(checkpoint)
     export_lora(model, out)
     typer.echo(f"wrote a LoRA adapter for {checkpoint} to {out}")
@@ -428,6 +433,12 @@ def _recipe_row(rec) -> tuple[str, str, str, str, str]:
     return rec.name, weights, acts, calib, ", ".join(parts)
 
 
+def _one_line(message: str, limit: int = 500) -> str:
+    """A message may quote what the user gave (a huge --set value): one line, and not a screenful."""
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
 def main() -> None:
     # lowbit's own messages once, on stderr; other libraries keep their own logging set-up
     # (a root handler here printed every hub warning twice)
@@ -437,9 +448,16 @@ def main() -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come back to us, to be printed as one line
+    except click.UsageError as exc:
+        hint = f" (see: lowbit {exc.ctx.info_name if exc.ctx and exc.ctx.parent else ''} --help)".replace("  ", " ")
+        typer.echo(f"error: {_one_line(exc.format_message())}{hint}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("\ninterrupted", err=True)
+        sys.exit(130)
     except LowbitError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("\ninterrupted", err=True)
@@ -450,6 +468,7 @@ def main() -> None:
         typer.echo(f"error: {exc.strerror}: {exc.filename or 'a file lowbit writes'} (free space or choose another "
                    "folder; nothing was left half-written)", err=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

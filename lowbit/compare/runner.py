@@ -134,6 +134,8 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
     from lowbit.compare.report import write_report
 
     cfg.validate()
+    jobs = plan_jobs(cfg)  # bad recipes, peers or --reuse files fail here, before the report folder is made
+    earlier = _reusable(list(reuse or []))
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(report_dir / "compare.log")
@@ -141,8 +143,6 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        jobs = plan_jobs(cfg)
-        earlier = _reusable(list(reuse or []))  # a bad file fails here, before any model loads
         protocol = cfg.protocol()
         todo, cached = [], {}
         for job in jobs:

@@ -65,6 +65,8 @@ def eval_windows(
     with_bos = bos_per_window(tok, model_type, bos)
     ids = tok(eval_text(dataset), return_tensors="pt", add_special_tokens=not with_bos).input_ids[0]
     win = _windows(ids, seqlen, with_bos, tok.bos_token_id)
+    if win.shape[0] == 0:
+        raise LowbitError(f"the {dataset} text holds {ids.numel()} tokens, fewer than one window of {seqlen}")
     if dataset == "c4":
         win = win[:C4_EVAL_WINDOWS]
     if windows is not None:

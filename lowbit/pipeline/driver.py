@@ -24,6 +24,7 @@ from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_blo
 from lowbit.hessians import HessianAccumulator
 from lowbit.hessians.cache import HessianCache
 from lowbit.hessians.output_adaptive import output_adaptive_hessians
+from lowbit.errors import LowbitError
 from lowbit.models import block_linears, find_blocks
 from lowbit.models.layout import block_layout
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
@@ -108,6 +109,8 @@ def quantize_model(
     blocks_path, blocks = find_blocks(model)
     spec = recipe.weights
     skip = [re.compile(p) for p in recipe.pipeline.skip]
+    if spec.method != "none" and not any(_quantizable(blk, f"{blocks_path}.{b}.", skip) for b, blk in enumerate(blocks)):
+        raise LowbitError(f"pipeline.skip {recipe.pipeline.skip} matches every linear layer: nothing to quantize")
     model.lowbit_quant = getattr(model, "lowbit_quant", {})
     model.lowbit_recipe = recipe.to_dict()
     act = recipe.activations

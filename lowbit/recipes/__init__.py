@@ -41,18 +41,19 @@ def apply_overrides(recipe: Recipe, assignments: list[str]) -> Recipe:
     data = recipe.to_dict()
     for item in assignments:
         key, sep, raw = item.partition("=")
+        shown = item if len(item) <= 80 else item[:60] + "…"  # quoted in errors: a pasted blob stays short
         if not sep:
-            raise LowbitError(f"override '{item}' is not of the form section.key=value")
+            raise LowbitError(f"override '{shown}' is not of the form section.key=value")
         *path, leaf = key.strip().split(".")
         node = data
         for part in path:
             if not isinstance(node.get(part), dict):
-                raise LowbitError(f"unknown recipe key '{key}' in override '{item}'")
+                raise LowbitError(f"unknown recipe key '{key}' in override '{shown}'")
             node = node[part]
         try:
             node[leaf] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise LowbitError(f"override '{item}': cannot read the value {raw!r}") from None
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer of over 4300 digits
+            raise LowbitError(f"override '{shown}': cannot read the value") from None
     return Recipe.from_dict(data)
 
 

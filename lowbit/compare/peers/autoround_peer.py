@@ -124,6 +124,35 @@ def _rng_states() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
 
 
+def _save_rng_states(path: Path) -> None:
+    """The random states as tensors and JSON (safetensors): read back without unpickling anything."""
+    from safetensors.torch import save_file
+
+    states = _rng_states()
+    version, mt, gauss = states["python"]
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    tensors = {"torch": states["torch"], "numpy_keys": torch.from_numpy(keys.astype("int64"))}
+    tensors.update({f"cuda_{i}": t for i, t in enumerate(states["cuda"] or [])})
+    meta = {"python": json.dumps([version, list(mt), gauss]), "numpy": json.dumps([kind, pos, has_gauss, cached]),
+            "cuda": str(len(states["cuda"] or [])) if states["cuda"] is not None else "none"}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _load_rng_states(path: Path) -> dict:
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    version, mt, gauss = json.loads(meta["python"])
+    kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+    cuda = None if meta["cuda"] == "none" else [tensors[f"cuda_{i}"] for i in range(int(meta["cuda"]))]
+    return {"python": (version, tuple(mt), gauss),
+            "numpy": (kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached),
+            "torch": tensors["torch"], "cuda": cuda}
+
+
 def _set_rng_states(states: dict) -> None:
     import numpy as np
 
@@ -162,7 +191,7 @@ def _resumable(model: nn.Module, state: Path, settings: dict) -> Iterator[dict]:
     earlier = json.loads(clock.read_text()) if clock.exists() else {}
 
     def ours(name: str) -> tuple[Path, Path]:
-        return blocks / f"{name}.safetensors", blocks / f"{name}.rng.pt"
+        return blocks / f"{name}.safetensors", blocks / f"{name}.rng.safetensors"
 
     def chain_files(rs: ResumeState, index: int) -> None:
         rs.q_input_path = rs.dir / f"resume_q_input_{index:04d}.pt"
@@ -190,7 +219,7 @@ def _resumable(model: nn.Module, state: Path, settings: dict) -> Iterator[dict]:
             for name in self.completed_blocks:
                 model.get_submodule(name).load_state_dict(load_file(str(ours(name)[0])))
             last = self.completed_blocks[-1]
-            _set_rng_states(torch.load(ours(last)[1], weights_only=False))
+            _set_rng_states(_load_rng_states(ours(last)[1]))
             kept["earlier_seconds"] = earlier.get(last, 0.0)
             log.info("restored the tuned weights and random state of %d finished block(s) from %s",
                      len(self.completed_blocks), blocks)
@@ -202,7 +231,7 @@ def _resumable(model: nn.Module, state: Path, settings: dict) -> Iterator[dict]:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.get_submodule(name).state_dict().items()},
                       str(tmp))
         with atomic_path(rng) as tmp:
-            torch.save(_rng_states(), tmp)
+            _save_rng_states(tmp)
         earlier[name] = kept["earlier_seconds"] + time.perf_counter() - t0  # the run's time up to this block
         atomic_write_text(clock, json.dumps(earlier))
         previous = (self.q_input_path, self.input_ids_path)

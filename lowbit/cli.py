@@ -237,6 +237,7 @@ def evaluate(
                                           "windows, memory of the unquantized model; same numbers"),
 ) -> None:
     """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol; zero-shot tasks with --tasks."""
+    phases = Phases()
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     datasets = _datasets(ppl if ppl is not None else ("" if task_list else "wikitext2,c4"))
     _check_windows(windows)
@@ -247,15 +248,15 @@ def evaluate(
     _check_device(device)
     if log is not None:
         _check_writable(log, "--log")
+    if task_list:
+        from lowbit.eval.harness import check_tasks
+
+        check_tasks(task_list, task_path)  # before hours of perplexity, not after
     ref = resolve(model)
     if kl and kl_ref:
         resolve(kl_ref)
     if datasets:
         check_data_available()
-    if task_list:
-        from lowbit.eval.harness import check_tasks
-
-        check_tasks(task_list, task_path)  # before hours of perplexity, not after
     logs = None if no_log else (log or _checkpoint_log_dir(model))
     if logs is not None and datasets:
         typer.echo(f"per-window log: {logs} (a rerun reads finished windows from it; --no-log keeps none)", err=True)
@@ -265,7 +266,8 @@ def evaluate(
 
             held.enter_context(run_lock(logs, "--log"))
         result = _evaluate(ref, model, datasets, seqlen, windows, logs, kl, kl_ref, keep_dequantized,
-                           task_list, task_path, limit, num_fewshot, device)
+                           task_list, task_path, limit, num_fewshot, device, phases)
+    typer.echo(phases.summary(), err=True)  # stderr: stdout stays one JSON object with --json
     if as_json:
         typer.echo(json.dumps(result, default=str))
         return
@@ -281,32 +283,37 @@ def evaluate(
 def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Optional[int], logs: Optional[Path],
               kl: bool, kl_ref: Optional[str], keep_dequantized: bool, task_list: list[str],
               task_path: Optional[Path], limit: Optional[int], num_fewshot: Optional[int],
-              device: Optional[str]) -> dict:
+              device: Optional[str], phases: Phases) -> dict:
     """The work of ``lowbit eval`` once its input is known to be good (and its log is ours)."""
     from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
     from lowbit.models import load_model
 
     dev = _device(device)
-    m, tok = load_model(ref)
-    m.to(dev)
-    if keep_dequantized:
-        from lowbit.runtime import keep_dequantized as keep
+    with phases("load"):
+        m, tok = load_model(ref)
+        m.to(dev)
+        if keep_dequantized:
+            from lowbit.runtime import keep_dequantized as keep
 
-        keep(m)
+            keep(m)
     result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}
     for d in datasets:
-        r = perplexity(m, tok, d, seqlen=seqlen, windows=windows, log=logs / f"{d}-{seqlen}.nll.json" if logs else None)
+        with phases(f"{d} perplexity"):
+            r = perplexity(m, tok, d, seqlen=seqlen, windows=windows,
+                           log=logs / f"{d}-{seqlen}.nll.json" if logs else None)
         result["perplexity"][d] = {"ppl": r.ppl, "tokens": r.tokens, "windows": r.windows}
     if kl and datasets:
         ref_name = kl_ref or getattr(m, "lowbit_source", None)
         if not ref_name:
             raise LowbitError("--kl needs --kl-ref: this model records no base model")
-        base, _ = load_model(ref_name)
-        base.to(m.device)
-        result["kl"] = {d: kl_divergence(m, base, tok, d, seqlen=seqlen, windows=windows,
-                                         log=logs / f"{d}-{seqlen}.kl.json" if logs else None) for d in datasets}
+        with phases("KL"):
+            base, _ = load_model(ref_name)
+            base.to(m.device)
+            result["kl"] = {d: kl_divergence(m, base, tok, d, seqlen=seqlen, windows=windows,
+                                             log=logs / f"{d}-{seqlen}.kl.json" if logs else None) for d in datasets}
     if task_list:
-        out = evaluate_tasks(m, tok, task_list, include_path=task_path, limit=limit, num_fewshot=num_fewshot)
+        with phases("tasks"):
+            out = evaluate_tasks(m, tok, task_list, include_path=task_path, limit=limit, num_fewshot=num_fewshot)
         result["tasks"] = out["results"]
     return result
 
@@ -344,7 +351,6 @@ def compare_cmd(
         raise LowbitError("--ppl needs at least one dataset")
     if jobs <= 0:
         raise LowbitError(f"--jobs must be a positive integer, got {jobs}")
-    resolve(model)
     check_data_available()
     if device is not None:
         _device(device)

@@ -26,6 +26,7 @@ from lowbit.atomic import atomic_write_text
 from lowbit.compare.config import CompareConfig
 from lowbit.compare.jobs import Job, plan_jobs
 from lowbit.errors import LowbitError
+from lowbit.models.resolve import resolve
 
 log = logging.getLogger("lowbit.compare")
 
@@ -136,6 +137,7 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
     cfg.validate()
     jobs = plan_jobs(cfg)  # bad recipes, peers or --reuse files fail here, before the report folder is made
     earlier = _reusable(list(reuse or []))
+    resolve(cfg.model)  # a mistyped model fails here, in well under a second, not in every row's process
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(report_dir / "compare.log")

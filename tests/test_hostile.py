@@ -281,3 +281,11 @@ def test_random_states_round_trip_without_pickle(tmp_path):
     first = (random.random(), np.random.rand(), np.random.randn(), torch.rand(2).tolist())
     _set_rng_states(_load_rng_states(tmp_path / "rng.safetensors"))
     assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(2).tolist()) == first
+
+
+def test_inspect_reads_a_checkpoint_without_torch(tiny):
+    code = ("import sys\nfrom lowbit.export.inspect import inspect_checkpoint\n"
+            f"table = inspect_checkpoint({str(tiny[1])!r}).table()\n"
+            "print('rtn-w4' in table, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["True", "False", "False"], r.stdout + r.stderr

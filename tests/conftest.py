@@ -84,3 +84,11 @@ def smollm2():
     from lowbit.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that needs the real model (the ``smollm2`` fixture, directly or through another
+    fixture) is ``slow``: ``pytest -m "not slow"`` is the quick tier for iteration, CI runs all."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

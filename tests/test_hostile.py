@@ -289,3 +289,42 @@ def test_inspect_reads_a_checkpoint_without_torch(tiny):
             "print('rtn-w4' in table, 'torch' in sys.modules, 'transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["True", "False", "False"], r.stdout + r.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB filesystem (tmpfs): a checkpoint does not fit. Needs root (CI and the dev machines are)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tiny, small_disk):
+    (small_disk / "keep.txt").write_text("an earlier file")
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", str(tiny[0]), "--recipe", "rtn-w4",
+                        "--out", str(small_disk / "ckpt")], capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(errors) == 1 and "No space left on device" in errors[0], r.stderr[-2000:]
+    assert set(p.name for p in small_disk.iterdir()) <= {"keep.txt", ".ckpt.lock", "ckpt"}  # no .ckpt.new-* left
+    if (small_disk / "ckpt").exists():  # only the finished blocks, for --resume once there is room
+        assert [p.name for p in (small_disk / "ckpt").iterdir()] == [".progress"]
+    assert (small_disk / "keep.txt").read_text() == "an earlier file"
+
+
+def test_read_only_disk_is_refused_before_the_model_loads(tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        code = ("import sys\nfrom lowbit import cli\nsys.argv = ['lowbit', 'quantize', 'smollm2-135m', '--recipe', "
+                f"'rtn-w4', '--out', {str(mount / 'ckpt')!r}]\ntry:\n    cli.main()\nexcept SystemExit as e:\n"
+                "    print(e.code, 'torch' in sys.modules)")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert r.stdout.split() == ["2", "False"] and f"cannot write in {mount}" in r.stderr, r.stdout + r.stderr
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

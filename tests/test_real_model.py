@@ -12,7 +12,7 @@ import lowbit
 from lowbit.data import data_dir
 from lowbit.runtime import QuantLinear
 
-pytestmark = pytest.mark.skipif(data_dir() is None, reason="needs ../shared/data or LOWBIT_DATA")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(data_dir() is None, reason="LOWBIT_DATA=hub: needs local text")]
 
 
 def _cli(*args):

@@ -11,10 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from lowbit.atomic import as_umask_allows
+from lowbit.atomic import as_umask_allows, save_tensors
 from lowbit.errors import LowbitError
 from lowbit.runtime import LowRankLinear
 
@@ -39,7 +38,7 @@ def export_lora(model: nn.Module, out_dir: str | Path) -> Path:
         tensors[f"base_model.model.{name}.lora_A.weight"] = b.detach().to(torch.float16).cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = a.detach().to(torch.float16).cpu().contiguous()
         ranks[name] = int(a.shape[1])
-    save_file(tensors, str(out / "adapter_model.safetensors"))
+    save_tensors(tensors, out / "adapter_model.safetensors")
     as_umask_allows(out / "adapter_model.safetensors")
     r = max(ranks.values())
     config = {

@@ -14,13 +14,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lowbit import faults
 from lowbit.activations.install import activation_metadata
-from lowbit.atomic import as_umask_allows, atomic_dir
+from lowbit.atomic import as_umask_allows, atomic_dir, save_tensors
 from lowbit.errors import LowbitError
 from lowbit.export.folder import check_replaceable
 from lowbit.models.resolve import CHECKPOINT_MARKER
@@ -72,7 +71,7 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
         seen[ident] = key
         tensors[key] = value.detach().cpu().contiguous()
     # one metadata key: safetensors writes several in a different order each run (bytes would differ)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "lowbit"})
+    save_tensors(tensors, out / "model.safetensors", metadata={"format": "lowbit"})
     as_umask_allows(out / "model.safetensors")
     faults.reach("save:tensors")
     model.config.save_pretrained(out)

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from lowbit.atomic import atomic_path, atomic_write_text
+from lowbit.atomic import atomic_path, atomic_write_text, save_tensors
 from lowbit.errors import LowbitError, ResumeMismatch
 from lowbit.rounding import QuantizedWeight
 from lowbit.transforms.incoherence import Incoherence
@@ -116,7 +116,7 @@ class ProgressStore:
                 for name, qw in weights.items()}
         meta.update({name: json.dumps({"bits": 1, "binary_blocksize": qw.blocksize}) for name, qw in binary.items()})
         with atomic_path(self.root / f"block_{index:04d}.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            save_tensors(tensors, tmp, metadata=meta)
         atomic_write_text(self.root / f"block_{index:04d}.json", json.dumps(report))
         self.done.append(index)
         self.block_seconds[str(index)] = seconds
@@ -127,7 +127,7 @@ class ProgressStore:
         """Written before the block's weights: the block counts as done only once both exist."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         with atomic_path(self.root / f"block_{index:04d}_act.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"quantizers": json.dumps(meta)})
+            save_tensors(tensors, tmp, metadata={"quantizers": json.dumps(meta)})
 
     def load_activation_plan(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors import safe_open

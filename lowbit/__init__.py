@@ -7,27 +7,15 @@
     lowbit.save(qmodel, "runs/gptq-w4", tok, report)
 """
 
-import importlib as _importlib
-
 from lowbit.errors import LowbitError
+from lowbit.lazy import lazy_attributes
 
 __all__ = ["LowbitError", "data", "eval", "load_model", "quantize", "recipes", "save"]
 __version__ = "0.1.0"
 
 # Imported on first use, so that ``lowbit --help`` and bad-input errors do not wait for torch and
 # transformers (several seconds) to load.
-_LAZY = {"data": ("lowbit.data", None), "eval": ("lowbit.eval", None), "recipes": ("lowbit.recipes", None),
-         "quantize": ("lowbit.api", "quantize"), "save": ("lowbit.export", "save"),
-         "load_model": ("lowbit.models", "load_model")}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
-    module, attr = _LAZY[name]
-    value = _importlib.import_module(module)
-    return value if attr is None else getattr(value, attr)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "data": ("lowbit.data", None), "eval": ("lowbit.eval", None), "recipes": ("lowbit.recipes", None),
+    "quantize": ("lowbit.api", "quantize"), "save": ("lowbit.export", "save"),
+    "load_model": ("lowbit.models", "load_model")})

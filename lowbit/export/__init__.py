@@ -3,17 +3,9 @@
 Imported on first use: ``lowbit.export.inspect`` reads a checkpoint without torch.
 """
 
-import importlib as _importlib
+from lowbit.lazy import lazy_attributes
 
 __all__ = ["export_lora", "load_quantized", "save"]
-_LAZY = {"export_lora": "lowbit.export.lora", "load_quantized": "lowbit.export.load", "save": "lowbit.export.write"}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lowbit.export' has no attribute {name!r}")
-    return getattr(_importlib.import_module(_LAZY[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "export_lora": ("lowbit.export.lora", "export_lora"), "load_quantized": ("lowbit.export.load", "load_quantized"),
+    "save": ("lowbit.export.write", "save")})

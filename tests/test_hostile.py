@@ -76,6 +76,21 @@ def _data_folder(wiki: bytes | None = None, c4: bytes | None = None) -> Callable
     return setup
 
 
+def _gguf_of(arch: str) -> Callable[[Path], None]:
+    """A valid GGUF file of one tiny tensor whose architecture is ``arch``."""
+    def setup(box: Path) -> None:
+        import numpy as np
+        from gguf import GGUFWriter
+
+        writer = GGUFWriter(str(box / "m.gguf"), arch)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return setup
+
+
 def _stale_swap(box: Path) -> None:
     """What a kill between the two renames of a save leaves: no checkpoint, the old one set aside."""
     (box / "ckpt").rename(box / ".ckpt.old-4242")
@@ -174,6 +189,10 @@ CASES = [
     Case("hf-config-damaged", E, "config.json cannot be read", _write("ckpt/config.json", "{bad")),
     Case("report-damaged-inspect", ("inspect", "ckpt"), "report.json is damaged", _write("ckpt/report.json", "[")),
     Case("interrupted-swap", E, "the previous checkpoint is in .ckpt.old-4242", _stale_swap),
+    Case("gguf-unknown-architecture", ("eval", "m.gguf", "--windows", "1"), "GGUF architecture 'nosucharch' is not",
+         _gguf_of("nosucharch")),
+    Case("gguf-not-gguf", ("eval", "m.gguf", "--windows", "1"), "is not a readable GGUF model file",
+         _write("m.gguf", b"GGUF" + os.urandom(64))),
     Case("lora-without-branches", ("export-lora", "ckpt", "adapter"), "no low-rank"),
     # -- damaged text, resume state, nothing to do ------------------------------------------------------------------
     Case("data-wiki-binary", ("eval", "./model", "--windows", "1", "--ppl", "wikitext2"), "is not UTF-8 text",

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,19 @@ def test_compare_on_the_real_model_matches_lowbit_eval(tmp_path, smollm2):
     assert rtn == pytest.approx(q["perplexity"]["wikitext2"]["ppl"], rel=1e-4)
     assert fp < rtn < 1.5 * fp and rows["rtn-w4g128"]["kl"] > 0
     assert (report / "pareto.png").stat().st_size > 5000 and "rtn-w4g128" in (report / "report.html").read_text()
+
+
+def test_gguf_file_by_path_gives_the_aliases_numbers(tmp_path, smollm2):
+    """SmolLM2's own GGUF file named by path: the same weights as the alias, so the same perplexity, and it
+    quantizes end to end (cached once under the file's hash)."""
+    from lowbit.models.aliases import ALIASES
+
+    gguf = str(ALIASES["smollm2-135m"].gguf_path())
+    args = ("--ppl", "wikitext2", "--windows", "1", "--seqlen", "512", "--json", "--no-log")
+    by_path = json.loads(_cli("eval", gguf, *args))["perplexity"]
+    by_alias = json.loads(_cli("eval", "smollm2-135m", *args))["perplexity"]
+    assert by_path == by_alias
+    out = tmp_path / "rtn"
+    _cli("quantize", gguf, "--recipe", "rtn-w4g128", "--out", str(out))
+    assert json.loads((out / "lowbit_config.json").read_text())["base_model"] == str(Path(gguf).resolve())
+    assert json.loads(_cli("eval", str(out), *args))["perplexity"]["wikitext2"]["ppl"] > by_alias["wikitext2"]["ppl"]

@@ -6,6 +6,7 @@ GGUF aliases are dequantized once through ``transformers`` and cached as float s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -50,6 +51,10 @@ def load_model(
         model, tok = _load_local(ref.path, dtype)
         model.lowbit_source = str(ref.path.resolve())
         return model, tok
+    if ref.kind == "gguf":
+        model, tok = _load_local(_cached_gguf(ref.path), dtype)
+        model.lowbit_source = str(ref.path.resolve())
+        return model, tok
     return _load_hub(ref.name, dtype)
 
 
@@ -91,16 +96,50 @@ def _cached_alias(alias: GGUFAlias) -> Path:
     target = cache_dir() / "models" / alias.name
     if (target / "config.json").exists():
         return target
-    gguf = alias.gguf_path()
-    log.info("dequantizing %s once from %s (cached at %s)", alias.name, gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return _dequantize_gguf(alias.gguf_path(), target)
+
+
+def _cached_gguf(gguf: Path) -> Path:
+    """A GGUF file given by path, dequantized once, cached under the hash of its bytes."""
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    target = cache_dir() / "models" / f"gguf-{digest.hexdigest()[:16]}"
+    if (target / "config.json").exists():
+        return target
+    _check_gguf_architecture(gguf)
+    return _dequantize_gguf(gguf, target)
+
+
+def _check_gguf_architecture(gguf: Path) -> None:
+    """Refuse, in one line and before the slow load, an architecture transformers' GGUF reader lacks."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = GGUFReader(str(gguf)).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except (KeyError, ValueError, OSError) as exc:
+        raise LowbitError(f"{gguf} is not a readable GGUF model file ({type(exc).__name__})") from None
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("moe", "_moe") not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise LowbitError(f"{gguf}: GGUF architecture '{arch}' is not supported by transformers' GGUF loader "
+                          f"(supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+
+
+def _dequantize_gguf(gguf: Path, target: Path) -> Path:
+    log.info("dequantizing %s once (cached at %s)", gguf, target)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ValueError as exc:  # transformers' own refusal of an architecture
+        raise LowbitError(f"{gguf}: {str(exc).splitlines()[0]}") from None
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses to save a GGUF-loaded model while it carries the GGUF quantizer
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{alias.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

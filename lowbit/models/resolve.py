@@ -1,5 +1,6 @@
 """What a model argument names, decided without torch or transformers (so a typo fails in well
-under a second): a lowbit checkpoint, a built-in alias, a local Hugging Face folder, or a hub id.
+under a second): a lowbit checkpoint, a built-in alias, a local Hugging Face folder, a GGUF file,
+or a hub id.
 
 A name that looks like a path never goes to the hub, and the hub is asked once, with a short
 timeout, before ``transformers`` would retry for half a minute.
@@ -21,9 +22,9 @@ HUB_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class ModelRef:
-    kind: Literal["checkpoint", "alias", "local", "hub"]
+    kind: Literal["checkpoint", "alias", "local", "gguf", "hub"]
     name: str  # as the user gave it
-    path: Path | None = None  # for checkpoints and local folders
+    path: Path | None = None  # for checkpoints, local folders and GGUF files
 
 
 def looks_local(name: str) -> bool:
@@ -70,6 +71,8 @@ def resolve(name: str, *, check_hub: bool = True) -> ModelRef:
         if not (path / "config.json").is_file():
             raise LowbitError(f"model path '{name}' is not a directory with a Hugging Face model (no config.json)")
         return ModelRef("local", name, path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelRef("gguf", name, path)
     if path.exists() or looks_local(name):
         what = f"does not exist{_interrupted_save(path)}" if not path.exists() else \
             "is not a directory with a Hugging Face model"

@@ -17,7 +17,7 @@ import click
 import typer
 
 from lowbit import faults
-from lowbit.data.sources import check_data_available
+from lowbit.data.sources import check_data_available, source_label
 from lowbit.errors import LowbitError
 from lowbit.models.resolve import resolve
 from lowbit.phases import Phases
@@ -52,12 +52,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _datasets(spec: str) -> list[str]:
-    from lowbit.data import DATASETS
+    """Named sets and text files, comma separated; each checked (a file: readable, of a known kind)."""
+    from lowbit.data.sources import check_dataset
 
     names = [s.strip() for s in spec.split(",") if s.strip()]
     for n in names:
-        if n not in DATASETS:
-            raise LowbitError(f"unknown dataset '{n}' (known: {', '.join(DATASETS)})")
+        check_dataset(n)
     return names
 
 
@@ -300,7 +300,7 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
     for d in datasets:
         with phases(f"{d} perplexity"):
             r = perplexity(m, tok, d, seqlen=seqlen, windows=windows,
-                           log=logs / f"{d}-{seqlen}.nll.json" if logs else None)
+                           log=logs / f"{source_label(d)}-{seqlen}.nll.json" if logs else None)
         result["perplexity"][d] = {"ppl": r.ppl, "tokens": r.tokens, "windows": r.windows}
     if kl and datasets:
         ref_name = kl_ref or getattr(m, "lowbit_source", None)
@@ -310,7 +310,8 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
             base, _ = load_model(ref_name)
             base.to(m.device)
             result["kl"] = {d: kl_divergence(m, base, tok, d, seqlen=seqlen, windows=windows,
-                                             log=logs / f"{d}-{seqlen}.kl.json" if logs else None) for d in datasets}
+                                             log=logs / f"{source_label(d)}-{seqlen}.kl.json" if logs else None)
+                             for d in datasets}
     if task_list:
         with phases("tasks"):
             out = evaluate_tasks(m, tok, task_list, include_path=task_path, limit=limit, num_fewshot=num_fewshot)

@@ -195,3 +195,17 @@ def test_gguf_file_by_path_gives_the_aliases_numbers(tmp_path, smollm2):
     _cli("quantize", gguf, "--recipe", "rtn-w4g128", "--out", str(out))
     assert json.loads((out / "lowbit_config.json").read_text())["base_model"] == str(Path(gguf).resolve())
     assert json.loads(_cli("eval", str(out), *args))["perplexity"]["wikitext2"]["ppl"] > by_alias["wikitext2"]["ppl"]
+
+
+def test_perplexity_of_a_named_sets_own_file_by_path_is_the_named_sets(tmp_path, smollm2):
+    import shutil
+
+    from lowbit.data.sources import EMBEDDED
+
+    shutil.copy(EMBEDDED / "wikitext-2-raw" / "wiki.test.raw", tmp_path / "wiki.test.txt")
+    shutil.copy(EMBEDDED / "c4" / "c4-validation.00000-of-00008.head.jsonl", tmp_path / "c4-val.jsonl")
+    files = f"{tmp_path / 'wiki.test.txt'},{tmp_path / 'c4-val.jsonl'}"
+    args = ("--windows", "2", "--seqlen", "512", "--json", "--no-log")
+    by_file = json.loads(_cli("eval", "smollm2-135m", "--ppl", files, *args))["perplexity"]
+    named = json.loads(_cli("eval", "smollm2-135m", "--ppl", "wikitext2,c4", *args))["perplexity"]
+    assert list(by_file.values()) == list(named.values())  # ppl, tokens and windows, to every digit

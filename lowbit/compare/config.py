@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from lowbit.data.sources import source_key
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class CompareConfig:
         d = asdict(self)
         for k in ("recipes", "peers", "overrides", "device", "peer_scheme"):
             d.pop(k)
+        d["datasets"] = [source_key(x) for x in d["datasets"]]  # a text file by its bytes: an edit is a new set
         if d["kl_windows"] is None:  # added later: left out at its default so that earlier caches stay valid
             d.pop("kl_windows")
         return d

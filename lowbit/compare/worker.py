@@ -17,6 +17,7 @@ import torch
 
 from lowbit.atomic import atomic_write_text
 from lowbit.compare.config import CompareConfig, WeightScheme
+from lowbit.data.sources import source_label
 from lowbit.errors import ResumeMismatch
 
 
@@ -98,13 +99,13 @@ def run_job(job: dict, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     logs = run_dir / "eval"  # finished windows, kept for a rerun of this row (the runner clears them otherwise)
     row["perplexity"] = {d: perplexity(model, tok, d, seqlen=cfg.eval_seqlen, windows=cfg.windows,
-                                       log=logs / f"{d}.nll.json").ppl for d in cfg.datasets}
+                                       log=logs / f"{source_label(d)}.nll.json").ppl for d in cfg.datasets}
     if cfg.kl and job["kind"] != "fp":
         ref, _ = load_model(cfg.model)
         ref.to(dev)
         d = cfg.datasets[0]
         row["kl"] = kl_divergence(model, ref, tok, d, seqlen=cfg.eval_seqlen, windows=cfg.kl_window_count(),
-                                  log=logs / f"{d}.kl.json")
+                                  log=logs / f"{source_label(d)}.kl.json")
         row["kl_dataset"] = d
     row["eval_seconds"] = time.perf_counter() - t0
     return row

@@ -18,7 +18,8 @@ import random
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lowbit.data.sources import DATASETS, SAMPLING, c4_documents, wikitext2_test_rows
+from lowbit.data.sources import (NAMED, SAMPLING, c4_documents, check_dataset, file_rows, is_jsonl, jsonl_documents,
+                                 ptb_rows, text_file, wikitext2_test_rows)
 from lowbit.errors import LowbitError
 
 C4_EVAL_DOCS = 1100
@@ -35,11 +36,18 @@ def bos_per_window(tok: PreTrainedTokenizerBase, model_type: str | None, bos: st
 
 
 def eval_text(dataset: str) -> str:
+    """The text a set's windows are cut from; a .txt file is read as WikiText-2 is, a .jsonl as C4 is."""
     if dataset == "wikitext2":
         return "\n\n".join(wikitext2_test_rows())
     if dataset == "c4":
         return " ".join(c4_documents("validation")[:C4_EVAL_DOCS])
-    raise LowbitError(f"unknown evaluation dataset '{dataset}' (known: {', '.join(DATASETS)})")
+    if dataset == "ptb":
+        return " ".join(ptb_rows())  # GPTQ's: the test sentences joined by spaces
+    check_dataset(dataset)
+    path = text_file(dataset)
+    if is_jsonl(dataset):
+        return " ".join(jsonl_documents(path)[:C4_EVAL_DOCS])
+    return "\n\n".join(file_rows(path))
 
 
 def _windows(ids: torch.Tensor, seqlen: int, with_bos: bool, bos_id: int | None) -> torch.Tensor:
@@ -67,7 +75,7 @@ def eval_windows(
     win = _windows(ids, seqlen, with_bos, tok.bos_token_id)
     if win.shape[0] == 0:
         raise LowbitError(f"the {dataset} text holds {ids.numel()} tokens, fewer than one window of {seqlen}")
-    if dataset == "c4":
+    if dataset == "c4" or is_jsonl(dataset):
         win = win[:C4_EVAL_WINDOWS]
     if windows is not None:
         if windows <= 0:
@@ -98,8 +106,15 @@ def calibration(
     elif dataset == "wikitext2":
         docs = ["\n\n".join(wikitext2_test_rows())]
         sampling = "concat"
+    elif dataset not in NAMED and is_jsonl(dataset):  # documents, sampled as GPTQ samples C4's
+        check_dataset(dataset, "calibration dataset")
+        docs = list(jsonl_documents(text_file(dataset)))
+    elif dataset not in NAMED and text_file(dataset) is not None:  # one text, windows anywhere in it
+        check_dataset(dataset, "calibration dataset")
+        docs = ["\n\n".join(file_rows(text_file(dataset)))]
+        sampling = "concat"
     else:
-        raise LowbitError(f"unknown calibration dataset '{dataset}' (known: {', '.join(DATASETS)})")
+        raise LowbitError(f"unknown calibration dataset '{dataset}' (known: c4, wikitext2, or a .txt / .jsonl file)")
     random.seed(seed)
     samples = []
     if sampling == "documents":

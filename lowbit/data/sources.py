@@ -17,6 +17,10 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 
 DATASETS = ("wikitext2", "c4")
+NAMED = (*DATASETS, "ptb")  # ptb is never shipped (its licence forbids it): read from a data folder only
+TEXT_SUFFIXES = (".txt", ".raw")  # raw text, cut into windows as WikiText-2 is
+JSONL_SUFFIXES = (".jsonl",)  # documents with a "text" field, joined as C4's are
+PTB_FILE = "ptb/ptb.test.txt"
 SAMPLING = ("documents", "concat")  # how calibration windows are cut (see ``protocol.calibration``)
 C4_FILES = {
     "train": "en/c4-train.00000-of-01024.json.gz",
@@ -96,11 +100,17 @@ def c4_documents(split: str) -> tuple[str, ...]:
     local = sorted((root / "c4").glob(f"c4-{split}.*.jsonl")) if (root / "c4").is_dir() else []
     if not local:
         raise LowbitError(f"no c4/c4-{split}.*.jsonl in the data folder {root}")
-    relative = str(local[0].relative_to(root))
+    return _jsonl_texts(root, str(local[0].relative_to(root)))
+
+
+def _jsonl_texts(root: Path, relative: str) -> tuple[str, ...]:
     try:  # split on "\n" only: a document may hold other line separators (U+2028)
-        return tuple(json.loads(line)["text"] for line in _decode(root, relative).split("\n") if line.strip())
+        docs = tuple(json.loads(line)["text"] for line in _decode(root, relative).split("\n") if line.strip())
     except (json.JSONDecodeError, KeyError, TypeError):
         raise LowbitError(f"{root / relative} is not JSON lines with a 'text' field") from None
+    if not all(isinstance(d, str) for d in docs):
+        raise LowbitError(f"{root / relative}: every 'text' field must be a string")
+    return docs
 
 
 def _decode(root: Path, relative: str) -> str:
@@ -108,6 +118,75 @@ def _decode(root: Path, relative: str) -> str:
         return read_bytes(root, relative).decode("utf-8")
     except UnicodeDecodeError:
         raise LowbitError(f"{root / relative} is not UTF-8 text") from None
+
+
+def text_file(spec: str) -> Path | None:
+    """The user's own file that ``spec`` names (by its suffix), or None for a named set."""
+    if spec in NAMED:
+        return None
+    path = Path(spec).expanduser()
+    return path if path.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES else None
+
+
+def check_dataset(spec: str, what: str = "dataset") -> None:
+    """A named set, or a readable text file of a kind we know: checked before any model loads."""
+    if spec in DATASETS:
+        return
+    if spec == "ptb":
+        ptb_rows()
+        return
+    path = text_file(spec)
+    if path is None:
+        raise LowbitError(f"unknown {what} '{spec}' (known: {', '.join(NAMED)}, or a .txt / .jsonl file)")
+    if not path.is_file():
+        raise LowbitError(f"{what} file {spec} does not exist")
+    texts = file_rows(path) if path.suffix.lower() in TEXT_SUFFIXES else jsonl_documents(path)
+    if not any(t.strip() for t in texts):
+        raise LowbitError(f"{what} file {spec} holds no text")
+
+
+def is_jsonl(spec: str) -> bool:
+    path = text_file(spec)
+    return path is not None and path.suffix.lower() in JSONL_SUFFIXES
+
+
+@functools.lru_cache(maxsize=8)
+def file_rows(path: Path) -> tuple[str, ...]:
+    """A raw text file's rows exactly as WikiText-2's (a blank line is an empty row, others end in a newline)."""
+    raw = _decode(path.parent, path.name)
+    lines = raw.split("\n")
+    lines = lines[:-1] if raw.endswith("\n") else lines
+    return tuple(line + "\n" if line.strip() else "" for line in lines)
+
+
+@functools.lru_cache(maxsize=8)
+def jsonl_documents(path: Path) -> tuple[str, ...]:
+    """A user's JSON-lines file: the ``text`` of each line, in order."""
+    return _jsonl_texts(path.parent, path.name)
+
+
+@functools.lru_cache(maxsize=1)
+def ptb_rows() -> tuple[str, ...]:
+    """Penn Treebank's test sentences, one a line, from the data folder (LOWBIT_DATA/ptb/ptb.test.txt)."""
+    root = data_dir()
+    if root is None or not (root / PTB_FILE).is_file():
+        raise LowbitError(f"ptb is read from a data folder's {PTB_FILE} (it cannot ship with lowbit: its licence "
+                          f"forbids it); put the file there and set LOWBIT_DATA, or pass the file's path instead")
+    return tuple(line for line in _decode(root, PTB_FILE).split("\n") if line.strip())
+
+
+def source_key(spec: str) -> str:
+    """What names a dataset in a cache key: a file by its bytes too, so an edited file is a new dataset."""
+    path = text_file(spec)
+    if path is None:
+        return spec
+    return f"{path.resolve()}@sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+
+
+def source_label(spec: str) -> str:
+    """A file-name-safe label (per-window log names): the set's name, or a file's stem and hash."""
+    path = text_file(spec)
+    return spec if path is None else f"{path.stem}-{source_key(spec).rsplit(':', 1)[1][:12]}"
 
 
 def _hub(*args, **kwargs):

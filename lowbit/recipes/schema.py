@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from lowbit.data.sources import DATASETS, SAMPLING
+from lowbit.data.sources import DATASETS, SAMPLING, check_dataset, text_file
 from lowbit.errors import LowbitError
 
 METHODS = ("none", "rtn", "gptq", "ldlq", "billm")  # none: weights stay in float (activation-only ablations)
@@ -316,7 +316,11 @@ class CalibrationSpec:
 
     def validate(self) -> None:
         """Type and range of each value: a huge count would run for days before anything failed."""
-        _choice(self.dataset, "calibration.dataset", DATASETS)
+        if not (isinstance(self.dataset, str) and (self.dataset in DATASETS or text_file(self.dataset))):
+            raise LowbitError(f"calibration.dataset must be one of {', '.join(DATASETS)}, or a .txt / .jsonl file, "
+                              f"got {self.dataset!r}")
+        if self.dataset not in DATASETS:
+            check_dataset(self.dataset, "calibration.dataset")
         _int(self.nsamples, "calibration.nsamples", 1, MAX_NSAMPLES)
         _int(self.seqlen, "calibration.seqlen", 1, MAX_SEQLEN)
         _seed(self.seed, "calibration.seed")

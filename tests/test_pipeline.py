@@ -198,3 +198,19 @@ def test_resume_refuses_a_different_recipe(tmp_path, calib_ids):
     with pytest.raises(ResumeMismatch, match="different"):
         quantize_model(tiny_llama(), _recipe("gptq", bits=4), calib_ids, progress_dir=tmp_path, resume=True,
                        show_progress=False)
+
+
+def test_expert_tensors_left_in_float_are_named(caplog):
+    """Mixture-of-experts blocks keep their experts in 3-D tensors, not nn.Linear: quantizing the rest must say so."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2, max_position_embeddings=128)).eval()
+    with caplog.at_level("WARNING", logger="lowbit.pipeline.driver"):
+        quantize_model(model, lowbit.recipes.get("rtn-w4"), None, show_progress=False)
+    assert "mlp.experts.gate_up_proj" in caplog.text and "mlp.experts.down_proj" in caplog.text
+    from lowbit.models.adapters import weights_left_in_float
+
+    assert weights_left_in_float(tiny_llama().model.layers[0]) == []  # a dense block: nothing left out

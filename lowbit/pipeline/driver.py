@@ -26,6 +26,7 @@ from lowbit.hessians.cache import HessianCache
 from lowbit.hessians.output_adaptive import output_adaptive_hessians
 from lowbit.errors import LowbitError
 from lowbit.models import block_linears, find_blocks
+from lowbit.models.adapters import weights_left_in_float
 from lowbit.models.layout import block_layout
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
 from lowbit.memory import peak_memory_mb
@@ -111,6 +112,9 @@ def quantize_model(
     skip = [re.compile(p) for p in recipe.pipeline.skip]
     if spec.method != "none" and not any(_quantizable(blk, f"{blocks_path}.{b}.", skip) for b, blk in enumerate(blocks)):
         raise LowbitError(f"pipeline.skip {recipe.pipeline.skip} matches every linear layer: nothing to quantize")
+    if spec.method != "none" and (left := weights_left_in_float(blocks[0])):
+        log.warning("these weights of every block are not nn.Linear layers and stay in float (lowbit quantizes "
+                    "only nn.Linear weights; mixture-of-experts tensors are not supported yet): %s", ", ".join(left))
     model.lowbit_quant = getattr(model, "lowbit_quant", {})
     model.lowbit_recipe = recipe.to_dict()
     act = recipe.activations

@@ -14,7 +14,7 @@ def _lowbit(*args, timeout=120):
 BAD_INPUTS = [
     (["quantize", "smollm2-135m", "--recipe", "gptq-w9", "--out", "x"], "unknown recipe 'gptq-w9'"),
     (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--nsamples", "0"], "nsamples must be a positive"),
-    (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--eval", "ptb"], "unknown dataset 'ptb'"),
+    (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--eval", "ptx"], "unknown dataset 'ptx'"),
     (["eval", "smollm2-135m", "--windows", "0"], "--windows must be a positive integer"),
     (["eval", "./no/such/dir"], "model path './no/such/dir' does not exist"),
     (["eval", "tests/no-such-checkpoint"], "model path 'tests/no-such-checkpoint' does not exist"),

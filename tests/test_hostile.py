@@ -112,7 +112,7 @@ CASES = [
     Case("seqlen-one", (*Q, "gptq-w4", "--out", "o", "--seqlen", "0"), "calibration.seqlen must be"),
     Case("seed-negative", (*Q, "gptq-w4", "--out", "o", "--seed", "-1"), "calibration.seed must be"),
     Case("sampling-unknown", (*Q, "gptq-w4", "--out", "o", "--sampling", "random"), "calibration.sampling must be"),
-    Case("eval-unknown-set", (*Q, "rtn-w4", "--out", "o", "--eval", "ptb"), "unknown dataset 'ptb'"),
+    Case("eval-unknown-set", (*Q, "rtn-w4", "--out", "o", "--eval", "ptx"), "unknown dataset 'ptx'"),
     Case("windows-zero", (*Q, "rtn-w4", "--out", "o", "--eval", "wikitext2", "--windows", "0"),
          "--windows must be a positive integer"),
     Case("device-unknown", (*Q, "rtn-w4", "--out", "o", "--device", "tpu9"), "unknown device 'tpu9'"),

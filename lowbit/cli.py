@@ -153,14 +153,15 @@ def quantize(
 def _quantize(ref, rec, out: Path, datasets: list[str], windows: Optional[int], device: Optional[str],
               resume: bool, hessian_cache: Optional[Path], phases: Phases) -> None:
     """The work of ``lowbit quantize`` once its input is known to be good and OUT is ours."""
-    from lowbit.api import calibration_for
-    from lowbit.atomic import atomic_write_text
-    from lowbit.eval import perplexity
-    from lowbit.export import save
-    from lowbit.models import load_model
-    from lowbit.pipeline import quantize_model
+    with phases("imports"):  # torch and transformers: seconds, counted like the rest
+        from lowbit.api import calibration_for
+        from lowbit.atomic import atomic_write_text
+        from lowbit.eval import perplexity
+        from lowbit.export import save
+        from lowbit.models import load_model
+        from lowbit.pipeline import quantize_model
 
-    dev = _device(device)
+        dev = _device(device)
     with phases("load"):
         m, tok = load_model(ref)
         m.to(dev)
@@ -285,10 +286,11 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
               task_path: Optional[Path], limit: Optional[int], num_fewshot: Optional[int],
               device: Optional[str], phases: Phases) -> dict:
     """The work of ``lowbit eval`` once its input is known to be good (and its log is ours)."""
-    from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
-    from lowbit.models import load_model
+    with phases("imports"):  # torch and transformers: seconds, counted like the rest
+        from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
+        from lowbit.models import load_model
 
-    dev = _device(device)
+        dev = _device(device)
     with phases("load"):
         m, tok = load_model(ref)
         m.to(dev)

@@ -95,7 +95,7 @@ def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor]) 
 def _base_tokenizer(base: str | None) -> PreTrainedTokenizerBase | None:
     """A checkpoint saved without a tokenizer borrows its base model's, if that can be found."""
     from lowbit.models.aliases import ALIASES
-    from lowbit.models.loading import cache_dir
+    from lowbit.models.resolve import cache_dir
 
     if base in ALIASES and (cache_dir() / "models" / base / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(cache_dir() / "models" / base)

@@ -18,15 +18,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from lowbit.errors import LowbitError
 from lowbit.models.aliases import ALIASES, GGUFAlias
-from lowbit.models.resolve import CHECKPOINT_MARKER, ModelRef, resolve
+from lowbit.models.resolve import CHECKPOINT_MARKER, ModelRef, cache_dir, resolve
 
 __all__ = ["CHECKPOINT_MARKER", "cache_dir", "load_model"]
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
 
 
 def load_model(

@@ -20,6 +20,11 @@ CHECKPOINT_MARKER = "lowbit_config.json"
 HUB_TIMEOUT_S = 5.0
 
 
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$LOWBIT_CACHE`` or ``~/.cache/lowbit``."""
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+
+
 @dataclass(frozen=True)
 class ModelRef:
     kind: Literal["checkpoint", "alias", "local", "gguf", "hub"]

@@ -102,7 +102,7 @@ def _ppl_table(rows: dict[str, dict[str, float]], datasets: list[str]) -> str:
 
 @app.command()
 def quantize(
-    model: str = typer.Argument(..., help="alias (smollm2-135m, gemma3-270m), local dir or Hugging Face id"),
+    model: str = typer.Argument(..., help="alias (smollm2-135m, gemma3-270m), local dir, GGUF file or Hugging Face id"),
     recipe: str = typer.Option(..., "--recipe", "-r", help="preset name or YAML/TOML file"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory for the packed checkpoint"),
     nsamples: Optional[int] = typer.Option(None, help="calibration samples (recipe default: 128)"),
@@ -112,7 +112,7 @@ def quantize(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last finished block"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the lowbit checkpoint that OUT holds"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set weights.act_order=false"),
-    eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4"),
+    eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4 or a .txt / .jsonl file"),
     windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (quick protocol)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
     hessian_cache: Optional[Path] = typer.Option(
@@ -217,8 +217,8 @@ def _checkpoint_log_dir(model: str) -> Optional[Path]:
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="checkpoint directory, alias, local dir or Hugging Face id"),
-    ppl: Optional[str] = typer.Option(None, help="datasets, comma separated (default wikitext2,c4; none with --tasks)"),
+    model: str = typer.Argument(..., help="checkpoint directory, alias, local dir, GGUF file or Hugging Face id"),
+    ppl: Optional[str] = typer.Option(None, help="wikitext2, c4, ptb or .txt / .jsonl files, comma separated (default wikitext2,c4; none with --tasks)"),
     windows: Optional[int] = typer.Option(None, help="only the first N windows (default: full protocol)"),
     seqlen: int = typer.Option(2048, help="window length in tokens"),
     kl: bool = typer.Option(False, "--kl", help="also KL divergence to the unquantized base model"),
@@ -323,7 +323,7 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
 
 @app.command("compare")
 def compare_cmd(
-    model: str = typer.Argument(..., help="alias (smollm2-135m, gemma3-270m), local dir or Hugging Face id"),
+    model: str = typer.Argument(..., help="alias (smollm2-135m, gemma3-270m), local dir, GGUF file or Hugging Face id"),
     recipes_: str = typer.Option("", "--recipes", help="lowbit recipes, comma separated (presets or YAML/TOML files)"),
     peers: str = typer.Option("", help="peer toolkits, e.g. hqq,autoround@w3g128 (extra 'peers')"),
     peer_scheme: str = typer.Option("w4g128", help="weight format of a peer named without @scheme"),

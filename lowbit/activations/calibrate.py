@@ -10,6 +10,7 @@ apply a saved plan instead of recalibrating.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ from lowbit.activations.clustering import cluster_labels, head_labels, permutati
 from lowbit.activations.install import attach
 from lowbit.activations.observer import RangeObserver
 from lowbit.activations.quantizer import ActQuantizer
+from lowbit.errors import LowbitError
 from lowbit.models.layout import BlockLayout
 from lowbit.recipes.schema import FLOAT_BITS, ActivationSpec, SmoothingSpec
 from lowbit.transforms.reorder import expand_kv_perm, fold_permutations
@@ -60,6 +62,25 @@ class BlockActPlan:
         return cls(perms, quantizers, scales)
 
 
+def _homes(layout: BlockLayout, site: str) -> tuple[str, ...]:
+    """The modules a site's quantizer sits on: one, or every expert's down projection."""
+    names = getattr(layout, SITE_HOME[site][0])
+    return names if isinstance(names, tuple) else (names,)
+
+
+def check_layout(layout: BlockLayout, spec: ActivationSpec, smoothing: SmoothingSpec, family: str) -> None:
+    """Smoothing and reordering rescale or permute q/k/v and gate/up one by one: refused where they are fused."""
+    reorders = spec.enabled and spec.reorder and spec.granularity not in ("token", "tensor")
+    if not layout.separable and (reorders or smoothing.enabled):
+        what = "smoothing" if smoothing.enabled else "channel reordering"
+        raise LowbitError(f"{what} needs separate q/k/v and gate/up projections and one MLP per block; {family} "
+                          "fuses them or has experts (activation recipes without smoothing or reordering work)")
+    per_channel = spec.granularity not in ("token", "tensor")
+    if len(layout.down) > 1 and per_channel and "mlp_mid" in active_sites(spec):
+        raise LowbitError(f"{family} has many experts' down projections: their inputs take per-tensor or per-token "
+                          f"activation quantizers (granularity: {spec.granularity}; or leave out the mlp_mid site)")
+
+
 def _site_bits(site: str, spec: ActivationSpec) -> int:
     return spec.kv_bits if site in KV_SITES else spec.bits
 
@@ -77,12 +98,14 @@ def observe_block(block: nn.Module, layout: BlockLayout, inputs: torch.Tensor, k
     handles = []
     for site in LINEAR_SITES:
         if site in obs:  # observed where its quantizer will sit: a module's input or output
-            o, (field_name, kind) = obs[site], SITE_HOME[site]
-            module = get(getattr(layout, field_name))
-            if kind == "act_in":
-                handles.append(module.register_forward_pre_hook(lambda _m, a, o=o: o(a[0])))
-            else:
-                handles.append(module.register_forward_hook(lambda _m, _a, out, o=o: o(out)))
+            o, kind, homes = obs[site], SITE_HOME[site][1], _homes(layout, site)
+            width = -1 if len(homes) > 1 else None  # many (experts of other widths): one range for all of them
+            for module in map(get, homes):
+                if kind == "act_in":
+                    handles.append(module.register_forward_pre_hook(
+                        lambda _m, a, o=o, w=width: o(a[0] if w is None else a[0].reshape(-1, 1))))
+                else:
+                    handles.append(module.register_forward_hook(lambda _m, _a, out, o=o: o(out)))
     attn = get(layout.attention)
     if "k_cache" in obs or "v_cache" in obs:
         def observe_kv(key, value):  # (b, kv, s, d) -> channels (kv, d)
@@ -172,10 +195,12 @@ def apply_plan(block: nn.Module, layout: BlockLayout, plan: BlockActPlan, config
     if plan.perms:
         fold_permutations(block, layout, plan.perms)
     for site, q in plan.quantizers.items():
-        field_name, kind = SITE_HOME[site]
-        module = block.get_submodule(getattr(layout, field_name))
-        ref = next(module.parameters(), None)
-        attach(module, kind, q.to(ref.device) if ref is not None else q, config)
+        homes = _homes(layout, site)
+        for name in homes:  # a copy each: every module saves and loads its own tables
+            module = block.get_submodule(name)
+            ref = next(module.parameters(), None)
+            mine = copy.deepcopy(q) if len(homes) > 1 else q
+            attach(module, SITE_HOME[site][1], mine.to(ref.device) if ref is not None else mine, config)
 
 
 def smoothing_plan(block: nn.Module, layout: BlockLayout, ranges: dict, smoothing: SmoothingSpec) -> dict[str, torch.Tensor]:

@@ -92,10 +92,12 @@ def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
         raise LowbitError(f"{path} is not a lowbit checkpoint (no {CHECKPOINT_MARKER})")
     meta = _json(marker)
     report = _json(path / "report.json") if (path / "report.json").exists() else {}
-    errors = {r.get("name"): r.get("rel_output_error") for r in report.get("layers", []) if isinstance(r, dict)}
+    rows = {r.get("name"): r for r in report.get("layers", []) if isinstance(r, dict)}
     sizes = _tensor_bytes(path / "model.safetensors")
     try:
-        layers = [_layer(name, info, sizes, errors) for name, info in meta.get("layers", {}).items()]
+        method = meta.get("recipe", {}).get("weights", {}).get("method")
+        most = max((r["tokens"] for r in rows.values() if isinstance(r.get("tokens"), int)), default=0)
+        layers = [_layer(name, info, sizes, rows.get(name, {}), method, most) for name, info in meta.get("layers", {}).items()]
         quantizers = len(meta.get("activations", {}).get("quantizers", {}))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise LowbitError(f"{marker} is damaged ({type(exc).__name__} {exc})") from None
@@ -103,8 +105,15 @@ def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
                              (path / "model.safetensors").stat().st_size, report.get("total_seconds"))
 
 
-def _layer(name: str, info: dict, sizes: dict[str, int], errors: dict) -> LayerSummary:
+def _layer(name: str, info: dict, sizes: dict[str, int], row: dict, method: str | None, most: int) -> LayerSummary:
+    """``row``: the layer's line of report.json; ``most``: the largest token count of any layer (a layer that
+    saw fewer is an expert, reached by the tokens routed to it)."""
     extras = []
+    tokens = row.get("tokens")
+    if row.get("method") not in (None, method):  # a fallback: an expert calibration (nearly) missed
+        extras.append(f"{row['method']} ({tokens} tokens)")
+    elif isinstance(tokens, int) and tokens < most:
+        extras.append(f"{tokens} tokens")
     if info.get("act_order"):
         extras.append("act-order")
     if "incoherence" in info:
@@ -114,4 +123,4 @@ def _layer(name: str, info: dict, sizes: dict[str, int], errors: dict) -> LayerS
     layer_bytes = sum(v for k, v in sizes.items() if k.startswith(name + "."))
     rows, cols = info["shape"]
     return LayerSummary(name, (int(rows), int(cols)), int(info["bits"]), info.get("group_size"), ", ".join(extras),
-                        layer_bytes, errors.get(name))
+                        layer_bytes, row.get("rel_output_error"))

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from lowbit.activations.install import restore
 from lowbit.errors import LowbitError
+from lowbit.models.linearize import linearize
 from lowbit.models.resolve import CHECKPOINT_MARKER
 from lowbit.runtime import empty_module
 from lowbit.runtime.build import scales_key
@@ -59,6 +60,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None
     except (OSError, ValueError) as exc:
         raise LowbitError(f"{path}/config.json cannot be read ({str(exc).splitlines()[0]})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linearize(model)  # the layers as quantizing saw and saved them (Conv1D, fused experts -> nn.Linear)
     tensors = _read_tensors(path)
     try:
         _fill(model, meta, tensors)

@@ -20,13 +20,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit import faults
-from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_block
+from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_block, check_layout
 from lowbit.hessians import HessianAccumulator
 from lowbit.hessians.cache import HessianCache
 from lowbit.hessians.output_adaptive import output_adaptive_hessians
 from lowbit.errors import LowbitError
 from lowbit.models import block_linears, find_blocks
 from lowbit.models.adapters import weights_left_in_float
+from lowbit.models.linearize import expert_linears, linearize, router_names
 from lowbit.models.layout import block_layout
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
 from lowbit.memory import peak_memory_mb
@@ -44,7 +45,7 @@ def _apply(layer: nn.Linear, qw: QuantizedWeight) -> None:
 
 
 def _layer_report(name: str, block: int, w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor | None,
-                  method: str, seconds: float) -> LayerReport:
+                  method: str, seconds: float, tokens: int | None) -> LayerReport:
     delta = qw.weight().to(torch.float64) - w.to(torch.float64)
     w64 = w.to(torch.float64)
     loss = rel = None
@@ -52,28 +53,36 @@ def _layer_report(name: str, block: int, w: torch.Tensor, qw: QuantizedWeight, h
         loss = proxy_loss(delta, h)
         rel = loss / max(proxy_loss(w64, h), 1e-30)
     rel_w = float(delta.pow(2).sum() / w64.pow(2).sum().clamp_min(1e-30))
-    return LayerReport(name, block, tuple(w.shape), qw.bits, method, loss, rel, rel_w, seconds)
+    return LayerReport(name, block, tuple(w.shape), qw.bits, method, loss, rel, rel_w, seconds, tokens)
 
 
-def _round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None,
-                 recipe: Recipe) -> tuple[QuantizedWeight, LayerReport]:
-    """Round one layer in place (fake-quant weights) and return its codes (on the host) and report."""
+def _round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None, recipe: Recipe,
+                 tokens: int | None = None, expert: bool = False) -> tuple[QuantizedWeight, LayerReport]:
+    """Round one layer in place (fake-quant weights) and return its codes (on the host) and report.
+
+    A layer whose Hessian is empty, or an expert that fewer calibration tokens reached than it has
+    inputs (its Hessian is singular: GPTQ would fit those few tokens), is rounded with RTN on its
+    own weights, and says so."""
     t0 = time.perf_counter()
     spec, lowrank = recipe.weights, recipe.lowrank
     w = layer.weight.data.clone()
-    if h is not None and not torch.any(h):
-        log.warning("%s saw no calibration input; rounding it with RTN", name)
+    starved = expert and tokens is not None and tokens < layer.in_features
+    if h is not None and (starved or not torch.any(h)):
+        why = ("saw no calibration input" if tokens == 0 or not torch.any(h)
+               else f"was reached by {tokens} calibration tokens, fewer than its {layer.in_features} inputs")
+        log.warning("%s %s; rounding it with RTN on its own weights", name, why)
         h, spec = None, dataclasses.replace(spec, method="rtn")
         lowrank = dataclasses.replace(lowrank, whiten=False)
     qw = round_weight(w, h, spec, name=name, transform=recipe.transform, lowrank=lowrank,
                       outliers=recipe.smoothing.outliers)
     _apply(layer, qw)
-    report = _layer_report(name, block, w, qw, h, spec.method, time.perf_counter() - t0)
+    report = _layer_report(name, block, w, qw, h, spec.method, time.perf_counter() - t0, tokens)
     return qw.cpu(), report  # codes for packing live on the host, not the GPU
 
 
-def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: torch.Tensor,
-                      kwargs: dict, skip_first_tokens: int) -> dict[str, torch.Tensor]:
+def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: torch.Tensor, kwargs: dict,
+                      skip_first_tokens: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Each layer's Hessian and the number of tokens it saw (an expert sees only those routed to it)."""
     accs = {n: HessianAccumulator(m.in_features, skip_first_tokens, device=m.weight.device) for n, m in layers.items()}
     handles = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0].detach()))
                for n, m in layers.items()]
@@ -82,11 +91,14 @@ def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: to
     finally:
         for h in handles:
             h.remove()
-    return {n: a.hessian() for n, a in accs.items()}
+    return {n: a.hessian() for n, a in accs.items()}, {n: a.count for n, a in accs.items()}
 
 
 def _quantizable(block: nn.Module, prefix: str, skip: list[re.Pattern]) -> dict[str, nn.Linear]:
-    return {n: m for n, m in block_linears(block).items() if not any(p.search(prefix + n) for p in skip)}
+    """The block's linears less the recipe's skip patterns and mixture-of-experts routers (kept in float)."""
+    routers = router_names(block)
+    return {n: m for n, m in block_linears(block).items()
+            if n not in routers and not any(p.search(prefix + n) for p in skip)}
 
 
 def quantize_model(
@@ -107,19 +119,28 @@ def quantize_model(
     recipe.validate()
     t_start = time.perf_counter()
     report = QuantReport(recipe=recipe.name)
+    if replaced := linearize(model):  # Conv1D and fused experts as nn.Linear: what every stage below reads
+        log.info("as nn.Linear layers: %s", ", ".join(replaced))
     blocks_path, blocks = find_blocks(model)
     spec = recipe.weights
     skip = [re.compile(p) for p in recipe.pipeline.skip]
     if spec.method != "none" and not any(_quantizable(blk, f"{blocks_path}.{b}.", skip) for b, blk in enumerate(blocks)):
         raise LowbitError(f"pipeline.skip {recipe.pipeline.skip} matches every linear layer: nothing to quantize")
-    if spec.method != "none" and (left := weights_left_in_float(blocks[0])):
-        log.warning("these weights of every block are not nn.Linear layers and stay in float (lowbit quantizes "
-                    "only nn.Linear weights; mixture-of-experts tensors are not supported yet): %s", ", ".join(left))
+    if spec.method != "none":
+        routers = router_names(blocks[0])
+        left = [n for n in weights_left_in_float(blocks[0]) if n.rpartition(".")[0] not in routers]
+        if left:
+            log.warning("these weights of every block are not nn.Linear layers and stay in float (lowbit quantizes "
+                        "only nn.Linear weights): %s", ", ".join(left))
+        if routers:
+            log.info("mixture-of-experts routers stay in float: %s", ", ".join(sorted(routers)))
     model.lowbit_quant = getattr(model, "lowbit_quant", {})
     model.lowbit_recipe = recipe.to_dict()
     act = recipe.activations
     per_block_plan = act.enabled or recipe.smoothing.enabled  # activation quantizers and/or smoothing
     layouts = [block_layout(block, model.config) for block in blocks] if per_block_plan else []
+    for layout in layouts:  # before any work: a recipe some block of this family cannot take
+        check_layout(layout, act, recipe.smoothing, type(model).__name__)
 
     if recipe.needs_calibration and calib is None:
         raise ValueError(f"recipe {recipe.name} needs calibration data")
@@ -207,17 +228,21 @@ def quantize_model(
                 groups = sequential_groups(block, layers, inputs[:1], block_kwargs[b])
                 if not recipe.pipeline.true_sequential:
                     groups = [[n for g in groups for n in g]]
+            experts = expert_linears(block)
             for group in groups:
                 group_layers = {n: layers[n] for n in group}
+                tokens: dict[str, int] = {}
                 if output_adaptive:
                     # on the CPU when the pass was split (hessian.passes): one layer's at a time on the device
                     hessians = {n: precomputed.pop(prefix + n).to(layers[n].weight.device) for n in group}
                 elif needs_inputs and recipe.needs_hessians:
-                    hessians = _collect_hessians(block, group_layers, inputs, block_kwargs[b], recipe.hessian.skip_first_tokens)
+                    hessians, tokens = _collect_hessians(block, group_layers, inputs, block_kwargs[b],
+                                                         recipe.hessian.skip_first_tokens)
                 else:
                     hessians = {}
                 for n, layer in group_layers.items():
-                    qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), recipe)
+                    qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), recipe, tokens.get(n),
+                                                    expert=n in experts)
                     report.layers.append(layer_report)
                     weights[n] = model.lowbit_quant[prefix + n] = qw
         if needs_inputs and b < last_todo:

@@ -18,6 +18,7 @@ class LayerReport:
     rel_output_error: float | None  # tr(ΔW·H·ΔWᵀ) / tr(W·H·Wᵀ) = ‖ΔW·X‖² / ‖W·X‖²
     rel_weight_error: float  # ‖ΔW‖² / ‖W‖²
     seconds: float
+    tokens: int | None = None  # calibration tokens that reached the layer (an expert: those routed to it)
 
 
 @dataclass

@@ -88,7 +88,8 @@ def fold_permutations(block: nn.Module, layout: BlockLayout, perms: dict[str, to
         p = perms["mlp_mid"]
         for name in layout.mlp_in:
             _rows(get(name), p.to(get(name).weight.device))
-        _cols(get(layout.down), p.to(get(layout.down).weight.device))
+        for name in layout.down:
+            _cols(get(name), p.to(get(name).weight.device))
 
 
 def reordered_norms(model: nn.Module) -> list[str]:

@@ -28,7 +28,7 @@ def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
 
 def consumers(layout: BlockLayout, site: str) -> tuple[str, ...]:
     return {"attn_in": (layout.q, layout.k, layout.v), "attn_out": (layout.o,), "mlp_in": layout.mlp_in,
-            "mlp_mid": (layout.down,)}[site]
+            "mlp_mid": layout.down}[site]
 
 
 def column_absmax(block: nn.Module, layout: BlockLayout, site: str) -> torch.Tensor:

@@ -234,3 +234,47 @@ def test_a_mixture_of_experts_folder_through_the_command_line(tmp_path):
     ppl = json.loads(cli("eval", str(tmp_path / "ckpt"), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256",
                          "--json", "--no-log"))["perplexity"]["wikitext2"]["ppl"]
     assert 1 < ppl < float("inf")
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_hessian_experts_all_calibrates_every_expert_on_every_token(family, calib):
+    """``hessian.experts: all``: each expert's Hessian is ``2/n Σ x xᵀ`` over every token of the MLP input
+    (no RTN fallback, however the router splits them); the block computes the same output meanwhile."""
+    from lowbit.models.linearize import experts_see_every_token
+    from lowbit.rounding.dispatch import round_weight
+
+    recipe = apply_overrides(_recipe("gptq"), ["pipeline.true_sequential=false", "hessian.experts=all"])
+    assert recipe.to_dict()["hessian"]["experts"] == "all"
+    assert "experts" not in _recipe("gptq").to_dict()["hessian"]  # the default keeps older recipes' identity
+    model = tiny_family(family)
+    x, _ = _routed_inputs(model, calib)
+    w = model.model.layers[0].mlp.experts.gate_up_proj[1].detach().clone()
+    probe = tiny_family(family)
+    linearize(probe)
+    with torch.no_grad():
+        routed = probe(calib[:2]).logits
+        with experts_see_every_token(probe.model.layers[0]), experts_see_every_token(probe.model.layers[1]):
+            every = probe(calib[:2]).logits
+    torch.testing.assert_close(every, routed, atol=1e-6, rtol=1e-6)
+
+    _, report = lowbit.quantize(model, recipe, calib, show_progress=False)
+    experts = [r for r in report.layers if ".experts." in r.name]
+    assert all(r.tokens == calib.numel() and r.method == "gptq" for r in experts)
+    name = "model.layers.0.mlp.experts.1.gate_up_proj"
+    h = (2.0 / x.shape[0]) * x.double().T @ x.double()
+    assert torch.equal(model.lowbit_quant[name].codes, round_weight(w, h.float(), recipe.weights, name=name).codes)
+
+
+def test_true_sequential_rounds_all_experts_gate_up_then_all_down(calib):
+    """Which experts a sample calls depends on its routing: the experts' layers form two groups (all
+    gate_up, then all down) after the attention's, whatever order the first sample called them in."""
+    model = tiny_family("qwen2_moe")
+    _, report = lowbit.quantize(model, _recipe("gptq"), calib, show_progress=False)
+    block0 = [r.name.removeprefix("model.layers.0.") for r in report.layers if r.block == 0]
+    ups = [f"mlp.experts.{e}.gate_up_proj" for e in range(4)]
+    downs = [f"mlp.experts.{e}.down_proj" for e in range(4)]
+    i = block0.index(ups[0])
+    assert block0[i : i + 8] == ups + downs
+    assert block0[:4] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    assert set(block0[4:i] + block0[i + 8 :]) == {"mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+                                                  "mlp.shared_expert.down_proj"}

@@ -83,10 +83,10 @@ def test_gptq_hessians_see_quantized_inputs(calib_ids, monkeypatch):
     seen = {}
     real = driver._collect_hessians
 
-    def spy(block, layers, inputs, kwargs, skip):
+    def spy(block, layers, inputs, kwargs, skip, **kw):
         for name, layer in layers.items():
             layer.register_forward_pre_hook(lambda _m, a, name=name: seen.setdefault(name, a[0].detach().clone()))
-        return real(block, layers, inputs, kwargs, skip)
+        return real(block, layers, inputs, kwargs, skip, **kw)
 
     monkeypatch.setattr(driver, "_collect_hessians", spy)
     quantize_model(tiny_llama(layers=1), _recipe(bits=3, kv_bits=16), calib_ids, show_progress=False)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -46,6 +48,7 @@ class LinearExperts(nn.ModuleList):
         super().__init__(_Expert(hidden, intermediate, dtype, torch.device(device)) for _ in range(num_experts))
         self.num_experts = num_experts
         self.__dict__["act_fn"] = act_fn  # parameter-free; kept out of the list of experts
+        self.every_token = False  # calibration: each expert computes every token (only routed ones are summed)
 
     @classmethod
     def from_fused(cls, fused: nn.Module) -> LinearExperts:
@@ -63,12 +66,31 @@ class LinearExperts(nn.ModuleList):
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self):
             token_idx, slot = torch.where(top_k_index == e)
+            if self.every_token:  # its linears see every token; the sum takes the routed ones, as below
+                gate, up = expert.gate_up_proj(hidden_states).chunk(2, dim=-1)
+                y = expert.down_proj(self.act_fn(gate) * up)[token_idx] * top_k_weights[token_idx, slot, None]
+                out.index_add_(0, token_idx, y.to(out.dtype))
+                continue
             if token_idx.numel() == 0:  # not called: its linears see exactly the tokens routed to it
                 continue
             gate, up = expert.gate_up_proj(hidden_states[token_idx]).chunk(2, dim=-1)
             y = expert.down_proj(self.act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
+
+
+@contextmanager
+def experts_see_every_token(block: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """While open, every expert of ``block`` computes every token (for Hessians from all tokens); the
+    block's output does not change."""
+    experts = [m for m in block.modules() if isinstance(m, LinearExperts)] if enabled else []
+    for m in experts:
+        m.every_token = True
+    try:
+        yield
+    finally:
+        for m in experts:
+            m.every_token = False
 
 
 def _is_fused_experts(module: nn.Module) -> bool:

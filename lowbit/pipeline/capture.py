@@ -71,8 +71,8 @@ def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) ->
 
 
 @torch.no_grad()
-def feed_block_until(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], last: nn.Module) -> None:
-    """Forward every sample through ``block`` only until ``last`` has received its input.
+def feed_block_until(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], last: nn.Module | None) -> None:
+    """Forward every sample through ``block`` only until ``last`` has received its input (``None``: all of it).
 
     Statistics hooks see everything up to that layer; the rest of the block is not computed
     (for q/k/v that skips the whole block, for o_proj the MLP).
@@ -81,7 +81,8 @@ def feed_block_until(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, A
     def stop(_module, _args):
         raise _StopForward
 
-    handle = last.register_forward_pre_hook(stop)  # registered last: runs after statistics hooks
+    # registered last: runs after statistics hooks
+    handle = last.register_forward_pre_hook(stop) if last is not None else None
     try:
         for i in range(inputs.shape[0]):
             try:
@@ -89,7 +90,8 @@ def feed_block_until(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, A
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
 
 
 @torch.no_grad()

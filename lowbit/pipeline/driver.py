@@ -27,7 +27,7 @@ from lowbit.hessians.output_adaptive import output_adaptive_hessians
 from lowbit.errors import LowbitError
 from lowbit.models import block_linears, find_blocks
 from lowbit.models.adapters import weights_left_in_float
-from lowbit.models.linearize import expert_linears, linearize, router_names
+from lowbit.models.linearize import expert_linears, experts_see_every_token, linearize, router_names
 from lowbit.models.layout import block_layout
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
 from lowbit.memory import peak_memory_mb
@@ -81,17 +81,44 @@ def _round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None
 
 
 def _collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: torch.Tensor, kwargs: dict,
-                      skip_first_tokens: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Each layer's Hessian and the number of tokens it saw (an expert sees only those routed to it)."""
+                      skip_first_tokens: int, whole_block: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Each layer's Hessian and the number of tokens it saw (an expert sees only those routed to it).
+
+    ``whole_block``: run every sample through the whole block instead of stopping at the group's last
+    layer (experts: which one a sample calls last depends on its routing)."""
     accs = {n: HessianAccumulator(m.in_features, skip_first_tokens, device=m.weight.device) for n, m in layers.items()}
     handles = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0].detach()))
                for n, m in layers.items()]
     try:
-        feed_block_until(block, inputs, kwargs, last=list(layers.values())[-1])
+        feed_block_until(block, inputs, kwargs, last=None if whole_block else list(layers.values())[-1])
     finally:
         for h in handles:
             h.remove()
     return {n: a.hessian() for n, a in accs.items()}, {n: a.count for n, a in accs.items()}
+
+
+def _expert_groups(groups: list[list[str]], experts: set[str]) -> list[list[str]]:
+    """Every expert's ``gate_up_proj`` in one group and every ``down_proj`` in the next, where the first
+    expert was called: an expert's inputs depend only on the block's input and its own ``gate_up_proj``,
+    and which experts one sample calls (hence the order seen) depends on its routing."""
+    if not experts:
+        return groups
+    ups = sorted((n for n in experts if n.endswith("gate_up_proj")), key=_natural)
+    downs = sorted((n for n in experts if n.endswith("down_proj")), key=_natural)
+    out: list[list[str]] = []
+    for group in groups:
+        rest = [n for n in group if n not in experts]
+        if len(rest) < len(group) and ups:
+            out += [g for g in (rest, ups, downs) if g]
+            ups = downs = []
+        elif rest:
+            out.append(rest)
+    return out
+
+
+def _natural(name: str) -> list:
+    """``experts.10`` after ``experts.9``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def _quantizable(block: nn.Module, prefix: str, skip: list[re.Pattern]) -> dict[str, nn.Linear]:
@@ -224,11 +251,11 @@ def quantize_model(
                 if store is not None:
                     store.save_activation_plan(b, *plan.state())
             groups = [list(layers)] if spec.method != "none" else []
+            experts = expert_linears(block) & set(layers)
             if needs_inputs and groups:  # execution order; one pass per group when true-sequential
-                groups = sequential_groups(block, layers, inputs[:1], block_kwargs[b])
+                groups = _expert_groups(sequential_groups(block, layers, inputs[:1], block_kwargs[b]), experts)
                 if not recipe.pipeline.true_sequential:
                     groups = [[n for g in groups for n in g]]
-            experts = expert_linears(block)
             for group in groups:
                 group_layers = {n: layers[n] for n in group}
                 tokens: dict[str, int] = {}
@@ -236,8 +263,10 @@ def quantize_model(
                     # on the CPU when the pass was split (hessian.passes): one layer's at a time on the device
                     hessians = {n: precomputed.pop(prefix + n).to(layers[n].weight.device) for n in group}
                 elif needs_inputs and recipe.needs_hessians:
-                    hessians, tokens = _collect_hessians(block, group_layers, inputs, block_kwargs[b],
-                                                         recipe.hessian.skip_first_tokens)
+                    with experts_see_every_token(block, recipe.hessian.experts == "all"):
+                        hessians, tokens = _collect_hessians(block, group_layers, inputs, block_kwargs[b],
+                                                             recipe.hessian.skip_first_tokens,
+                                                             whole_block=bool(experts & set(group)))
                 else:
                     hessians = {}
                 for n, layer in group_layers.items():

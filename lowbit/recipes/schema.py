@@ -185,11 +185,15 @@ class HessianSpec:
     on the full-precision model up front). ``skip_first_tokens`` (layer-wise only) drops
     attention-sink positions. ``passes`` (output-adaptive only) splits the gradient pass into that
     many, each summing a share of the layers, when one pass's sums would not fit the device: a
-    7B Llama's are 28 GB in float32."""
+    7B Llama's are 28 GB in float32. ``experts`` (layer-wise, mixture-of-experts models): ``routed``,
+    each expert's Hessian from the tokens its router sends it (an expert reached by fewer tokens
+    than it has inputs is rounded with RTN), or ``all``, from every token (the block's outputs are
+    the routed ones either way)."""
 
     source: str = "layerwise"
     skip_first_tokens: int = 0
     passes: int = 1
+    experts: str = "routed"
 
     def validate(self) -> None:
         """Type and range of each value; each knob applies to one source only."""
@@ -199,6 +203,10 @@ class HessianSpec:
             raise LowbitError("hessian.skip_first_tokens applies to the layer-wise Hessian only, "
                               f"not to hessian.source {self.source!r}")
         _int(self.passes, "hessian.passes", 1, MAX_HESSIAN_PASSES)
+        _choice(self.experts, "hessian.experts", ("routed", "all"))
+        if self.experts != "routed" and self.source != "layerwise":
+            raise LowbitError("hessian.experts applies to the layer-wise Hessian only, "
+                              f"not to hessian.source {self.source!r}")
         if self.passes > 1 and self.source != "output_adaptive":
             raise LowbitError("hessian.passes applies to the output-adaptive Hessian only, "
                               f"not to hessian.source {self.source!r}")
@@ -404,6 +412,8 @@ class Recipe:
         d = dataclasses.asdict(self)
         if d["hessian"]["passes"] == 1:  # how the gradient pass is split changes no number: left out at its
             del d["hessian"]["passes"]   # default, so that recipes keep the identity (resume, cache) they had
+        if d["hessian"]["experts"] == "routed":  # added later; only mixture-of-experts models read it
+            del d["hessian"]["experts"]
         return d
 
     @classmethod

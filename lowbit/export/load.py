@@ -7,16 +7,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lowbit.activations.install import restore
 from lowbit.errors import LowbitError
+from lowbit.hf import base_config
 from lowbit.models.linearize import linearize
 from lowbit.models.resolve import CHECKPOINT_MARKER
 from lowbit.runtime import empty_module
 from lowbit.runtime.build import scales_key
 
 
+FORMAT_VERSIONS = (1, 2)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -28,9 +30,9 @@ def _read_meta(path: Path) -> dict:
         raise LowbitError(f"{path / CHECKPOINT_MARKER} is damaged (not JSON): quantize again") from None
     if not isinstance(meta, dict):
         raise LowbitError(f"{path / CHECKPOINT_MARKER} is damaged (not a JSON object): quantize again")
-    if meta.get("format_version") != 1:
+    if meta.get("format_version") not in FORMAT_VERSIONS:
         raise LowbitError(f"{path}: unsupported lowbit checkpoint version {meta.get('format_version')!r} "
-                          "(this lowbit reads version 1)")
+                          f"(this lowbit reads versions {', '.join(map(str, FORMAT_VERSIONS))})")
     for key in ("layers", "aliases"):
         if not isinstance(meta.get(key), dict):
             raise LowbitError(f"{path / CHECKPOINT_MARKER} is damaged (no '{key}' table): quantize again")
@@ -56,9 +58,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None
     meta = _read_meta(path)
     dtype = dtype or DTYPES[meta.get("dtype", "float32")]
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise LowbitError(f"{path}/config.json cannot be read ({str(exc).splitlines()[0]})") from None
+        config = base_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise LowbitError(f"{path}/config.json cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     linearize(model)  # the layers as quantizing saw and saved them (Conv1D, fused experts -> nn.Linear)
     tensors = _read_tensors(path)
@@ -72,7 +74,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None
     model.lowbit_recipe = meta.get("recipe", {})
     model.lowbit_checkpoint = str(path)
     if (path / "tokenizer_config.json").exists():
-        return model, AutoTokenizer.from_pretrained(path)
+        return model, AutoTokenizer.from_pretrained(path, config=config)  # not config.json: lowbit_hf.py
     return model, _base_tokenizer(meta.get("base_model"))
 
 

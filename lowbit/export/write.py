@@ -22,11 +22,12 @@ from lowbit.activations.install import activation_metadata
 from lowbit.atomic import as_umask_allows, atomic_dir, save_tensors
 from lowbit.errors import LowbitError
 from lowbit.export.folder import check_replaceable
+from lowbit.hf import ENTRY_MODULE, ENTRY_SOURCE, entry_config
 from lowbit.models.resolve import CHECKPOINT_MARKER
 from lowbit.pipeline.report import QuantReport
 from lowbit.runtime import layer_metadata, packed_module
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json wraps the base config (lowbit.hf); 1: it was the base config
 
 
 def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
@@ -74,7 +75,9 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
     save_tensors(tensors, out / "model.safetensors", metadata={"format": "lowbit"})
     as_umask_allows(out / "model.safetensors")
     faults.reach("save:tensors")
-    model.config.save_pretrained(out)
+    # not the base model's config.json: plain transformers would load random weights into it (lowbit.hf)
+    (out / "config.json").write_text(json.dumps(entry_config(model.config), indent=2, sort_keys=True) + "\n")
+    (out / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     meta = {

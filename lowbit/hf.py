@@ -9,8 +9,7 @@ beside it; the base model's config sits inside, under ``base_config``. So:
   code (it names the checkpoint folder, where ``lowbit_hf.py`` says what to do);
 - with ``trust_remote_code=True`` and lowbit installed it returns what ``lowbit.load_model`` does
   (the packed model); without lowbit, ``transformers`` says ``pip install lowbit``;
-- serving engines that read ``config.json`` find an architecture they do not know and stop
-  (``lowbit export`` is the way to them).
+- serving engines that read ``config.json`` find an architecture they do not know and stop.
 """
 
 from __future__ import annotations
@@ -26,11 +25,10 @@ MODEL_TYPE = "lowbit"
 # written beside config.json; transformers imports it (trust_remote_code=True), and refuses with
 # "requires the following packages …: lowbit" where lowbit is not installed
 ENTRY_MODULE = "lowbit_hf"
-ENTRY_SOURCE = '''"""A lowbit checkpoint. Load it with lowbit (pip install lowbit):
+ENTRY_SOURCE = '''"""A lowbit checkpoint (packed quantized layers). Load it with lowbit installed (pip install lowbit):
 
     lowbit.load_model(path)  or  AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-
-and convert it for serving engines with `lowbit export`."""
+"""
 from lowbit.hf import LowbitConfig, LowbitForCausalLM  # noqa: F401
 '''
 

@@ -236,6 +236,9 @@ def evaluate(
     keep_dequantized: bool = typer.Option(
         False, "--keep-dequantized", help="rebuild each packed layer's weight once and keep it: faster on many "
                                           "windows, memory of the unquantized model; same numbers"),
+    kernels: bool = typer.Option(
+        False, "--kernels", help="bfloat16 activations, and PyTorch's CPU int4/int8 kernels for 4-bit and "
+                                 "per-channel 8-bit packed layers (faster decoding; numbers to bfloat16 rounding)"),
 ) -> None:
     """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol; zero-shot tasks with --tasks."""
     phases = Phases()
@@ -266,7 +269,7 @@ def evaluate(
             from lowbit.locks import run_lock
 
             held.enter_context(run_lock(logs, "--log"))
-        result = _evaluate(ref, model, datasets, seqlen, windows, logs, kl, kl_ref, keep_dequantized,
+        result = _evaluate(ref, model, datasets, seqlen, windows, logs, kl, kl_ref, keep_dequantized, kernels,
                            task_list, task_path, limit, num_fewshot, device, phases)
     typer.echo(phases.summary(), err=True)  # stderr: stdout stays one JSON object with --json
     if as_json:
@@ -282,7 +285,7 @@ def evaluate(
 
 
 def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Optional[int], logs: Optional[Path],
-              kl: bool, kl_ref: Optional[str], keep_dequantized: bool, task_list: list[str],
+              kl: bool, kl_ref: Optional[str], keep_dequantized: bool, kernels: bool, task_list: list[str],
               task_path: Optional[Path], limit: Optional[int], num_fewshot: Optional[int],
               device: Optional[str], phases: Phases) -> dict:
     """The work of ``lowbit eval`` once its input is known to be good (and its log is ours)."""
@@ -292,17 +295,30 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
 
         dev = _device(device)
     with phases("load"):
-        m, tok = load_model(ref)
+        if kernels:  # the CPU kernels are fast for bfloat16 inputs only
+            import torch
+
+            m, tok = load_model(ref, dtype=torch.bfloat16)
+        else:
+            m, tok = load_model(ref)
         m.to(dev)
         if keep_dequantized:
             from lowbit.runtime import keep_dequantized as keep
 
             keep(m)
+        if kernels:
+            from lowbit.runtime.kernels import use_kernels
+
+            chosen = list(use_kernels(m).values())
+            typer.echo("back-ends: " + ", ".join(f"{b} {chosen.count(b)}" for b in sorted(set(chosen))) + " layers",
+                       err=True)
     result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}
+    # windows computed by kernels differ from the reference path's by float rounding: a log of their own
+    backend = ".kernels" if kernels else ""
     for d in datasets:
         with phases(f"{d} perplexity"):
             r = perplexity(m, tok, d, seqlen=seqlen, windows=windows,
-                           log=logs / f"{source_label(d)}-{seqlen}.nll.json" if logs else None)
+                           log=logs / f"{source_label(d)}-{seqlen}{backend}.nll.json" if logs else None)
         result["perplexity"][d] = {"ppl": r.ppl, "tokens": r.tokens, "windows": r.windows}
     if kl and datasets:
         ref_name = kl_ref or getattr(m, "lowbit_source", None)
@@ -312,7 +328,7 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
             base, _ = load_model(ref_name)
             base.to(m.device)
             result["kl"] = {d: kl_divergence(m, base, tok, d, seqlen=seqlen, windows=windows,
-                                             log=logs / f"{source_label(d)}-{seqlen}.kl.json" if logs else None)
+                                             log=logs / f"{source_label(d)}-{seqlen}{backend}.kl.json" if logs else None)
                              for d in datasets}
     if task_list:
         with phases("tasks"):

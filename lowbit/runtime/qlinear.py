@@ -18,9 +18,13 @@ from lowbit.rounding import QuantizedWeight
 from lowbit.grids.stats import ScaleStats, n_chunks
 from lowbit.rounding.outliers import SparseOutliers
 from lowbit.runtime.kept_weight import KeptWeight
+from lowbit.runtime.kernels import serves
 
 
 class QuantLinear(KeptWeight, nn.Module):
+    # a CPU kernel back-end (lowbit.runtime.kernels), set at load time; a plain attribute, never saved
+    kernel = None
+
     def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int,
                  bias: bool, has_g_idx: bool, group_size: int | None, float_zeros: bool = False,
                  n_outliers: int = 0, stats_bits: int | None = None):
@@ -101,6 +105,9 @@ class QuantLinear(KeptWeight, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if serves(self.kernel, x):
+            y = self.kernel(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+            return y + bias if bias is not None else y
         return F.linear(x, self.weight_for(x), bias)
 
     def extra_repr(self) -> str:

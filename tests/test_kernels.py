@@ -1,0 +1,147 @@
+"""CPU kernel back-ends (PyTorch's int4 / int8 weight-only matmuls) against the reference path, which
+multiplies by the dequantized float weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.recipes import WeightSpec
+from lowbit.rounding.dispatch import round_weight
+from lowbit.runtime import QuantLinear
+from lowbit.runtime.kernels import Int4Kernel, Int8Kernel, available, int4_group, kernel_for, use_kernels
+
+from conftest import tiny_llama
+
+pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch has no CPU int4/int8 weight-only kernels")
+
+
+def _layer(out_f: int, in_f: int, seed: int = 0, **spec) -> QuantLinear:
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+    qw = round_weight(w, None, WeightSpec(method="rtn", **spec), name="test")
+    bias = torch.randn(out_f, generator=torch.Generator().manual_seed(seed + 1))
+    return QuantLinear.from_quantized(qw, bias, spec.get("group_size"))
+
+
+def _both(layer: QuantLinear, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's product (plus bias) and the reference's, for 14 rows of random inputs."""
+    x = torch.randn(14, layer.in_features, generator=torch.Generator().manual_seed(9)).to(dtype)
+    layer.kernel = kernel_for(layer.quantized(), layer.group_size)
+    with torch.no_grad():
+        ref = F.linear(x.float(), layer.dense_weight(), layer.bias).to(dtype)
+        return layer.kernel(x) + layer.bias.to(dtype), ref
+
+
+@pytest.mark.parametrize("shape,group", [
+    ((64, 256), 256), ((64, 256), 128), ((48, 192), 64), ((32, 96), 32),
+    ((64, 576), 128),  # SmolLM2's width: a smaller last group of 64, served by kernel groups of 64
+    ((32, 96), 64),    # last group 32
+    ((64, 576), None),  # per channel: one group per row, repeated over kernel groups
+])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_kernel_equals_the_reference(shape, group, symmetric):
+    layer = _layer(*shape, bits=4, group_size=group, symmetric=symmetric)
+    assert isinstance(layer.kernel, type(None))
+    got, ref = _both(layer)
+    assert isinstance(layer.kernel, Int4Kernel)
+    # float32 sums in another order: a few units of float32 rounding of the largest output
+    torch.testing.assert_close(got, ref, atol=1e-6 * float(ref.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, None)])
+def test_kernels_in_bfloat16_agree_to_its_rounding(bits, group):
+    layer = _layer(64, 256, bits=bits, group_size=group)
+    got, ref = _both(layer, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    # bfloat16 keeps 8 significant bits: products and sums rounded there, a few 2^-8 of the largest output
+    torch.testing.assert_close(got.float(), ref.float(), atol=0.02 * float(ref.abs().max()), rtol=0.02)
+
+
+def test_forward_uses_the_kernel_for_few_bfloat16_rows_only(monkeypatch):
+    """Fast for bfloat16 and few rows (decoding); the reference path for float32 and long prompts."""
+    layer = _layer(64, 256, bits=4, group_size=128)
+    layer.kernel = kernel_for(layer.quantized(), 128)
+    calls = []
+    real = layer.dense_weight
+    monkeypatch.setattr(layer, "dense_weight", lambda: calls.append("reference") or real())
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 256, dtype=torch.bfloat16))
+        assert calls == []
+        layer(torch.randn(1, 3, 256))
+        assert calls == ["reference"]
+        layer(torch.randn(1, layer.kernel.max_rows + 1, 256, dtype=torch.bfloat16))
+        assert calls == ["reference"] * 2
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int8_kernel_equals_the_reference(symmetric):
+    got, ref = _both(_layer(64, 192, bits=8, group_size=None, symmetric=symmetric))
+    # one more float32 sum (the zero-point term, times the sum of the inputs)
+    torch.testing.assert_close(got, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["3-bit", "2-bit", "rows-not-16", "group-16", "8-bit-grouped", "act-order"])
+def test_layers_no_kernel_takes_keep_the_reference_path(case):
+    spec = {"3-bit": dict(bits=3, group_size=64), "2-bit": dict(bits=2, group_size=64),
+            "rows-not-16": dict(bits=4, group_size=64), "group-16": dict(bits=4, group_size=16),
+            "8-bit-grouped": dict(bits=8, group_size=64), "act-order": dict(bits=4, group_size=64)}[case]
+    rows = 40 if case == "rows-not-16" else 64
+    layer = _layer(rows, 128, **spec)
+    if case == "act-order":  # groups in another order than the columns: g_idx, which the kernel has not
+        qw = layer.quantized()
+        perm = torch.randperm(128, generator=torch.Generator().manual_seed(3))
+        qw = type(qw)(qw.codes[:, perm], qw.scale, qw.zero, qw.g_idx[perm], qw.bits)
+        layer = QuantLinear.from_quantized(qw, None, 64)
+    assert kernel_for(layer.quantized(), layer.group_size) is None
+
+
+def test_int4_group_is_the_widest_that_divides_width_and_group():
+    assert int4_group(576, 64, 128) == 64 and int4_group(1536, 576, 128) == 128 and int4_group(576, 64, None) == 64
+    assert int4_group(4096, 4096, None) == 256 and int4_group(96, 64, 16) is None and int4_group(256, 40, 64) is None
+
+
+def test_a_reloaded_checkpoint_with_kernels_gives_the_reference_logits(tmp_path, calib_ids):
+    model = tiny_llama()
+    lowbit.quantize(model, lowbit.recipes.apply_overrides(lowbit.recipes.get("gptq-w4g128"), ["weights.group_size=32",
+                    "weights.act_order=false"]), calib_ids, show_progress=False)
+    lowbit.save(model, tmp_path / "ckpt")
+    reloaded, _ = lowbit.load_model(tmp_path / "ckpt", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = reloaded(calib_ids).logits.float()
+        chosen = use_kernels(reloaded)
+        got = reloaded(calib_ids).logits.float()
+    assert set(chosen.values()) == {"int4"} and len(chosen) == 7 * 2
+    assert not torch.equal(got, ref)  # the kernels ran (they round in another order)
+    torch.testing.assert_close(got, ref, atol=0.03 * float(ref.abs().max()), rtol=0.03)  # bfloat16 rounding
+    assert set(use_kernels(reloaded, enable=False).values()) == {"reference"}
+
+
+def test_eval_with_kernels_gives_the_reference_perplexity(tmp_path):
+    """``lowbit eval --kernels`` on a user's checkpoint: bfloat16 activations and kernels give the float32
+    reference's perplexity to within bfloat16 rounding (1 %), in a window log of their own."""
+    import json
+    import subprocess
+    import sys
+
+    from hostile_setup import write_tiny_model
+
+    write_tiny_model(tmp_path / "tiny")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, timeout=600,
+                           check=False)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    cli("quantize", str(tmp_path / "tiny"), "--recipe", "rtn-w4g128", "--set", "weights.group_size=32",
+        "--out", str(tmp_path / "ckpt"))
+    args = ("eval", str(tmp_path / "ckpt"), "--ppl", "wikitext2", "--windows", "2", "--seqlen", "256", "--json")
+    ref = json.loads(cli(*args).stdout)["perplexity"]["wikitext2"]
+    fast = cli(*args, "--kernels")
+    assert "back-ends: int4 14 layers" in fast.stderr
+    got = json.loads(fast.stdout)["perplexity"]["wikitext2"]
+    assert got["tokens"] == ref["tokens"] and abs(got["ppl"] - ref["ppl"]) <= 0.01 * ref["ppl"]
+    logs = sorted(p.name for p in (tmp_path / "ckpt" / "eval-log").iterdir())
+    assert any(".kernels." in n for n in logs) and any(".kernels." not in n for n in logs)

@@ -97,8 +97,9 @@ def _ensure_checkpoints() -> None:
 def _table(rows: list[dict]) -> str:
     base = {k: next(r for r in rows if r["config"] == "bfloat16")[k] for k in ("prefill_tok_s", "decode_tok_s")}
     f32_rss = next(r for r in rows if r["config"] == "float32")["rss_after_load_mb"]
-    lines = ["| model | back-end (layers) | load s | RSS after load MB (× float32) | peak RSS MB | prefill tok/s "
-             "(× bf16) | decode tok/s (× bf16) |", "|---|---|---|---|---|---|---|"]
+    header = ("| model | back-end (layers) | load s | RSS after load MB (× float32) | peak RSS MB | prefill tok/s "
+              "(× bf16) | decode tok/s (× bf16) |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         model, _, backend = r["config"].partition(":")
         layers = ", ".join(f"{k} {v}" for k, v in sorted(r["backends"].items())) or "float"

@@ -86,8 +86,7 @@ def serves(kernel: Kernel | None, x: torch.Tensor) -> bool:
 
 def _plain(qw: QuantizedWeight, group_size: int | None) -> bool:
     """Codes, one scale and zero per (row, group) in natural order, nothing else."""
-    n, k = qw.codes.shape
-    natural = natural_group_index(k, group_size, qw.g_idx.device)
+    natural = natural_group_index(qw.codes.shape[1], group_size, qw.g_idx.device)
     return qw.sparse is None and qw.scale_stats is None and qw.transform is None and torch.equal(qw.g_idx.long(), natural)
 
 

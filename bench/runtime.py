@@ -53,7 +53,7 @@ def measure(config: str) -> dict:
 
     import lowbit
     from lowbit.data import eval_windows
-    from lowbit.runtime.kernels import use_kernels
+    from lowbit.runtime.build import use_kernels
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -307,7 +307,7 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
 
             keep(m)
         if kernels:
-            from lowbit.runtime.kernels import use_kernels
+            from lowbit.runtime.build import use_kernels
 
             chosen = list(use_kernels(m).values())
             typer.echo("back-ends: " + ", ".join(f"{b} {chosen.count(b)}" for b in sorted(set(chosen))) + " layers",

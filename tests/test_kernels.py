@@ -12,7 +12,8 @@ import lowbit
 from lowbit.recipes import WeightSpec
 from lowbit.rounding.dispatch import round_weight
 from lowbit.runtime import QuantLinear
-from lowbit.runtime.kernels import Int4Kernel, Int8Kernel, available, int4_group, kernel_for, use_kernels
+from lowbit.runtime.build import use_kernels
+from lowbit.runtime.kernels import Int4Kernel, Int8Kernel, available, int4_group, kernel_for
 
 pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch has no CPU int4/int8 weight-only kernels")
 

@@ -12,7 +12,8 @@ from lowbit.errors import LowbitError
 from lowbit.grids import UniformGrid
 from lowbit.recipes import Recipe
 from lowbit.rounding import gptq_quantize, proxy_loss, rtn_quantize
-from lowbit.rounding.outliers import INDEX_BITS, VALUE_BITS, outlier_budget
+from lowbit.rounding.outliers import outlier_budget
+from lowbit.rounding.quantized import INDEX_BITS, VALUE_BITS
 from lowbit.runtime import QuantLinear
 
 DAMP = 0.01

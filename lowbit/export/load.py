@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from lowbit.activations.install import restore
 from lowbit.errors import LowbitError
-from lowbit.hf import base_config
+from lowbit.export.hf_config import base_config
 from lowbit.models.linearize import linearize
 from lowbit.models.resolve import CHECKPOINT_MARKER
 from lowbit.runtime import empty_module

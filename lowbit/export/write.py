@@ -22,7 +22,7 @@ from lowbit.activations.install import activation_metadata
 from lowbit.atomic import as_umask_allows, atomic_dir, save_tensors
 from lowbit.errors import LowbitError
 from lowbit.export.folder import check_replaceable
-from lowbit.hf import ENTRY_MODULE, ENTRY_SOURCE, entry_config
+from lowbit.export.hf_config import ENTRY_MODULE, ENTRY_SOURCE, entry_config
 from lowbit.models.resolve import CHECKPOINT_MARKER
 from lowbit.pipeline.report import QuantReport
 from lowbit.runtime import layer_metadata, packed_module

@@ -21,7 +21,7 @@ from lowbit.rounding import QuantizedWeight
 from lowbit.transforms.incoherence import Incoherence
 from lowbit.grids.stats import ScaleStats
 from lowbit.rounding.binary import BinaryWeight
-from lowbit.rounding.outliers import SparseOutliers
+from lowbit.rounding.quantized import SparseOutliers
 from lowbit.transforms.lowrank import LowRank
 
 FIELDS = ("codes", "scale", "zero", "g_idx")

@@ -14,8 +14,8 @@ import torch
 from lowbit.grids import GridParams, UniformGrid
 from lowbit.grids.stats import ScaleStats, quantize_scales
 from lowbit.hessians import robust_cholesky_inverse
-from lowbit.rounding.outliers import SparseOutliers, select_outliers
-from lowbit.rounding.quantized import QuantizedWeight
+from lowbit.rounding.outliers import select_outliers
+from lowbit.rounding.quantized import QuantizedWeight, SparseOutliers
 from lowbit.rounding.sequential import SequentialProblem, initial_params
 
 

@@ -11,9 +11,41 @@ from lowbit.grids.uniform import natural_group_index
 
 if TYPE_CHECKING:
     from lowbit.grids.stats import ScaleStats
-    from lowbit.rounding.outliers import SparseOutliers
     from lowbit.transforms.incoherence import Incoherence
     from lowbit.transforms.lowrank import LowRank
+
+
+INDEX_BITS, VALUE_BITS = 32, 16  # int32 flat index + float16 value per outlier
+
+
+@dataclass
+class SparseOutliers:
+    """SpQR-style outliers of a quantized weight (chosen in ``rounding.outliers``): flat (row-major) indices
+    into the ``(out, in)`` weight, sorted, and their float16 values."""
+
+    index: torch.Tensor  # int64 in memory, int32 in checkpoints
+    values: torch.Tensor  # float16
+
+    @property
+    def count(self) -> int:
+        return int(self.index.numel())
+
+    def storage_bits(self) -> int:
+        return self.count * (INDEX_BITS + VALUE_BITS)
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` with the outlier positions overwritten (a copy)."""
+        out = w.clone()
+        out.view(-1)[self.index.long()] = self.values.to(out.dtype)
+        return out
+
+    def cpu(self) -> "SparseOutliers":
+        return SparseOutliers(self.index.cpu(), self.values.cpu())
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, w: torch.Tensor) -> "SparseOutliers":
+        index = torch.nonzero(mask.reshape(-1)).squeeze(1)
+        return cls(index, w.reshape(-1)[index].to(torch.float16))
 
 
 @dataclass

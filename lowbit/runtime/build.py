@@ -1,4 +1,5 @@
-"""Which runtime module serves a quantized layer, built from codes (save) or from metadata (load)."""
+"""Which runtime module serves a quantized layer, built from codes (save) or from metadata (load), and
+which back-end computes it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from lowbit.rounding import QuantizedWeight
 from lowbit.rounding.binary import BinaryWeight
 from lowbit.runtime.binary import BinaryLinear
+from lowbit.runtime.kernels import kernel_for
 from lowbit.runtime.lowrank import LowRankLinear
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.runtime.quip import QuipLinear
@@ -73,3 +75,14 @@ def empty_module(info: dict, n_groups: int, bias: bool) -> nn.Module:
     if info.get("lowrank_rank"):
         module = LowRankLinear(module, info["lowrank_rank"])
     return module
+
+
+def use_kernels(model: nn.Module, enable: bool = True) -> dict[str, str]:
+    """Give every packed layer of ``model`` its CPU back-end (``enable=False``: the reference path again);
+    returns each layer's back-end name."""
+    chosen = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = kernel_for(m.quantized(), m.group_size) if enable else None
+            chosen[name] = m.kernel.name if m.kernel is not None else "reference"
+    return chosen

@@ -106,15 +106,3 @@ def kernel_for(qw: QuantizedWeight, group_size: int | None) -> Kernel | None:
         return Int8Kernel(codes, scale[:, 0].contiguous(), ((128 - zero[:, 0]) * scale[:, 0]).contiguous())
     return None
 
-
-def use_kernels(model: torch.nn.Module, enable: bool = True) -> dict[str, str]:
-    """Give every packed layer of ``model`` its CPU back-end (``enable=False``: the reference path again);
-    returns each layer's back-end name."""
-    from lowbit.runtime.qlinear import QuantLinear
-
-    chosen = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            m.kernel = kernel_for(m.quantized(), m.group_size) if enable else None
-            chosen[name] = m.kernel.name if m.kernel is not None else "reference"
-    return chosen

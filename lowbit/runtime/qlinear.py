@@ -16,7 +16,7 @@ from torch import nn
 from lowbit.grids import natural_group_index, pack_codes, packed_nbytes, unpack_codes
 from lowbit.rounding import QuantizedWeight
 from lowbit.grids.stats import ScaleStats, n_chunks
-from lowbit.rounding.outliers import SparseOutliers
+from lowbit.rounding.quantized import SparseOutliers
 from lowbit.runtime.kept_weight import KeptWeight
 from lowbit.runtime.kernels import serves
 

@@ -5,7 +5,8 @@ reference path and decoding the kernel).
 
 Each measurement is its own process (so resident memory is that model's alone), one thread; the
 configurations are interleaved round by round, so drift on the machine hits all of them alike, and
-the median over rounds is reported. Per process: load time, resident memory after loading, peak
+the median over rounds is reported. Per process: load time, resident memory after loading (freed heap
+handed back first), peak
 resident memory, prefill of the first 512 WikiText-2 test tokens (tokens/s), then 64 greedy decode
 steps on that cache (tokens/s).
 
@@ -18,6 +19,8 @@ Checkpoints are made first if missing (under ``runs/runtime-bench/``) with a sma
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -65,6 +68,8 @@ def measure(config: str) -> dict:
         model, tok = lowbit.load_model(RUNS / recipe, dtype=torch.bfloat16 if backend == "kernels" else None)
         backends = use_kernels(model, enable=backend == "kernels")
     load_s = time.perf_counter() - t0
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back: the resident size of what is alive
     rss_loaded = _rss_mb()
     ids = eval_windows("wikitext2", tok, seqlen=PREFILL, windows=1)[:1]
     with torch.no_grad():
@@ -136,7 +141,9 @@ def main() -> None:
     table = _table(rows)
     print(table)
     if args.out:
-        meta = {"machine": platform.machine(), "python": platform.python_version(), "threads": 1,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=False).stdout.strip()
+        meta = {"commit": commit, "machine": platform.machine(), "python": platform.python_version(), "threads": 1,
                 "prefill_tokens": PREFILL, "decode_tokens": DECODE, "rounds": args.rounds}
         args.out.write_text(json.dumps({"meta": meta, "rows": rows, "runs": runs}, indent=1))
         args.out.with_suffix(".md").write_text(table + "\n")

@@ -31,7 +31,8 @@ def _both(layer: QuantLinear, dtype=torch.float32) -> tuple[torch.Tensor, torch.
     layer.kernel = kernel_for(layer.quantized(), layer.group_size)
     with torch.no_grad():
         ref = F.linear(x.float(), layer.dense_weight(), layer.bias).to(dtype)
-        return layer.kernel(x) + layer.bias.to(dtype), ref
+        got = layer.kernel(x)
+        return (got + layer.bias.to(dtype) if layer.bias is not None else got), ref
 
 
 @pytest.mark.parametrize("shape,group", [
@@ -84,19 +85,40 @@ def test_int8_kernel_equals_the_reference(symmetric):
     torch.testing.assert_close(got, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["3-bit", "2-bit", "rows-not-16", "group-16", "8-bit-grouped", "act-order"])
+@pytest.mark.parametrize("case", ["3-bit", "2-bit", "rows-not-16", "group-16", "8-bit-grouped"])
 def test_layers_no_kernel_takes_keep_the_reference_path(case):
     spec = {"3-bit": dict(bits=3, group_size=64), "2-bit": dict(bits=2, group_size=64),
             "rows-not-16": dict(bits=4, group_size=64), "group-16": dict(bits=4, group_size=16),
-            "8-bit-grouped": dict(bits=8, group_size=64), "act-order": dict(bits=4, group_size=64)}[case]
+            "8-bit-grouped": dict(bits=8, group_size=64)}[case]
     rows = 40 if case == "rows-not-16" else 64
     layer = _layer(rows, 128, **spec)
-    if case == "act-order":  # groups in another order than the columns: g_idx, which the kernel has not
-        qw = layer.quantized()
-        perm = torch.randperm(128, generator=torch.Generator().manual_seed(3))
-        qw = type(qw)(qw.codes[:, perm], qw.scale, qw.zero, qw.g_idx[perm], qw.bits)
-        layer = QuantLinear.from_quantized(qw, None, 64)
     assert kernel_for(layer.quantized(), layer.group_size) is None
+
+
+@pytest.mark.parametrize("in_f,group", [(256, 64), (96, 64), (576, 128)])  # with a smaller last group too
+def test_act_order_layers_take_the_kernel_with_sorted_columns(in_f, group):
+    """GPTQ's act-order: groups of consecutive columns in its own order (``g_idx`` not ascending)."""
+    from lowbit.grids import natural_group_index
+
+    layer = _layer(64, in_f, bits=4, group_size=group)
+    qw = layer.quantized()
+    perm = torch.randperm(in_f, generator=torch.Generator().manual_seed(3))  # column j of W is column perm[j] of GPTQ's
+    qw = type(qw)(qw.codes[:, perm.argsort()], qw.scale, qw.zero, natural_group_index(in_f, group)[perm.argsort()],
+                  qw.bits)
+    layer = QuantLinear.from_quantized(qw, None, group)
+    assert layer.g_idx is not None  # saved as act-order
+    got, ref = _both(layer)
+    assert isinstance(layer.kernel, Int4Kernel) and layer.kernel.order is not None
+    torch.testing.assert_close(got, ref, atol=1e-6 * float(ref.abs().max()), rtol=1e-5)
+
+
+def test_scrambled_groups_keep_the_reference_path():
+    """A g_idx whose groups are not of the grid's sizes once sorted is not act-order's: no kernel."""
+    layer = _layer(64, 128, bits=4, group_size=64)
+    qw = layer.quantized()
+    g_idx = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(88, dtype=torch.long)])
+    qw = type(qw)(qw.codes, qw.scale, qw.zero, g_idx, qw.bits)
+    assert kernel_for(qw, 64) is None
 
 
 def test_int4_group_is_the_widest_that_divides_width_and_group():
@@ -106,8 +128,9 @@ def test_int4_group_is_the_widest_that_divides_width_and_group():
 
 def test_a_reloaded_checkpoint_with_kernels_gives_the_reference_logits(tmp_path, calib_ids):
     model = tiny_llama()
-    lowbit.quantize(model, lowbit.recipes.apply_overrides(lowbit.recipes.get("gptq-w4g128"), ["weights.group_size=32",
-                    "weights.act_order=false"]), calib_ids, show_progress=False)
+    recipe = lowbit.recipes.apply_overrides(lowbit.recipes.get("gptq-w4g128"), ["weights.group_size=32"])
+    assert recipe.weights.act_order  # GPTQ's groups in its own column order: the kernels sort them back
+    lowbit.quantize(model, recipe, calib_ids, show_progress=False)
     lowbit.save(model, tmp_path / "ckpt")
     reloaded, _ = lowbit.load_model(tmp_path / "ckpt", dtype=torch.bfloat16)
     with torch.no_grad():

@@ -17,9 +17,10 @@ int4 for 1 row takes 0.05 ms against 0.30 ms for the dense float32 matmul (0.9 m
 reference path's dequantization), and is slower than dequantize-and-matmul from about 256 rows;
 int8 from about 64; for float32 inputs both are 10–100× slower than the reference. So a layer
 uses its kernel for bfloat16 inputs of at most ``max_rows`` rows (decoding, short prompts) and the
-reference path otherwise (prefill of long prompts, float32). A layer a kernel cannot take (other
-bits, act-order groups, outliers, quantized scales, rows not a multiple of 16, widths no kernel
-group divides) always keeps the reference path.
+reference path otherwise (prefill of long prompts, float32). Act-order layers are taken with their
+columns sorted by group (the input is gathered in that order). A layer a kernel cannot take (other
+bits, outliers, quantized scales, rows not a multiple of 16, widths no kernel group divides)
+always keeps the reference path.
 """
 
 from __future__ import annotations
@@ -53,12 +54,15 @@ class Int4Kernel:
     packed: torch.Tensor  # uint8 (N, K/2), the kernel's own layout
     scales_zeros: torch.Tensor  # float32 (K/G, N, 2): s and m = (8 − z)·s per kernel group
     group: int
+    order: torch.Tensor | None = None  # act-order: the input columns in the order the codes were sorted into
     name = "int4"
     max_rows = 256  # above it, dequantize + matmul is faster (measured: see the module's docstring)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         sz = self.scales_zeros if x.dtype == torch.float32 else self.scales_zeros.to(x.dtype)
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, sz)
+        if self.order is not None:
+            x = x.index_select(-1, self.order)
+        return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, sz)
 
 
 @dataclass(frozen=True)
@@ -84,24 +88,35 @@ def serves(kernel: Kernel | None, x: torch.Tensor) -> bool:
             and x.numel() // x.shape[-1] <= kernel.max_rows)
 
 
-def _plain(qw: QuantizedWeight, group_size: int | None) -> bool:
-    """Codes, one scale and zero per (row, group) in natural order, nothing else."""
+def _column_order(qw: QuantizedWeight, group_size: int | None) -> tuple[bool, torch.Tensor | None]:
+    """Whether a kernel can take ``qw`` (codes, one scale and zero per row and group, nothing else), and the
+    column order that makes its groups contiguous: ``None`` when they are, else act-order's — sorting the
+    columns by group turns act-order's groups (``group_size`` consecutive columns in GPTQ's order) into
+    natural ones, and ``x·Wᵀ = x[:, p]·W[:, p]ᵀ``."""
+    if qw.sparse is not None or qw.scale_stats is not None or qw.transform is not None:
+        return False, None
     natural = natural_group_index(qw.codes.shape[1], group_size, qw.g_idx.device)
-    return qw.sparse is None and qw.scale_stats is None and qw.transform is None and torch.equal(qw.g_idx.long(), natural)
+    g_idx = qw.g_idx.long()
+    if torch.equal(g_idx, natural):
+        return True, None
+    order = torch.argsort(g_idx, stable=True)
+    return bool(torch.equal(g_idx[order], natural)), order
 
 
 def kernel_for(qw: QuantizedWeight, group_size: int | None) -> Kernel | None:
     """The CPU back-end for ``qw``, or ``None`` where only the reference path computes it exactly."""
-    if not available() or not _plain(qw, group_size):
+    ok, order = _column_order(qw, group_size)
+    if not available() or not ok:
         return None
     n, k = qw.codes.shape
     scale, zero = qw.scale.float(), qw.zero.float()
     if qw.bits == 4 and (g := int4_group(k, n, group_size)) is not None:
-        cols = qw.g_idx.long()[::g]  # each kernel group lies inside one lowbit group
+        codes, g_idx = (qw.codes, qw.g_idx.long()) if order is None else (qw.codes[:, order], qw.g_idx.long()[order])
+        cols = g_idx[::g]  # each kernel group lies inside one lowbit group
         s, z = scale[:, cols], zero[:, cols]
-        packed = torch._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32).contiguous(), 2)
-        return Int4Kernel(packed, torch.stack([s.t(), ((8 - z) * s).t()], -1).contiguous(), g)
-    if qw.bits == 8 and scale.shape[1] == 1:
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+        return Int4Kernel(packed, torch.stack([s.t(), ((8 - z) * s).t()], -1).contiguous(), g, order)
+    if qw.bits == 8 and scale.shape[1] == 1:  # one group: act-order changes nothing
         codes = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
         return Int8Kernel(codes, scale[:, 0].contiguous(), ((128 - zero[:, 0]) * scale[:, 0]).contiguous())
     return None

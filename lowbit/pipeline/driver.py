@@ -140,6 +140,9 @@ def quantize_model(
 ) -> QuantReport:
     """Quantize ``model`` in place following ``recipe``; returns the per-layer report.
 
+    GPT-2's ``Conv1D`` layers and fused mixture-of-experts tensors are first replaced, in place, by the
+    ``nn.Linear`` layers they compute with (``models.linearize``): the same outputs, new module names.
+
     ``hessian_cache``: a directory where output-adaptive Hessians are kept and looked up, so that
     recipes on the same model and calibration set run OAC's gradient pass once (``HessianCache``).
     """

@@ -295,12 +295,9 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
 
         dev = _device(device)
     with phases("load"):
-        if kernels:  # the CPU kernels are fast for bfloat16 inputs only
-            import torch
+        import torch
 
-            m, tok = load_model(ref, dtype=torch.bfloat16)
-        else:
-            m, tok = load_model(ref)
+        m, tok = load_model(ref, dtype=torch.bfloat16 if kernels else None)  # the CPU kernels' fast inputs
         m.to(dev)
         if keep_dequantized:
             from lowbit.runtime import keep_dequantized as keep

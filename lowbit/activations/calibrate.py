@@ -70,12 +70,12 @@ def _homes(layout: BlockLayout, site: str) -> tuple[str, ...]:
 
 def check_layout(layout: BlockLayout, spec: ActivationSpec, smoothing: SmoothingSpec, family: str) -> None:
     """Smoothing and reordering rescale or permute q/k/v and gate/up one by one: refused where they are fused."""
-    reorders = spec.enabled and spec.reorder and spec.granularity not in ("token", "tensor")
+    per_channel = spec.granularity not in ("token", "tensor")
+    reorders = spec.enabled and spec.reorder and per_channel
     if not layout.separable and (reorders or smoothing.enabled):
         what = "smoothing" if smoothing.enabled else "channel reordering"
         raise LowbitError(f"{what} needs separate q/k/v and gate/up projections and one MLP per block; {family} "
                           "fuses them or has experts (activation recipes without smoothing or reordering work)")
-    per_channel = spec.granularity not in ("token", "tensor")
     if len(layout.down) > 1 and per_channel and "mlp_mid" in active_sites(spec):
         raise LowbitError(f"{family} has many experts' down projections: their inputs take per-tensor or per-token "
                           f"activation quantizers (granularity: {spec.granularity}; or leave out the mlp_mid site)")
@@ -99,11 +99,11 @@ def observe_block(block: nn.Module, layout: BlockLayout, inputs: torch.Tensor, k
     for site in LINEAR_SITES:
         if site in obs:  # observed where its quantizer will sit: a module's input or output
             o, kind, homes = obs[site], SITE_HOME[site][1], _homes(layout, site)
-            width = -1 if len(homes) > 1 else None  # many (experts of other widths): one range for all of them
+            pooled = len(homes) > 1  # many (experts of other widths): one range for all of them
             for module in map(get, homes):
                 if kind == "act_in":
                     handles.append(module.register_forward_pre_hook(
-                        lambda _m, a, o=o, w=width: o(a[0] if w is None else a[0].reshape(-1, 1))))
+                        lambda _m, a, o=o, pooled=pooled: o(a[0].reshape(-1, 1) if pooled else a[0])))
                 else:
                     handles.append(module.register_forward_hook(lambda _m, _a, out, o=o: o(out)))
     attn = get(layout.attention)

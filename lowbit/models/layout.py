@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.linearize import LinearExperts
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,6 @@ def _text_config(config):
 
 def _moe_mlp(names: dict[str, nn.Module]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """``(mlp_in, down)`` of a mixture-of-experts MLP whose experts are ``nn.Linear`` (see ``models.linearize``)."""
-    from lowbit.models.linearize import LinearExperts
-
     experts = names.get("mlp.experts")
     if not isinstance(experts, LinearExperts):
         return None

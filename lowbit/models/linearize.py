@@ -66,15 +66,12 @@ class LinearExperts(nn.ModuleList):
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self):
             token_idx, slot = torch.where(top_k_index == e)
-            if self.every_token:  # its linears see every token; the sum takes the routed ones, as below
-                gate, up = expert.gate_up_proj(hidden_states).chunk(2, dim=-1)
-                y = expert.down_proj(self.act_fn(gate) * up)[token_idx] * top_k_weights[token_idx, slot, None]
-                out.index_add_(0, token_idx, y.to(out.dtype))
+            if token_idx.numel() == 0 and not self.every_token:  # not called: its linears see only routed tokens
                 continue
-            if token_idx.numel() == 0:  # not called: its linears see exactly the tokens routed to it
-                continue
-            gate, up = expert.gate_up_proj(hidden_states[token_idx]).chunk(2, dim=-1)
-            y = expert.down_proj(self.act_fn(gate) * up) * top_k_weights[token_idx, slot, None]
+            # every_token (calibration): its linears see every token; the sum still takes the routed ones
+            gate, up = expert.gate_up_proj(hidden_states if self.every_token else hidden_states[token_idx]).chunk(2, -1)
+            y = expert.down_proj(self.act_fn(gate) * up)
+            y = (y[token_idx] if self.every_token else y) * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
 

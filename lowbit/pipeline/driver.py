@@ -66,9 +66,10 @@ def _round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None
     t0 = time.perf_counter()
     spec, lowrank = recipe.weights, recipe.lowrank
     w = layer.weight.data.clone()
+    empty = h is not None and (tokens == 0 or not torch.any(h))
     starved = expert and tokens is not None and tokens < layer.in_features
-    if h is not None and (starved or not torch.any(h)):
-        why = ("saw no calibration input" if tokens == 0 or not torch.any(h)
+    if h is not None and (empty or starved):
+        why = ("saw no calibration input" if empty
                else f"was reached by {tokens} calibration tokens, fewer than its {layer.in_features} inputs")
         log.warning("%s %s; rounding it with RTN on its own weights", name, why)
         h, spec = None, dataclasses.replace(spec, method="rtn")

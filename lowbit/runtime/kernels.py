@@ -105,8 +105,10 @@ def _column_order(qw: QuantizedWeight, group_size: int | None) -> tuple[bool, to
 
 def kernel_for(qw: QuantizedWeight, group_size: int | None) -> Kernel | None:
     """The CPU back-end for ``qw``, or ``None`` where only the reference path computes it exactly."""
+    if not available():
+        return None
     ok, order = _column_order(qw, group_size)
-    if not available() or not ok:
+    if not ok:
         return None
     n, k = qw.codes.shape
     scale, zero = qw.scale.float(), qw.zero.float()

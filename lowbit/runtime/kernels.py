@@ -11,13 +11,13 @@ on every call. These back-ends multiply by the packed weight directly:
   asymmetric ``(q − z)·s`` is ``(q − 128)·s + (128 − z)·s``, the second term a per-row constant times
   the sum of the inputs.
 
-The mappings are exact (tested in float32). PyTorch's CPU kernels are fast only for bfloat16
-inputs and few rows (measured on this 2-core x86 CPU, one thread, a 1536×576 layer of SmolLM2):
-int4 for 1 row takes 0.05 ms against 0.30 ms for the dense float32 matmul (0.9 ms with the
-reference path's dequantization), and is slower than dequantize-and-matmul from about 256 rows;
-int8 from about 64; for float32 inputs both are 10–100× slower than the reference. So a layer
-uses its kernel for bfloat16 inputs of at most ``max_rows`` rows (decoding, short prompts) and the
-reference path otherwise (prefill of long prompts, float32). Act-order layers are taken with their
+The mappings are exact (tested in float32). PyTorch's CPU kernels are fast for bfloat16 inputs of
+few rows (``bench/kernel_rows.py``, a 1536×576 SmolLM2 layer, one thread, 2-core x86 CPU): int4
+takes 0.02× the reference path's time for 1 row, 0.95× for 256 and 1.4× for 512; int8 0.06× for
+1 row, 0.79× for 64 and 1.09× for 128. For float32 inputs they are faster only for a single row
+(0.4–0.6×) and 4–60× slower from 8 rows on. So a layer uses its kernel for bfloat16 inputs of at
+most ``max_rows`` rows (decoding, short prompts) and the reference path otherwise (prefill of long
+prompts, float32). Act-order layers are taken with their
 columns sorted by group (the input is gathered in that order). A layer a kernel cannot take (other
 bits, outliers, quantized scales, rows not a multiple of 16, widths no kernel group divides)
 always keeps the reference path.

@@ -393,6 +393,25 @@ def inspect_cmd(checkpoint: Path = typer.Argument(..., help="a lowbit checkpoint
     typer.echo(inspect_checkpoint(checkpoint).table())
 
 
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="a lowbit checkpoint directory"),
+    out: Path = typer.Argument(..., help="a new directory for the exported model"),
+    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors | gguf | dense"),
+) -> None:
+    """Write a checkpoint in a format other tools serve: compressed-tensors (transformers, vLLM), GGUF
+    (llama.cpp) or dense (plain float weights, loads anywhere)."""
+    from lowbit.export.formats import export_checkpoint, format_module
+
+    format_module(fmt)  # an unknown format is named before the checkpoint is read
+    if out.exists():
+        raise LowbitError(f"{out} exists: export into a new folder")
+    _check_writable(out, "OUT")
+    written = export_checkpoint(checkpoint, out, fmt)
+    size = sum(p.stat().st_size for p in written.rglob("*") if p.is_file())
+    typer.echo(f"wrote {checkpoint} as {fmt} to {written} ({size / 2**20:.1f} MB)")
+
+
 @app.command("export-lora")
 def export_lora_cmd(
     checkpoint: Path = typer.Argument(..., help="a lowbit checkpoint whose recipe has a lowrank branch"),

@@ -52,3 +52,27 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         word |= by[:, j] << (8 * j)
     shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int64)
     return ((word.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel].to(torch.uint8)
+
+
+def pack_rows_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each row of ``codes`` (rows, n) as its own LSB-first bit stream in little-endian 32-bit words,
+    ``(rows, ceil(n·bits/32))`` int32 — the layout of compressed-tensors' ``pack-quantized`` and of GPTQ's
+    ``qweight`` (transposed). It is :func:`pack_codes`'s stream with every row starting a new word."""
+    rows, n = codes.shape
+    words = math.ceil(n * bits / 32)
+    if (n * bits) % 32 == 0:  # rows end on word boundaries: one stream for the whole matrix
+        return pack_codes(codes, bits).view(torch.int32).view(rows, words)
+    out = torch.empty(rows, words * 4, dtype=torch.uint8)
+    for r in range(rows):
+        packed = pack_codes(codes[r], bits)
+        out[r, : packed.numel()] = packed
+        out[r, packed.numel():] = 0
+    return out.view(torch.int32)
+
+
+def unpack_rows_int32(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows_int32`: ``(rows, n)`` codes as int64."""
+    rows = words.shape[0]
+    as_bytes = words.contiguous().view(torch.uint8).view(rows, -1)
+    used = packed_nbytes(n, bits)
+    return torch.stack([unpack_codes(as_bytes[r, :used], bits, n) for r in range(rows)]).to(torch.int64)

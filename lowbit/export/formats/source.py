@@ -1,0 +1,87 @@
+"""A saved lowbit checkpoint as every exporter reads it: the packed model, its tokenizer, its layers,
+and the plain Hugging Face model it came from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from lowbit.activations.install import KINDS
+from lowbit.errors import LowbitError
+from lowbit.models.resolve import CHECKPOINT_MARKER
+from lowbit.runtime import BinaryLinear, LowRankLinear, QuantLinear, QuipLinear
+
+PACKED = (QuantLinear, QuipLinear, LowRankLinear, BinaryLinear)
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    model: PreTrainedModel  # lowbit's packed model (reference path)
+    tokenizer: PreTrainedTokenizerBase | None
+    meta: dict  # lowbit_config.json
+    layers: dict[str, nn.Module]  # the packed layers, in model order (outermost wrapper of each)
+
+    @property
+    def recipe_name(self) -> str:
+        return str(self.meta.get("recipe", {}).get("name", "?"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def plain_linears(self) -> set[str]:
+        """``nn.Linear`` names of the model as ``transformers`` builds it (before lowbit linearized GPT-2's
+        ``Conv1D`` or fused experts): a format can only name layers the consumer will build."""
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(self.model.config)
+        return {n for n, m in plain.named_modules() if isinstance(m, nn.Linear)}
+
+    def float_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor that is not part of a packed layer or an activation quantizer, shared storage written
+        once (a tied head is the embedding: the consumer ties it again from the config)."""
+        skip = tuple(f"{name}." for name in self.layers)
+        seen: set[tuple] = set()
+        tensors = {}
+        for key, value in self.model.state_dict().items():
+            if key.startswith(skip) or any(f".{kind}." in f".{key}" for kind in KINDS):
+                continue
+            ident = (value.data_ptr(), value.shape, value.dtype)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            tensors[key] = value.detach().cpu().contiguous()
+        return tensors
+
+
+def open_checkpoint(path: str | Path) -> Source:
+    from lowbit.export.load import load_quantized
+
+    path = Path(path)
+    if not (path / CHECKPOINT_MARKER).is_file():
+        raise LowbitError(f"{path} is not a lowbit checkpoint (no {CHECKPOINT_MARKER})")
+    model, tokenizer = load_quantized(path)
+    meta = json.loads((path / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PACKED) and not any(name.startswith(f"{outer}.") for outer in layers):
+            layers[name] = module
+    return Source(path, model, tokenizer, meta, layers)
+
+
+def layer_bias(module: nn.Module) -> torch.Tensor | None:
+    """A packed layer's bias, wherever its wrappers keep it (a low-rank branch wraps the layer that has it)."""
+    while not hasattr(module, "bias"):
+        module = module.inner
+    return module.bias
+
+
+def refusal(fmt: str, what: str, names: list[str], advice: str) -> LowbitError:
+    """One line: which format, what it cannot hold, where, and what to do instead."""
+    where = f"{names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+    return LowbitError(f"--format {fmt} cannot express {what} ({where}): {advice}")

@@ -118,6 +118,8 @@ def quantize(
     hessian_cache: Optional[Path] = typer.Option(
         None, help="directory where OAC's output-adaptive Hessians are kept and reused by later runs on "
                    "the same model and calibration set (the gradient pass then runs once for all of them)"),
+    export: Optional[str] = typer.Option(None, "--export", help="also export the checkpoint to OUT-FORMAT: "
+                                         "compressed-tensors, gguf or dense (see `lowbit export`)"),
 ) -> None:
     """Quantize MODEL with a recipe and write a packed checkpoint to OUT."""
     from lowbit import recipes
@@ -137,6 +139,7 @@ def quantize(
     _check_writable(out, "--out")
     if hessian_cache is not None:
         _check_writable(hessian_cache, "--hessian-cache")
+    exported = _export_target(out, export)
     ref = resolve(model)
     if datasets or rec.needs_calibration:
         check_data_available()
@@ -147,7 +150,29 @@ def quantize(
             raise LowbitError(f"--out {out} holds a lowbit checkpoint: pass --overwrite to replace it "
                               "(its evaluation results go with it)")
         _quantize(ref, rec, out, datasets, windows, device, resume, hessian_cache, phases)
+        if exported is not None:
+            from lowbit.export.formats import export_checkpoint
+
+            with phases("export"):
+                try:
+                    export_checkpoint(out, exported, export)
+                except LowbitError as exc:
+                    raise LowbitError(f"the checkpoint is saved in {out}; its export failed: {exc}") from None
+            typer.echo(f"exported it as {export} to {exported}")
     typer.echo(phases.summary())
+
+
+def _export_target(out: Path, fmt: Optional[str]) -> Optional[Path]:
+    """Where ``--export FORMAT`` writes (``OUT-FORMAT``), checked before any work."""
+    if fmt is None:
+        return None
+    from lowbit.export.formats import format_module
+
+    format_module(fmt)
+    target = out.with_name(f"{out.name}-{fmt}")
+    if target.exists():
+        raise LowbitError(f"--export writes to {target}, which exists: move it away or export with `lowbit export`")
+    return target
 
 
 def _quantize(ref, rec, out: Path, datasets: list[str], windows: Optional[int], device: Optional[str],

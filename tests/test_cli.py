@@ -112,6 +112,14 @@ def test_unknown_model_name(tmp_path, monkeypatch):
     assert r.returncode == 2 and "unknown model 'no-such-model-xyz'" in r.stderr, r.stderr
 
 
+def test_model_folder_without_a_tokenizer_is_one_line(tmp_path):
+    from conftest import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path)  # weights and config only, as a training script often leaves them
+    r = _lowbit("quantize", str(tmp_path), "--recipe", "rtn-w4", "--out", str(tmp_path / "q"))
+    assert r.returncode == 2 and "has no tokenizer that loads" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_non_causal_lm_is_refused(tmp_path):
     from transformers import DistilBertConfig, DistilBertModel
 

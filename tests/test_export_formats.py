@@ -203,6 +203,29 @@ def test_export_cli_writes_and_refuses_in_one_line(tmp_path):
     assert r.returncode == 2 and "not a lowbit checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_quantize_export_writes_the_checkpoint_and_its_export(tmp_path):
+    """``lowbit quantize … --export F`` on a user's model folder: the checkpoint in OUT, the export beside it;
+    an export that cannot be written says so in one line and keeps the checkpoint."""
+    from hostile_setup import write_tiny_model
+
+    src = write_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "q"
+    r = _cli("quantize", str(src), "--recipe", "rtn-w4", "--set", "weights.group_size=32", "--out", str(out),
+             "--export", "compressed-tensors")
+    assert r.returncode == 0, r.stderr
+    assert (out / "lowbit_config.json").is_file()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "q-compressed-tensors",
+                                                    quantization_config=CompressedTensorsConfig(dequantize=True))
+    ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_logits(exported, ids), _logits(lowbit.load_model(out)[0], ids), atol=1e-6, rtol=0)
+    r = _cli("quantize", str(src), "--recipe", "rtn-w4", "--out", str(out), "--export", "compressed-tensors")
+    assert r.returncode == 2 and "q-compressed-tensors, which exists" in r.stderr, r.stderr
+    r = _cli("quantize", str(src), "--recipe", "rtn-w4", "--out", str(tmp_path / "q2"), "--export", "gguf")
+    assert r.returncode == 2 and "the checkpoint is saved in" in r.stderr and "GGUF file" in r.stderr, r.stderr
+    assert (tmp_path / "q2" / "lowbit_config.json").is_file() and not (tmp_path / "q2-gguf").exists()
+    assert "Traceback" not in r.stderr
+
+
 @pytest.fixture(scope="module")
 def q4_0_exports(tmp_path_factory, smollm2):
     """SmolLM2-135M, symmetric 4-bit groups of 32 (RTN; GPTQ's codes export the same way), its GGUF file,

@@ -67,8 +67,12 @@ def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
     except (OSError, ValueError) as exc:
         raise LowbitError(f"cannot read a model config in '{path}': {exc}") from None
     _check_causal_lm(config, str(path))
+    try:  # before the weights: a folder without a tokenizer is the commoner mistake, and the quicker to find
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"'{path}' has no tokenizer that loads ({str(exc).splitlines()[0][:160]}): save the "
+                          "model's tokenizer into it (tokenizer.save_pretrained)") from None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(path)
     return model.eval(), tok
 
 

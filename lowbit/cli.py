@@ -119,7 +119,7 @@ def quantize(
         None, help="directory where OAC's output-adaptive Hessians are kept and reused by later runs on "
                    "the same model and calibration set (the gradient pass then runs once for all of them)"),
     export: Optional[str] = typer.Option(None, "--export", help="also export the checkpoint to OUT-FORMAT: "
-                                         "compressed-tensors, gguf or dense (see `lowbit export`)"),
+                                         "compressed-tensors, gptq, gguf or dense (see `lowbit export`)"),
 ) -> None:
     """Quantize MODEL with a recipe and write a packed checkpoint to OUT."""
     from lowbit import recipes
@@ -422,10 +422,10 @@ def inspect_cmd(checkpoint: Path = typer.Argument(..., help="a lowbit checkpoint
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="a lowbit checkpoint directory"),
     out: Path = typer.Argument(..., help="a new directory for the exported model"),
-    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors | gguf | dense"),
+    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors | gptq | gguf | dense"),
 ) -> None:
-    """Write a checkpoint in a format other tools serve: compressed-tensors (transformers, vLLM), GGUF
-    (llama.cpp) or dense (plain float weights, loads anywhere)."""
+    """Write a checkpoint in a format other tools serve: compressed-tensors (transformers, vLLM), GPTQ
+    (transformers + GPTQModel, vLLM), GGUF (llama.cpp) or dense (plain float weights, loads anywhere)."""
     from lowbit.export.formats import export_checkpoint, format_module
 
     format_module(fmt)  # an unknown format is named before the checkpoint is read

@@ -9,6 +9,7 @@ float16 rounding of its minimum); the real model's export loads in ``transformer
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -119,6 +120,57 @@ def test_dense_export_is_the_float_weights_lowbit_computes_with(recipe, sets, tm
     plain = AutoModelForCausalLM.from_pretrained(out)  # no lowbit code involved in this model
     assert not any("lowbit" in type(m).__module__ for m in plain.modules())
     torch.testing.assert_close(_logits(plain, IDS), _logits(ref, IDS), atol=1e-4, rtol=1e-4)
+
+
+GPTQ_CASES = {  # name: (preset, overrides); GPTQ files need whole 32-bit words along both dimensions
+    "w4g32-sym": ("rtn-w4", ["weights.group_size=32", "weights.symmetric=true"]),
+    "w4g32-asym": ("rtn-w4", ["weights.group_size=32"]),
+    "w4g32-act-order": ("gptq-w4g128", ["weights.group_size=32"]),
+    "w4g64-last-group-act-order": ("gptq-w4g128", ["weights.group_size=64"]),
+    "w3-channel": ("rtn-w3", []),
+    "w2g32": ("rtn-w2g64", ["weights.group_size=32"]),
+    "w8-channel": ("rtn-w4", ["weights.bits=8"]),
+}
+
+
+@pytest.mark.parametrize("case", list(GPTQ_CASES))
+def test_gptq_export_loads_through_transformers_and_gptqmodel(case, tmp_path, calib_ids):
+    """``transformers`` → optimum → GPTQModel's torch kernel: each layer's weight as GPTQModel dequantizes
+    it is lowbit's weight in float16 (GPTQModel computes ``scale·(q − zero)`` in float16: one rounding of
+    lowbit's exact product), and the logits agree to that rounding."""
+    pytest.importorskip("gptqmodel", reason="GPTQ loading needs gptqmodel + optimum (README: Serve it)")
+    from transformers import GPTQConfig
+
+    recipe, sets = GPTQ_CASES[case]
+    ckpt = _checkpoint(tmp_path, recipe, sets, calib_ids)
+    out = export_checkpoint(ckpt, tmp_path / "gptq", "gptq")
+    ref, _ = lowbit.load_model(ckpt)
+    bits = json.loads((out / "quantize_config.json").read_text())["bits"]
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu",
+                                                  quantization_config=GPTQConfig(bits=bits, backend="torch"))
+    for name, layer in open_checkpoint(ckpt).layers.items():
+        mine = layer.dense_weight()
+        got = theirs.get_submodule(name).dequantize_weight().float().t()
+        assert torch.equal(got, mine.half().float()), name
+    torch.testing.assert_close(_logits(theirs, IDS), _logits(ref, IDS), atol=1e-3, rtol=1e-3)
+
+
+def test_gptq_refusals_name_what_would_export(tmp_path, calib_ids):
+    from conftest import tiny_family
+
+    ckpt = _checkpoint(tmp_path, "quip-w4", [], calib_ids)
+    with pytest.raises(LowbitError, match="--format gptq cannot express .*use --format dense"):
+        export_checkpoint(ckpt, tmp_path / "g", "gptq")
+    ckpt = _checkpoint(tmp_path, "naive-w4a8", [], calib_ids, name="a8")
+    with pytest.raises(LowbitError, match="activation quantizers"):
+        export_checkpoint(ckpt, tmp_path / "g", "gptq")
+    gpt2 = tiny_family("gpt2")  # Conv1D in transformers: lowbit quantizes it as the nn.Linear it is
+    lowbit.quantize(gpt2, "rtn-w4", show_progress=False)
+    lowbit.save(gpt2, tmp_path / "gpt2")
+    for fmt in ("gptq", "compressed-tensors"):
+        with pytest.raises(LowbitError, match="GPT-2 Conv1D"):
+            export_checkpoint(tmp_path / "gpt2", tmp_path / "g", fmt)
+    assert not (tmp_path / "g").exists()
 
 
 def _blocks_case(kind: str, rows: int = 6, cols: int = 96, group: int | None = 32, bits: int | None = None):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError
 
-FORMATS = {"compressed-tensors": "compressed_tensors", "dense": "dense", "gguf": "gguf"}
+FORMATS = {"compressed-tensors": "compressed_tensors", "gptq": "gptq", "gguf": "gguf", "dense": "dense"}
 
 
 def format_module(fmt: str):

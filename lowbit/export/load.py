@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -61,11 +62,14 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None
         config = base_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise LowbitError(f"{path}/config.json cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # a skeleton whose weights take no memory (meta device; buffers such as RoPE tables are real): the
+    # checkpoint's tensors become its weights below, so loading never holds a float copy of the model
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     linearize(model)  # the layers as quantizing saw and saved them (Conv1D, fused experts -> nn.Linear)
     tensors = _read_tensors(path)
     try:
-        _fill(model, meta, tensors)
+        _fill(model, meta, tensors, dtype)
     except (KeyError, AttributeError, RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise LowbitError(f"{path}: the checkpoint's tensors do not match its config ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): quantize again") from None
@@ -78,14 +82,18 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None
     return model, _base_tokenizer(meta.get("base_model"))
 
 
-def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Packed layers in place of the linears they replace, then every tensor of the file."""
     for name, info in meta["layers"].items():
         old = model.get_submodule(name)
         scales = tensors[scales_key(name, info)]
         model.set_submodule(name, empty_module(info, scales.shape[1], old.bias is not None))
     restore(model, meta.get("activations", {}))
-    result = model.load_state_dict(tensors, strict=False)
+    packed = tuple(f"{name}." for name in meta["layers"])
+    for key, value in tensors.items():  # float tensors in the model's dtype; packed layers keep their own
+        if value.is_floating_point() and not key.startswith(packed):
+            tensors[key] = value.to(dtype)
+    result = model.load_state_dict(tensors, strict=False, assign=True)  # the tensors themselves: no copy
     missing = set(result.missing_keys) - set(meta["aliases"])
     if missing or result.unexpected_keys:
         raise KeyError(f"missing {sorted(missing)[:3]}, unexpected {result.unexpected_keys[:3]}")
@@ -94,6 +102,9 @@ def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor]) 
         if alias in params and target in params and params[alias] is not params[target]:
             module_name, _, attr = alias.rpartition(".")
             setattr(model.get_submodule(module_name), attr, params[target])
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise KeyError(f"no tensor for {left[:3]}")
 
 
 def _base_tokenizer(base: str | None) -> PreTrainedTokenizerBase | None:

@@ -102,6 +102,12 @@ def _is_fused_experts(module: nn.Module) -> bool:
 def _same_outputs(fused: nn.Module, linear: LinearExperts, tokens: int = 16, k: int = 2) -> bool:
     """Whether ``linear`` computes what ``fused`` does, on random tokens and routes (a generator of
     its own, so the model's random state is untouched)."""
+    if fused.gate_up_proj.is_meta:  # a skeleton being loaded: check the same code on random weights of its shapes
+        probe = copy.deepcopy(fused).to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(1)
+        for p in probe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.1)
+        return _same_outputs(probe, LinearExperts.from_fused(probe), tokens, k)
     g = torch.Generator().manual_seed(0)
     n, _, h = fused.gate_up_proj.shape
     dtype, device = fused.gate_up_proj.dtype, fused.gate_up_proj.device

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 
 import lowbit
+from lowbit.backends import int4_group
 from lowbit.recipes import WeightSpec
 from lowbit.rounding.dispatch import round_weight
 from lowbit.runtime import QuantLinear
 from lowbit.runtime.build import use_kernels
-from lowbit.runtime.kernels import Int4Kernel, Int8Kernel, available, int4_group, kernel_for
+from lowbit.runtime.kernels import Int4Kernel, Int8Kernel, available, kernel_for
 
 pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch has no CPU int4/int8 weight-only kernels")
 
@@ -170,3 +171,27 @@ def test_eval_with_kernels_gives_the_reference_perplexity(tmp_path):
     assert got["tokens"] == ref["tokens"] and abs(got["ppl"] - ref["ppl"]) <= 0.01 * ref["ppl"]
     logs = sorted(p.name for p in (tmp_path / "ckpt" / "eval-log").iterdir())
     assert any(".kernels." in n for n in logs) and any(".kernels." not in n for n in logs)
+
+
+@pytest.mark.parametrize("recipe,sets", [("rtn-w4", ["weights.group_size=32"]), ("rtn-w3", []),
+                                         ("rtn-w4", ["weights.bits=8"]), ("gptq-w4g128", ["weights.group_size=32"]),
+                                         ("spqr-w2", []), ("quip-w4", [])])
+def test_inspect_names_the_backend_the_kernels_take_and_counts_every_parameter(recipe, sets, tmp_path, calib_ids):
+    """``lowbit inspect`` decides each layer's CPU back-end from the files alone (no torch); loading with kernels
+    builds them: the two must agree. Its parameter count is the float model's (tied embedding once)."""
+    from lowbit.export.inspect import inspect_checkpoint
+    from lowbit.recipes import apply_overrides
+
+    model = tiny_llama()
+    n_params = sum(p.numel() for p in model.parameters())
+    lowbit.quantize(model, apply_overrides(lowbit.recipes.get(recipe), sets), calib_ids, show_progress=False)
+    lowbit.save(model, tmp_path / "c")
+    summary = inspect_checkpoint(tmp_path / "c")
+    loaded, _ = lowbit.load_model(tmp_path / "c")
+    built = use_kernels(loaded)
+    for layer in summary.layers:
+        inner = [n for n in built if n == layer.name or n.startswith(f"{layer.name}.")]
+        want = built[inner[0]] if inner and available() else "reference"
+        assert layer.backend == (want if available() else layer.backend), layer.name
+    assert summary.parameters == n_params
+    assert f"{8 * summary.total_bytes / n_params:.2f} bits per parameter" in summary.table()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from lowbit.backends import cpu_backend
 from lowbit.errors import LowbitError
 from lowbit.models.resolve import CHECKPOINT_MARKER
 
@@ -23,6 +24,7 @@ class LayerSummary:
     extras: str  # act-order, incoherence, low-rank rank
     bytes: int  # everything stored under the layer's prefix
     rel_output_error: float | None
+    backend: str = "reference"  # the CPU back-end lowbit.runtime.kernels gives it (eval --kernels)
 
     @property
     def bits_per_weight(self) -> float:
@@ -38,6 +40,7 @@ class CheckpointSummary:
     activation_quantizers: int
     total_bytes: int
     quant_seconds: float | None
+    parameters: int = 0  # of the whole model: quantized weights and every other tensor, tied ones once
 
     def table(self) -> str:
         name = self.recipe.get("name", "?")
@@ -45,13 +48,16 @@ class CheckpointSummary:
                  f"  {self.recipe.get('description', '')}".rstrip(),
                  f"  {len(self.layers)} quantized layers, {self.activation_quantizers} activation quantizers, "
                  f"model.safetensors {self.total_bytes / 2**20:.1f} MB"
+                 + (f" for {self.parameters / 1e6:.1f}M parameters ({8 * self.total_bytes / self.parameters:.2f} "
+                    "bits per parameter, embeddings and every float tensor included)" if self.parameters else "")
                  + (f", quantized in {self.quant_seconds:.1f} s" if self.quant_seconds else ""),
                  "",
-                 f"{'layer':44s} {'shape':>11s} {'bits':>4s} {'group':>5s} {'bits/w':>7s} {'KB':>8s} {'rel.out.err':>11s}  extras"]
+                 (f"{'layer':44s} {'shape':>11s} {'bits':>4s} {'group':>5s} {'bits/w':>7s} {'KB':>8s} "
+                  f"{'rel.out.err':>11s} {'cpu':>9s}  extras")]
         for s in self.layers:
             err = "-" if s.rel_output_error is None else f"{s.rel_output_error:.3e}"
             lines.append(f"{s.name:44s} {s.shape[0]:>5d}×{s.shape[1]:<5d} {s.bits:4d} {s.group_size or '-':>5} "
-                         f"{s.bits_per_weight:7.3f} {s.bytes / 1024:8.1f} {err:>11s}  {s.extras}")
+                         f"{s.bits_per_weight:7.3f} {s.bytes / 1024:8.1f} {err:>11s} {s.backend:>9s}  {s.extras}")
         if self.layers:
             numel = sum(s.shape[0] * s.shape[1] for s in self.layers)
             lines.append(f"{'all quantized layers':44s} {'':11s} {'':4s} {'':5s} "
@@ -69,9 +75,10 @@ def _json(path: Path) -> dict:
     return data
 
 
-def _tensor_bytes(path: Path) -> dict[str, int]:
-    """Each tensor's size, from the file's header alone (no torch, no tensor read)."""
+def _tensor_sizes(path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Each tensor's bytes and element count, from the file's header alone (no torch, no tensor read)."""
     sizes: dict[str, int] = {}
+    numels: dict[str, int] = {}
     try:
         with safe_open(str(path), "numpy") as f:
             for key in f.keys():
@@ -79,10 +86,23 @@ def _tensor_bytes(path: Path) -> dict[str, int]:
                 n = 1
                 for d in sl.get_shape():
                     n *= d
+                numels[key] = n
                 sizes[key] = n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
     except Exception as exc:  # safetensors' own error type: missing, truncated or not safetensors
         raise LowbitError(f"{path} cannot be read ({str(exc).splitlines()[0]})") from None
-    return sizes
+    return sizes, numels
+
+
+def _groups_sort_to_natural(path: Path, key: str, cols: int, group_size: int | None) -> bool:
+    """Whether an act-order layer's ``g_idx`` becomes ``col // group_size`` once its columns are sorted by
+    group (then the kernels take it, in that column order)."""
+    import numpy as np
+
+    if group_size is None:
+        return True
+    with safe_open(str(path), "numpy") as f:
+        g = np.sort(f.get_tensor(key))
+    return bool(np.array_equal(g, np.arange(cols) // group_size))
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
@@ -93,19 +113,24 @@ def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
     meta = _json(marker)
     report = _json(path / "report.json") if (path / "report.json").exists() else {}
     rows = {r.get("name"): r for r in report.get("layers", []) if isinstance(r, dict)}
-    sizes = _tensor_bytes(path / "model.safetensors")
+    sizes, numels = _tensor_sizes(path / "model.safetensors")
     try:
         method = meta.get("recipe", {}).get("weights", {}).get("method")
         most = max((r["tokens"] for r in rows.values() if isinstance(r.get("tokens"), int)), default=0)
-        layers = [_layer(name, info, sizes, rows.get(name, {}), method, most) for name, info in meta.get("layers", {}).items()]
+        layers = [_layer(path, name, info, sizes, rows.get(name, {}), method, most)
+                  for name, info in meta.get("layers", {}).items()]
         quantizers = len(meta.get("activations", {}).get("quantizers", {}))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise LowbitError(f"{marker} is damaged ({type(exc).__name__} {exc})") from None
+    prefixes = tuple(f"{s.name}." for s in layers)
+    parameters = sum(s.shape[0] * s.shape[1] for s in layers) + sum(
+        n for k, n in numels.items() if not k.startswith(prefixes))
     return CheckpointSummary(path, meta.get("base_model"), meta.get("recipe", {}), layers, quantizers,
-                             (path / "model.safetensors").stat().st_size, report.get("total_seconds"))
+                             (path / "model.safetensors").stat().st_size, report.get("total_seconds"), parameters)
 
 
-def _layer(name: str, info: dict, sizes: dict[str, int], row: dict, method: str | None, most: int) -> LayerSummary:
+def _layer(path: Path, name: str, info: dict, sizes: dict[str, int], row: dict, method: str | None,
+           most: int) -> LayerSummary:
     """``row``: the layer's line of report.json; ``most``: the largest token count of any layer (a layer that
     saw fewer is an expert, reached by the tokens routed to it)."""
     extras = []
@@ -122,5 +147,12 @@ def _layer(name: str, info: dict, sizes: dict[str, int], row: dict, method: str 
         extras.append(f"low-rank r={info['lowrank_rank']}")
     layer_bytes = sum(v for k, v in sizes.items() if k.startswith(name + "."))
     rows, cols = info["shape"]
-    return LayerSummary(name, (int(rows), int(cols)), int(info["bits"]), info.get("group_size"), ", ".join(extras),
-                        layer_bytes, row.get("rel_output_error"))
+    gs = info.get("group_size")
+    plain = not (info.get("binary") or info.get("outliers") or info.get("stats_bits"))
+    if plain and info.get("act_order"):
+        inner = "inner." * (("incoherence" in info) + ("lowrank_rank" in info))
+        plain = _groups_sort_to_natural(path / "model.safetensors", f"{name}.{inner}g_idx", int(cols), gs)
+    groups = 1 if gs is None else -(-int(cols) // int(gs))
+    backend = cpu_backend(int(info["bits"]), int(cols), int(rows), gs, groups, plain)
+    return LayerSummary(name, (int(rows), int(cols)), int(info["bits"]), gs, ", ".join(extras),
+                        layer_bytes, row.get("rel_output_error"), backend)

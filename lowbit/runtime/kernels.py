@@ -29,20 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.backends import cpu_backend, int4_group
 from lowbit.grids import natural_group_index
 from lowbit.rounding import QuantizedWeight
-
-INT4_GROUPS = (256, 128, 64, 32)  # what the int4 kernel accepts, widest first (fewer scales)
-
-
-def int4_group(in_features: int, out_features: int, group_size: int | None) -> int | None:
-    """The kernel group that represents lowbit's grouping exactly, or ``None``."""
-    if out_features % 16:
-        return None
-    for g in INT4_GROUPS:
-        if in_features % g == 0 and (group_size is None or group_size % g == 0):
-            return g
-    return None
 
 
 def available() -> bool:
@@ -112,13 +101,15 @@ def kernel_for(qw: QuantizedWeight, group_size: int | None) -> Kernel | None:
         return None
     n, k = qw.codes.shape
     scale, zero = qw.scale.float(), qw.zero.float()
-    if qw.bits == 4 and (g := int4_group(k, n, group_size)) is not None:
+    backend = cpu_backend(qw.bits, k, n, group_size, scale.shape[1], plain=True)
+    if backend == "int4":
+        g = int4_group(k, n, group_size)
         codes, g_idx = (qw.codes, qw.g_idx.long()) if order is None else (qw.codes[:, order], qw.g_idx.long()[order])
         cols = g_idx[::g]  # each kernel group lies inside one lowbit group
         s, z = scale[:, cols], zero[:, cols]
         packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
         return Int4Kernel(packed, torch.stack([s.t(), ((8 - z) * s).t()], -1).contiguous(), g, order)
-    if qw.bits == 8 and scale.shape[1] == 1:  # one group: act-order changes nothing
+    if backend == "int8":  # one group: act-order changes nothing
         codes = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()
         return Int8Kernel(codes, scale[:, 0].contiguous(), ((128 - zero[:, 0]) * scale[:, 0]).contiguous())
     return None

@@ -5,7 +5,8 @@ windows, with size on disk and load time.
 Checkpoints use the quick protocol's calibration (``--nsamples 16``, 2048 tokens, C4); perplexity is over the
 first 8 WikiText-2 windows (Q16/8). Consumers: ``transformers`` + ``compressed-tensors`` (the
 dequantize-on-load path for asymmetric grids, whose zero points transformers' default path cannot
-shape), ``transformers``' GGUF reader, and llama.cpp through ``llama-cpp-python`` (logits of every
+shape), ``transformers`` → optimum → GPTQModel (its torch kernel; GPTQModel must be installed, see the README),
+``transformers``' GGUF reader, and llama.cpp through ``llama-cpp-python`` (logits of every
 position, scored here exactly as lowbit scores them: next-token NLL of tokens 2…2048 of each window).
 Each row is written to the JSON as it lands; a rerun skips finished rows.
 
@@ -29,6 +30,7 @@ WINDOWS, SEQLEN = 8, 2048
 CASES = {
     "gptq-q4_0": ("gptq-q4_0", [], ["gguf", "compressed-tensors"]),
     "gptq-w4g64": ("gptq-w4g128", ["weights.group_size=64", "weights.act_order=false"], ["compressed-tensors"]),
+    "gptq-w4g128": ("gptq-w4g128", [], ["gptq"]),  # act-order, a smaller last group on the 576-wide layers
     "rtn-w4g128": ("rtn-w4g128", [], ["gguf"]),
     "quip-w4": ("quip-w4", [], ["dense"]),
 }
@@ -102,6 +104,14 @@ def measure(case: str, engine: str, windows) -> dict:
             "quantization_config": CompressedTensorsConfig(dequantize=True)}
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         size = _size_mb(folder)
+    elif engine == "transformers-gptq":  # optimum + GPTQModel's torch kernel
+        from transformers import GPTQConfig
+
+        folder = RUNS / f"{case}.gptq"
+        bits = json.loads((folder / "quantize_config.json").read_text())["bits"]
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+                                                     quantization_config=GPTQConfig(bits=bits, backend="torch"))
+        size = _size_mb(folder)
     else:  # transformers-dense
         folder = RUNS / f"{case}.dense"
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -111,7 +121,7 @@ def measure(case: str, engine: str, windows) -> dict:
 
 
 ENGINES = {"gguf": ["transformers-gguf", "llama.cpp"], "compressed-tensors": ["transformers-ct"],
-           "dense": ["transformers-dense"]}
+           "gptq": ["transformers-gptq"], "dense": ["transformers-dense"]}
 
 
 def _table(rows: list[dict]) -> str:

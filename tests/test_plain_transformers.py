@@ -80,3 +80,26 @@ def test_a_format_1_checkpoint_still_loads(checkpoint, tmp_path):
     (old / "lowbit_hf.py").unlink()
     model, _ = lowbit.load_model(old)
     assert torch.equal(_logits(model, IDS), _logits(lowbit.load_model(checkpoint)[0], IDS))
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w4g128", "gptq-w4g128", "quip-w4", "spqr-w2", "oac-w1", "aser-w4a8",
+                                    "rptq-w4a4kv4"])
+def test_a_loaded_checkpoint_saves_again_to_the_same_tensors(recipe, tmp_path, calib_ids):
+    """``lowbit.save`` on a model loaded from a checkpoint (not only in the process that quantized it) writes
+    the same tensors and layer table, and the copy loads to the same logits."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    lowbit.quantize(model, recipe, calib_ids, show_progress=False)
+    lowbit.save(model, tmp_path / "a")
+    loaded, _ = lowbit.load_model(tmp_path / "a")
+    lowbit.save(loaded, tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = [json.loads((tmp_path / d / "lowbit_config.json").read_text()) for d in "ab"]
+    assert meta[0]["layers"] == meta[1]["layers"] and meta[0]["activations"] == meta[1]["activations"]
+    ids = calib_ids[:2, :16]
+    with torch.no_grad():
+        torch.testing.assert_close(lowbit.load_model(tmp_path / "b")[0](ids).logits, loaded(ids).logits, atol=0, rtol=0)

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lowbit import faults
-from lowbit.activations.install import activation_metadata
+from lowbit.activations.install import KINDS, activation_metadata
 from lowbit.atomic import as_umask_allows, atomic_dir, save_tensors
 from lowbit.errors import LowbitError
 from lowbit.export.folder import check_replaceable
@@ -30,9 +30,25 @@ from lowbit.runtime import layer_metadata, packed_module
 FORMAT_VERSION = 2  # 2: config.json wraps the base config (lowbit.hf); 1: it was the base config
 
 
+def packed_weights(model: nn.Module) -> dict:
+    """The quantized weights of a model loaded from a checkpoint, read back from its packed layers."""
+    from lowbit.runtime import BinaryLinear, LowRankLinear, QuantLinear, QuipLinear
+
+    quant = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in quant):
+            continue  # the layer inside a QuIP or low-rank wrapper: its wrapper speaks for it
+        if isinstance(module, BinaryLinear):
+            quant[name] = module.binary()
+        elif isinstance(module, (QuantLinear, QuipLinear, LowRankLinear)):
+            quant[name] = module.quantized()
+    return quant
+
+
 def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
          report: QuantReport | None = None) -> Path:
-    quant = getattr(model, "lowbit_quant", None) or {}
+    """Write ``model`` — quantized in this process, or loaded from a checkpoint — as a lowbit checkpoint."""
+    quant = getattr(model, "lowbit_quant", None) or packed_weights(model)
     activations = activation_metadata(model)
     if not quant and not activations:
         raise LowbitError("model has not been quantized (no lowbit_quant); run lowbit.quantize first")
@@ -53,13 +69,14 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     for name, qw in quant.items():
-        linear = model.get_submodule(name)
-        bias = linear.bias.detach().cpu() if linear.bias is not None else None
+        bias = _bias(model.get_submodule(name))
         module = packed_module(qw, bias, group_size)
         for key, value in module.state_dict().items():
             tensors[f"{name}.{key}"] = value
         layers[name] = layer_metadata(module, group_size)
-    skip = {f"{name}.{p}" for name in quant for p in ("weight", "bias")}
+    # a float linear's weight and bias, or a loaded packed layer's buffers — not the activation quantizer on it
+    skip = {f"{name}.{key}" for name in quant for key in model.get_submodule(name).state_dict()
+            if key.split(".")[0] not in KINDS}
     seen: dict[tuple, str] = {}
     aliases = {}
     for key, value in model.state_dict().items():
@@ -92,3 +109,11 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
     (out / CHECKPOINT_MARKER).write_text(json.dumps(meta, indent=1))
     if report is not None:
         report.save(out / "report.json")
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    """A float linear's bias, or a packed layer's (wrappers hold theirs, or the layer inside does)."""
+    while getattr(module, "bias", None) is None and hasattr(module, "inner"):
+        module = module.inner
+    bias = getattr(module, "bias", None)
+    return bias.detach().cpu() if bias is not None else None

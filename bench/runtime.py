@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -35,14 +36,19 @@ REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "runtime-bench"
 # checkpoint name -> preset and overrides
 RECIPES = {"rtn-w4g128": ("rtn-w4g128", []), "gptq-w4g64": ("gptq-w4g128", ["weights.group_size=64"]),
-           "quip-w4": ("quip-w4", []), "rtn-w3g128": ("rtn-w3g128", [])}
+           "quip-w4": ("quip-w4", []), "rtn-w3g128": ("rtn-w3g128", []),
+           "rtn-q4_0": ("rtn-w4", ["weights.symmetric=true", "weights.group_size=32"])}
+# llama.cpp anchors (llama-cpp-python, extra `llama`): lowbit's rtn-q4_0 exported to GGUF Q4_0, and the
+# source model's own GGUF file (Q4_1 linears, Q8_0 embedding)
+LLAMA_CPP = {"llama.cpp:rtn-q4_0": "export", "llama.cpp:source-q4_1": "source"}
 PREFILL, DECODE = 512, 64
 
 
 def configs() -> list[str]:
     """``float32``, ``bfloat16``, and per recipe ``RECIPE:reference`` (float32, dequantize per call) and
     ``RECIPE:kernels`` (bfloat16 activations, CPU kernels where a layer takes one)."""
-    return ["float32", "bfloat16"] + [f"{r}:{b}" for r in RECIPES for b in ("reference", "kernels")]
+    configs = ["float32", "bfloat16"] + [f"{r}:{b}" for r in RECIPES for b in ("reference", "kernels")]
+    return configs + (list(LLAMA_CPP) if importlib.util.find_spec("llama_cpp") else [])
 
 
 def _rss_mb() -> float:
@@ -50,8 +56,52 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _gguf_file(config: str) -> Path:
+    if LLAMA_CPP[config] == "source":
+        from lowbit.models.aliases import ALIASES
+
+        return ALIASES["smollm2-135m"].gguf_path()
+    return next((RUNS / "rtn-q4_0-gguf").glob("*.gguf"))
+
+
+def measure_llama_cpp(config: str) -> dict:
+    """The same prefill and greedy decode in llama.cpp, one thread."""
+    import llama_cpp
+    import numpy as np
+
+    import lowbit
+    from lowbit.data import eval_windows
+
+    t0 = time.perf_counter()
+    # logits of every position, as the transformers rows compute them in prefill
+    llm = llama_cpp.Llama(str(_gguf_file(config)), n_ctx=PREFILL + DECODE + 16, n_batch=PREFILL, n_threads=1,
+                          n_threads_batch=1, logits_all=True, verbose=False)
+    load_s = time.perf_counter() - t0
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    rss_loaded = _rss_mb()
+    _, tok = lowbit.load_model(RUNS / "rtn-q4_0")  # the same tokens as every other row
+    ids = eval_windows("wikitext2", tok, seqlen=PREFILL, windows=1)[0].tolist()
+    llm.eval(ids[:16])  # warm-up
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(DECODE):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    decode_s = time.perf_counter() - t0
+    llm.close()
+    return {"config": config, "load_s": load_s, "rss_after_load_mb": rss_loaded,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "prefill_tok_s": PREFILL / prefill_s, "decode_tok_s": DECODE / decode_s, "backends": {}}
+
+
 def measure(config: str) -> dict:
     """One configuration, in this process."""
+    if config in LLAMA_CPP:
+        return measure_llama_cpp(config)
     import torch
 
     import lowbit
@@ -97,6 +147,9 @@ def _ensure_checkpoints() -> None:
             subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", "smollm2-135m", "--recipe", preset,
                             *[a for s in sets for a in ("--set", s)], "--out", str(RUNS / name),
                             "--nsamples", "4", "--seqlen", "512"], cwd=REPO, check=True)
+    if not (RUNS / "rtn-q4_0-gguf").exists():
+        subprocess.run([sys.executable, "-m", "lowbit.cli", "export", str(RUNS / "rtn-q4_0"), str(RUNS / "rtn-q4_0-gguf"),
+                        "--format", "gguf"], cwd=REPO, check=True)
 
 
 def _table(rows: list[dict]) -> str:
@@ -107,7 +160,8 @@ def _table(rows: list[dict]) -> str:
     lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         model, _, backend = r["config"].partition(":")
-        layers = ", ".join(f"{k} {v}" for k, v in sorted(r["backends"].items())) or "float"
+        layers = ", ".join(f"{k} {v}" for k, v in sorted(r["backends"].items())) or (
+            "GGUF" if model == "llama.cpp" else "float")
         lines.append(f"| {model} | {backend or '-'} ({layers}) | {r['load_s']:.1f} | {r['rss_after_load_mb']:.0f} "
                      f"({r['rss_after_load_mb'] / f32_rss:.2f}) | {r['peak_rss_mb']:.0f} | {r['prefill_tok_s']:.0f} "
                      f"({r['prefill_tok_s'] / base['prefill_tok_s']:.2f}) | {r['decode_tok_s']:.1f} "

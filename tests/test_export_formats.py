@@ -122,6 +122,20 @@ def test_dense_export_is_the_float_weights_lowbit_computes_with(recipe, sets, tm
     torch.testing.assert_close(_logits(plain, IDS), _logits(ref, IDS), atol=1e-4, rtol=1e-4)
 
 
+def test_dense_export_of_an_activation_recipe_says_activations_run_in_float(tmp_path, calib_ids, caplog):
+    ckpt = _checkpoint(tmp_path, "naive-w4a4kv4", [], calib_ids)
+    with caplog.at_level("WARNING", logger="lowbit"):
+        out = export_checkpoint(ckpt, tmp_path / "dense", "dense")
+    assert "activations run in float" in caplog.text
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    src = open_checkpoint(ckpt)
+    for name, layer in src.layers.items():
+        assert torch.equal(plain.get_submodule(name).weight, layer.dense_weight()), name
+    assert torch.isfinite(_logits(plain, IDS)).all()
+    with pytest.raises(LowbitError, match="RPTQ's reordered channels"):
+        export_checkpoint(_checkpoint(tmp_path, "rptq-w4a8", [], calib_ids, name="rptq"), tmp_path / "d2", "dense")
+
+
 GPTQ_CASES = {  # name: (preset, overrides); GPTQ files need whole 32-bit words along both dimensions
     "w4g32-sym": ("rtn-w4", ["weights.group_size=32", "weights.symmetric=true"]),
     "w4g32-asym": ("rtn-w4", ["weights.group_size=32"]),

@@ -132,8 +132,20 @@ def test_dense_export_of_an_activation_recipe_says_activations_run_in_float(tmp_
     for name, layer in src.layers.items():
         assert torch.equal(plain.get_submodule(name).weight, layer.dense_weight()), name
     assert torch.isfinite(_logits(plain, IDS)).all()
-    with pytest.raises(LowbitError, match="RPTQ's reordered channels"):
-        export_checkpoint(_checkpoint(tmp_path, "rptq-w4a8", [], calib_ids, name="rptq"), tmp_path / "d2", "dense")
+
+
+def test_dense_export_of_rptq_puts_the_channels_back_in_order(tmp_path, calib_ids, monkeypatch):
+    """With activations in float, RPTQ's reordered model and the dense export (original channel order) are
+    the same function: equal logits to float32 rounding."""
+    from lowbit.activations.quantizer import ActQuantizer
+
+    ckpt = _checkpoint(tmp_path, "rptq-w4a4kv4", [], calib_ids)
+    out = export_checkpoint(ckpt, tmp_path / "dense", "dense")
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    monkeypatch.setattr(ActQuantizer, "forward", lambda self, x: x)  # lowbit's model, activations in float
+    ref, _ = lowbit.load_model(ckpt)
+    assert any("ReorderedNorm" in type(m).__name__ for m in ref.modules())
+    torch.testing.assert_close(_logits(plain, IDS), _logits(ref, IDS), atol=1e-5, rtol=1e-5)
 
 
 GPTQ_CASES = {  # name: (preset, overrides); GPTQ files need whole 32-bit words along both dimensions

@@ -25,24 +25,16 @@ from lowbit.export.folder import check_replaceable
 from lowbit.export.hf_config import ENTRY_MODULE, ENTRY_SOURCE, entry_config
 from lowbit.models.resolve import CHECKPOINT_MARKER
 from lowbit.pipeline.report import QuantReport
-from lowbit.runtime import layer_metadata, packed_module
+from lowbit.runtime import BinaryLinear, layer_metadata, packed_module
+from lowbit.runtime.build import layer_bias, packed_layers
 
 FORMAT_VERSION = 2  # 2: config.json wraps the base config (lowbit.hf); 1: it was the base config
 
 
 def packed_weights(model: nn.Module) -> dict:
     """The quantized weights of a model loaded from a checkpoint, read back from its packed layers."""
-    from lowbit.runtime import BinaryLinear, LowRankLinear, QuantLinear, QuipLinear
-
-    quant = {}
-    for name, module in model.named_modules():
-        if any(name.startswith(f"{outer}.") for outer in quant):
-            continue  # the layer inside a QuIP or low-rank wrapper: its wrapper speaks for it
-        if isinstance(module, BinaryLinear):
-            quant[name] = module.binary()
-        elif isinstance(module, (QuantLinear, QuipLinear, LowRankLinear)):
-            quant[name] = module.quantized()
-    return quant
+    return {name: m.binary() if isinstance(m, BinaryLinear) else m.quantized()
+            for name, m in packed_layers(model).items()}
 
 
 def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
@@ -69,7 +61,8 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     for name, qw in quant.items():
-        bias = _bias(model.get_submodule(name))
+        bias = layer_bias(model.get_submodule(name))
+        bias = bias.detach().cpu() if bias is not None else None
         module = packed_module(qw, bias, group_size)
         for key, value in module.state_dict().items():
             tensors[f"{name}.{key}"] = value
@@ -110,10 +103,3 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
     if report is not None:
         report.save(out / "report.json")
 
-
-def _bias(module: nn.Module) -> torch.Tensor | None:
-    """A float linear's bias, or a packed layer's (wrappers hold theirs, or the layer inside does)."""
-    while getattr(module, "bias", None) is None and hasattr(module, "inner"):
-        module = module.inner
-    bias = getattr(module, "bias", None)
-    return bias.detach().cpu() if bias is not None else None

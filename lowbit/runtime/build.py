@@ -77,6 +77,25 @@ def empty_module(info: dict, n_groups: int, bias: bool) -> nn.Module:
     return module
 
 
+def packed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The packed layers of a loaded model, in model order: the outermost module of each (a QuIP or low-rank
+    wrapper speaks for the layer inside it)."""
+    layers: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuipLinear, LowRankLinear, BinaryLinear)) and \
+                not any(name.startswith(f"{outer}.") for outer in layers):
+            layers[name] = module
+    return layers
+
+
+def layer_bias(module: nn.Module) -> torch.Tensor | None:
+    """A linear's bias, or a packed layer's, wherever its wrappers keep it (a low-rank branch wraps the layer
+    that holds it)."""
+    while getattr(module, "bias", None) is None and hasattr(module, "inner"):
+        module = module.inner
+    return getattr(module, "bias", None)
+
+
 def use_kernels(model: nn.Module, enable: bool = True) -> dict[str, str]:
     """Give every packed layer of ``model`` its CPU back-end (``enable=False``: the reference path again);
     returns each layer's back-end name."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.formats.source import Source, refusal
+from lowbit.export.formats.source import Source, refusal, uniform_layers
 from lowbit.grids.packing import pack_rows_int32
 from lowbit.runtime import QuantLinear
 
@@ -51,26 +51,8 @@ def _nearest_group(src: Source, group_size: int) -> int:
 
 def check(src: Source) -> dict[str, Scheme]:
     """Each layer's scheme, or a one-line error naming what this format cannot hold and what can."""
-    activations = src.meta.get("activations") or {}
-    if activations:
-        raise refusal(NAME, "lowbit's calibrated activation quantizers or reordered channels",
-                      sorted(activations.get("quantizers") or activations.get("reordered_norms")),
-                      "export a weight-only recipe, or --format dense (float activations)")
-    plain = src.plain_linears()
-    odd = [n for n in src.layers if n not in plain]
-    if odd:
-        raise refusal(NAME, "layers that transformers does not build as nn.Linear (GPT-2 Conv1D, fused experts)",
-                      odd, "use --format dense")
-    other = [n for n, m in src.layers.items() if type(m) is not QuantLinear]
-    if other:
-        kinds = sorted({type(src.layers[n]).__name__ for n in other})
-        raise refusal(NAME, f"{'/'.join(kinds)} layers (incoherence transforms, low-rank branches or binary weights)",
-                      other, "use --format dense, or a plain uniform-grid recipe (rtn-*, gptq-*)")
     schemes = {}
-    for name, m in src.layers.items():
-        if m.n_outliers or m.stats_bits or m.float_zeros:
-            what = "sparse outliers" if m.n_outliers else "quantized scales" if m.stats_bits else "non-integer zero points"
-            raise refusal(NAME, what, [name], "use --format dense")
+    for name, m in uniform_layers(src, NAME).items():
         if m.g_idx is not None:
             raise refusal(NAME, "act-order group indices (g_idx)", [name],
                           "quantize with --set weights.act_order=false, or use --format dense")

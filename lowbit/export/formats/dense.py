@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.formats.source import Source, layer_bias, refusal
+from lowbit.export.formats.source import Source, refusal
 from lowbit.runtime import BinaryLinear
+from lowbit.runtime.build import layer_bias
 
 NAME = "dense"
 log = logging.getLogger("lowbit")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.formats.source import Source, refusal
+from lowbit.export.formats.source import Source, refusal, uniform_layers
 from lowbit.grids import natural_group_index
 from lowbit.runtime import QuantLinear
 
@@ -59,8 +59,6 @@ def source_gguf(src: Source) -> Path:
 def block_kind(name: str, m: QuantLinear) -> str:
     symmetric = bool(torch.all(m.quantized().zero == 2 ** (m.bits - 1)))
     advice = "quantize with the gptq-q4_0 preset (symmetric 4-bit, groups of 32), or use --format compressed-tensors"
-    if m.n_outliers or m.stats_bits or m.float_zeros:
-        raise refusal(NAME, "sparse outliers, quantized scales or non-integer zero points", [name], advice)
     if m.g_idx is not None:
         raise refusal(NAME, "act-order group indices (g_idx)", [name], advice)
     if m.in_features % BLOCK or (m.group_size is not None and m.group_size % BLOCK):
@@ -104,21 +102,13 @@ def plan(src: Source, reader) -> dict[str, tuple[str, Block]]:
     """GGUF tensor name → (lowbit layer, how to encode it), checked against the source file."""
     import gguf
 
-    other = [n for n, m in src.layers.items() if type(m) is not QuantLinear]
-    if other:
-        raise refusal(NAME, "incoherence transforms, low-rank branches or binary layers", other,
-                      "use --format dense")
-    activations = src.meta.get("activations") or {}
-    if activations:
-        raise refusal(NAME, "lowbit's calibrated activation quantizers or reordered channels",
-                      sorted(activations.get("quantizers") or activations.get("reordered_norms")),
-                      "export a weight-only recipe")
+    layers = uniform_layers(src, NAME)
     arch = _arch(reader)
     cfg = src.model.config
     names = gguf.get_tensor_name_map(_model_arch(arch), cfg.num_hidden_layers)
     present = {t.name for t in reader.tensors}
     out = {}
-    for name, m in src.layers.items():
+    for name, m in layers.items():
         target = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
         if target is None or target not in present:
             raise refusal(NAME, "a layer the source GGUF file does not hold", [name], "use --format dense")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.formats.source import Source, refusal
+from lowbit.export.formats.source import Source, refusal, uniform_layers
 from lowbit.grids.packing import pack_rows_int32
 from lowbit.runtime import QuantLinear
 
@@ -26,29 +26,13 @@ BITS = (2, 3, 4, 8)
 
 def check(src: Source) -> dict:
     """The one ``quantization_config`` every layer shares, or a one-line error."""
-    activations = src.meta.get("activations") or {}
-    if activations:
-        raise refusal(NAME, "lowbit's calibrated activation quantizers or reordered channels",
-                      sorted(activations.get("quantizers") or activations.get("reordered_norms")),
-                      "export a weight-only recipe, or --format dense (float activations)")
-    plain = src.plain_linears()
-    odd = [n for n in src.layers if n not in plain]
-    if odd:
-        raise refusal(NAME, "layers that transformers does not build as nn.Linear (GPT-2 Conv1D, fused experts)",
-                      odd, "use --format dense")
-    other = [n for n, m in src.layers.items() if type(m) is not QuantLinear]
-    if other:
-        raise refusal(NAME, "incoherence transforms, low-rank branches or binary layers", other,
-                      "use --format dense, or a plain uniform-grid recipe (rtn-*, gptq-*)")
-    shared = {(m.bits, m.group_size) for m in src.layers.values()}
+    layers = uniform_layers(src, NAME)
+    shared = {(m.bits, m.group_size) for m in layers.values()}
     if len(shared) > 1:
         raise refusal(NAME, f"layers of different widths or group sizes ({sorted(shared, key=str)})",
                       list(src.layers), "use --format compressed-tensors or dense")
     (bits, group_size), = shared
-    for name, m in src.layers.items():
-        if m.n_outliers or m.stats_bits or m.float_zeros:
-            raise refusal(NAME, "sparse outliers, quantized scales or non-integer zero points", [name],
-                          "use --format dense")
+    for name, m in layers.items():
         if bits not in BITS:
             raise refusal(NAME, f"{bits}-bit codes (GPTQ holds {', '.join(map(str, BITS))})", [name],
                           "use --format dense")

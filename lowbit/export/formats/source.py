@@ -14,9 +14,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from lowbit.activations.install import KINDS
 from lowbit.errors import LowbitError
 from lowbit.models.resolve import CHECKPOINT_MARKER
-from lowbit.runtime import BinaryLinear, LowRankLinear, QuantLinear, QuipLinear
-
-PACKED = (QuantLinear, QuipLinear, LowRankLinear, BinaryLinear)
+from lowbit.runtime import QuantLinear
+from lowbit.runtime.build import packed_layers
 
 
 @dataclass(frozen=True)
@@ -67,21 +66,36 @@ def open_checkpoint(path: str | Path) -> Source:
         raise LowbitError(f"{path} is not a lowbit checkpoint (no {CHECKPOINT_MARKER})")
     model, tokenizer = load_quantized(path)
     meta = json.loads((path / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, PACKED) and not any(name.startswith(f"{outer}.") for outer in layers):
-            layers[name] = module
-    return Source(path, model, tokenizer, meta, layers)
-
-
-def layer_bias(module: nn.Module) -> torch.Tensor | None:
-    """A packed layer's bias, wherever its wrappers keep it (a low-rank branch wraps the layer that has it)."""
-    while not hasattr(module, "bias"):
-        module = module.inner
-    return module.bias
+    return Source(path, model, tokenizer, meta, packed_layers(model))
 
 
 def refusal(fmt: str, what: str, names: list[str], advice: str) -> LowbitError:
     """One line: which format, what it cannot hold, where, and what to do instead."""
     where = f"{names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
     return LowbitError(f"--format {fmt} cannot express {what} ({where}): {advice}")
+
+
+def uniform_layers(src: Source, fmt: str) -> dict[str, QuantLinear]:
+    """The checks every serving format shares: weight-only, plain ``nn.Linear`` layers in the consumer's
+    model, each a uniform grid of codes with one scale and integer zero per row and group — or a one-line
+    error naming what is in the way and what would export."""
+    activations = src.meta.get("activations") or {}
+    if activations:
+        raise refusal(fmt, "lowbit's calibrated activation quantizers or reordered channels",
+                      sorted(activations.get("quantizers") or activations.get("reordered_norms")),
+                      "export a weight-only recipe, or --format dense (float activations)")
+    plain = src.plain_linears()
+    odd = [n for n in src.layers if n not in plain]
+    if odd:
+        raise refusal(fmt, "layers that transformers does not build as nn.Linear (GPT-2 Conv1D, fused experts)",
+                      odd, "use --format dense")
+    other = [n for n, m in src.layers.items() if type(m) is not QuantLinear]
+    if other:
+        kinds = sorted({type(src.layers[n]).__name__ for n in other})
+        raise refusal(fmt, f"{'/'.join(kinds)} layers (incoherence transforms, low-rank branches or binary weights)",
+                      other, "use --format dense, or a plain uniform-grid recipe (rtn-*, gptq-*)")
+    for name, m in src.layers.items():
+        if m.n_outliers or m.stats_bits or m.float_zeros:
+            what = "sparse outliers" if m.n_outliers else "quantized scales" if m.stats_bits else "non-integer zero points"
+            raise refusal(fmt, what, [name], "use --format dense")
+    return dict(src.layers)

@@ -306,12 +306,11 @@ def test_quantize_export_writes_the_checkpoint_and_its_export(tmp_path):
 
 @pytest.fixture(scope="module")
 def q4_0_exports(tmp_path_factory, smollm2):
-    """SmolLM2-135M, symmetric 4-bit groups of 32 (RTN; GPTQ's codes export the same way), its GGUF file,
+    """SmolLM2-135M, rtn-q4_0 (symmetric 4-bit groups of 32; GPTQ's codes export the same way), its GGUF file,
     and the prompt's logits from lowbit's own runtime model."""
     tmp = tmp_path_factory.mktemp("q4_0")
     ckpt = tmp / "ckpt"
-    r = _cli("quantize", "smollm2-135m", "--recipe", "rtn-w4", "--set", "weights.symmetric=true",
-             "--set", "weights.group_size=32", "--out", str(ckpt))
+    r = _cli("quantize", "smollm2-135m", "--recipe", "rtn-q4_0", "--out", str(ckpt))
     assert r.returncode == 0, r.stderr
     ref, tok = lowbit.load_model(ckpt)
     ids = tok("The capital of France is Paris, and the capital of Germany is", return_tensors="pt").input_ids

@@ -58,7 +58,8 @@ def source_gguf(src: Source) -> Path:
 
 def block_kind(name: str, m: QuantLinear) -> str:
     symmetric = bool(torch.all(m.quantized().zero == 2 ** (m.bits - 1)))
-    advice = "quantize with the gptq-q4_0 preset (symmetric 4-bit, groups of 32), or use --format compressed-tensors"
+    advice = ("quantize with the rtn-q4_0 or gptq-q4_0 preset (symmetric 4-bit, groups of 32), "
+              "or use --format compressed-tensors")
     if m.g_idx is not None:
         raise refusal(NAME, "act-order group indices (g_idx)", [name], advice)
     if m.in_features % BLOCK or (m.group_size is not None and m.group_size % BLOCK):

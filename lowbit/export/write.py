@@ -80,7 +80,7 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = value.detach().cpu().contiguous()
+        tensors[key] = narrowest(value.detach().cpu().contiguous())
     # one metadata key: safetensors writes several in a different order each run (bytes would differ)
     save_tensors(tensors, out / "model.safetensors", metadata={"format": "lowbit"})
     as_umask_allows(out / "model.safetensors")
@@ -103,3 +103,15 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
     if report is not None:
         report.save(out / "report.json")
 
+
+
+def narrowest(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in bfloat16 or float16 when that holds every value exactly, else as it is. A bfloat16 source
+    model's embeddings, head and norms are bfloat16 values held in float32 while quantizing: stored in
+    half the bytes, and loaded back to the same floats (a tensor a recipe changed keeps float32)."""
+    if t.dtype not in (torch.float32, torch.float64):
+        return t
+    for narrow in (torch.bfloat16, torch.float16):
+        if torch.equal(t.to(narrow).to(t.dtype), t):
+            return t.to(narrow)
+    return t

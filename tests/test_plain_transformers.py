@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import AutoModelForCausalLM
 
 import lowbit
-
-from conftest import tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +86,8 @@ def test_a_format_1_checkpoint_still_loads(checkpoint, tmp_path):
 def test_a_loaded_checkpoint_saves_again_to_the_same_tensors(recipe, tmp_path, calib_ids):
     """``lowbit.save`` on a model loaded from a checkpoint (not only in the process that quantized it) writes
     the same tensors and layer table, and the copy loads to the same logits."""
-    from safetensors.torch import load_file
-
     from conftest import tiny_llama
+    from safetensors.torch import load_file
 
     model = tiny_llama()
     lowbit.quantize(model, recipe, calib_ids, show_progress=False)
@@ -108,9 +106,9 @@ def test_a_loaded_checkpoint_saves_again_to_the_same_tensors(recipe, tmp_path, c
 def test_float_tensors_are_stored_in_the_narrowest_exact_dtype(tmp_path):
     """A bfloat16 model quantized in float32: its embedding and norms go to the checkpoint as bfloat16 (half the
     bytes) and come back as the same float32 values; tensors that need float32 keep it."""
+    from conftest import tiny_llama
     from safetensors.torch import load_file
 
-    from conftest import tiny_llama
     from lowbit.export.write import narrowest
 
     model = tiny_llama().to(torch.bfloat16).float()  # a bfloat16 source, held in float32 as lowbit loads it

@@ -173,6 +173,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="JSON file; the table goes beside it as .md")
+    p.add_argument("--configs", nargs="*", default=None, help="only these configurations (default: all)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: measure one configuration
     args = p.parse_args()
     if args.one:
@@ -180,9 +181,10 @@ def main() -> None:
         return
     _ensure_checkpoints()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    runs: dict[str, list[dict]] = {c: [] for c in configs()}
+    chosen = [c for c in configs() if args.configs is None or c in args.configs]
+    runs: dict[str, list[dict]] = {c: [] for c in chosen}
     for i in range(args.rounds):
-        for config in configs():  # interleaved: each round runs every configuration once
+        for config in chosen:  # interleaved: each round runs every configuration once
             r = subprocess.run([sys.executable, __file__, "--one", config], cwd=REPO, env=env, capture_output=True,
                                text=True, check=True)
             runs[config].append(json.loads(r.stdout.strip().splitlines()[-1]))

@@ -22,8 +22,8 @@ def cpu_backend(bits: int, in_features: int, out_features: int, group_size: int 
     else (no outliers, quantized scales or binary parts), in groups that are contiguous once sorted."""
     if not plain:
         return "reference"
-    if bits == 4 and int4_group(in_features, out_features, group_size) is not None:
-        return "int4"
+    if bits <= 4 and int4_group(in_features, out_features, group_size) is not None:
+        return "int4"  # 2- and 3-bit codes are 4-bit codes that leave the top values unused: the same kernel, exact
     if bits == 8 and groups == 1:
         return "int8"
     return "reference"

@@ -6,7 +6,9 @@ on every call. These back-ends multiply by the packed weight directly:
 - ``int4``: ``aten._weight_int4pack_mm_for_cpu``, which computes ``w = (q − 8)·s + m`` per group
   of 32–256 inputs. lowbit's ``(q − z)·s`` is that with ``m = (8 − z)·s``; any lowbit group whose
   size is a multiple of the kernel's (and a smaller last group of such a size) maps exactly by
-  repeating its scale, and a per-channel grid is one group per row, repeated too.
+  repeating its scale, and a per-channel grid is one group per row, repeated too. 2- and 3-bit codes
+  are 4-bit codes with the top values unused, so they take the same kernel, exactly (the kernel's copy
+  then spends 4 bits per weight; the checkpoint keeps 2 or 3).
 - ``int8`` (per channel): ``aten._weight_int8pack_mm`` takes symmetric codes ``w = c·s``; lowbit's
   asymmetric ``(q − z)·s`` is ``(q − 128)·s + (128 − z)·s``, the second term a per-row constant times
   the sum of the inputs.

@@ -108,8 +108,11 @@ def kernel_for(qw: QuantizedWeight, group_size: int | None) -> Kernel | None:
         g = int4_group(k, n, group_size)
         codes, g_idx = (qw.codes, qw.g_idx.long()) if order is None else (qw.codes[:, order], qw.g_idx.long()[order])
         cols = g_idx[::g]  # each kernel group lies inside one lowbit group
-        s, z = scale[:, cols], zero[:, cols]
-        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+        # 2-/3-bit codes moved to the middle of the kernel's range, their zero with them ((q + c) − (z + c)):
+        # left at 0…7, (q − 8)·s and m = (8 − z)·s would be large and cancel, which bfloat16 rounds badly
+        shift = 8 - 2 ** (qw.bits - 1)
+        s, z = scale[:, cols], zero[:, cols] + shift
+        packed = torch._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + shift).contiguous(), 2)
         return Int4Kernel(packed, torch.stack([s.t(), ((8 - z) * s).t()], -1).contiguous(), g, order)
     if backend == "int8":  # one group: act-order changes nothing
         codes = (qw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()

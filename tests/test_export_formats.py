@@ -331,16 +331,21 @@ def test_real_model_exports_load_in_transformers_with_lowbits_logits(q4_0_export
 def test_real_model_gguf_export_runs_in_llama_cpp(q4_0_exports):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs pip install 'lowbit[llama]'")
     _, gguf_file, ids, want = q4_0_exports
+    # llama.cpp multiplies Q4_0 weights by activations it rounds to 8 bits (Q8_0), so its logits differ from
+    # lowbit's by up to ~1.6 here; measured mean KL 0.012 nats per position (the source's own Q4_1 file
+    # against this model: 1.3), so 0.05 separates "the same weights" from "other weights" with margin
+    kl = _llama_cpp_kl(llama_cpp, gguf_file, ids, want)
+    assert float(kl.mean()) < 0.05, kl
+
+
+def _llama_cpp_kl(llama_cpp, gguf_file, ids: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """KL(lowbit ‖ llama.cpp) of the next-token distributions at every position of ``ids``, in nats."""
     llm = llama_cpp.Llama(str(gguf_file), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     llm.eval(ids[0].tolist())
     theirs = torch.tensor(np.array(llm.scores[: ids.shape[1]]))
     llm.close()
-    # llama.cpp multiplies Q4_0 weights by activations it rounds to 8 bits (Q8_0), so its logits differ from
-    # lowbit's by up to ~1.6 here; measured mean KL 0.012 nats per position (the source's own Q4_1 file
-    # against this model: 1.3), so 0.05 separates "the same weights" from "other weights" with margin
-    kl = torch.nn.functional.kl_div(theirs.log_softmax(-1), want[0].log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1)
-    assert float(kl.mean()) < 0.05, kl
+    return torch.nn.functional.kl_div(theirs.log_softmax(-1), want[0].log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1)
 
 
 @pytest.mark.slow
@@ -358,10 +363,5 @@ def test_gemma3_gguf_export_needs_no_row_permutation_and_loads(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     torch.testing.assert_close(_logits(model, ids), want, atol=1e-5, rtol=0)
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs pip install 'lowbit[llama]'")
-    llm = llama_cpp.Llama(str(gguf_file), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    llm.eval(ids[0].tolist())
-    theirs = torch.tensor(np.array(llm.scores[: ids.shape[1]]))
-    llm.close()
-    kl = torch.nn.functional.kl_div(theirs.log_softmax(-1), want[0].log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1)
+    kl = _llama_cpp_kl(llama_cpp, gguf_file, ids, want)
     assert float(kl.mean()) < 0.05, kl

@@ -175,8 +175,10 @@ def write(src: Source, out: Path) -> None:
     arch = _arch(reader)
     target = out / f"{path.stem.split('.')[0]}-{src.recipe_name}.gguf"
     writer = gguf.GGUFWriter(str(target), arch)
+    # the file's "mostly" type names its smallest block kind: llama.cpp only prints it
     kinds = {block.kind for _, block in layers.values()}
-    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{max(kinds, key=['Q8_0', 'Q4_1', 'Q4_0'].index)}")
+    smallest = next(k for k in ("Q4_0", "Q4_1", "Q8_0") if k in kinds)
+    file_type = getattr(gguf.LlamaFileType, f"MOSTLY_{smallest}")
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name in ("general.architecture", gguf.Keys.General.FILE_TYPE):
             continue

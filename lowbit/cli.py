@@ -429,8 +429,6 @@ def export_cmd(
     from lowbit.export.formats import export_checkpoint, format_module
 
     format_module(fmt)  # an unknown format is named before the checkpoint is read
-    if out.exists():
-        raise LowbitError(f"{out} exists: export into a new folder")
     _check_writable(out, "OUT")
     written = export_checkpoint(checkpoint, out, fmt)
     size = sum(p.stat().st_size for p in written.rglob("*") if p.is_file())

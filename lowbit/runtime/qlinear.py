@@ -84,10 +84,15 @@ class QuantLinear(KeptWeight, nn.Module):
             m.bias.data = bias.detach().clone()
         return m
 
-    def quantized(self) -> QuantizedWeight:
-        codes = unpack_codes(self.qweight, self.bits, self.in_features * self.out_features)
+    def zero_points(self) -> torch.Tensor:
+        """The ``(out, groups)`` zero points as floats, without unpacking the codes."""
         zero = (self.zeros.float() if self.float_zeros
                 else unpack_codes(self.qzeros, self.bits, self.out_features * self.n_groups).float())
+        return zero.view(self.out_features, self.n_groups)
+
+    def quantized(self) -> QuantizedWeight:
+        codes = unpack_codes(self.qweight, self.bits, self.in_features * self.out_features)
+        zero = self.zero_points()
         g_idx = self.g_idx if self.g_idx is not None else natural_group_index(self.in_features, self.group_size, self.qweight.device)
         sparse = SparseOutliers(self.outlier_index.long(), self.outlier_value) if self.n_outliers else None
         stats = None
@@ -97,7 +102,7 @@ class QuantLinear(KeptWeight, nn.Module):
                                self.stats_bits)
         scale = stats.decode() if stats is not None else self.scales.float()
         return QuantizedWeight(codes.view(self.out_features, self.in_features), scale,
-                               zero.view(self.out_features, self.n_groups), g_idx, self.bits, sparse=sparse,
+                               zero, g_idx, self.bits, sparse=sparse,
                                scale_stats=stats)
 
     def dense_weight(self) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Exports of a lowbit checkpoint to formats other tools load: ``lowbit export CKPT OUT --format F``.
 
 Each format module declares ``NAME``, ``check(source)`` (a one-line :class:`LowbitError` for what it cannot
-express, before anything is written) and ``write(source, folder)``. The folder is written under a temporary
-name and renamed at the end, so a failed or killed export leaves nothing behind. Writing needs no consumer
+express) and ``write(source, folder)``, which runs the check before it writes anything. The folder is written
+under a temporary name and renamed at the end, so a refused, failed or killed export leaves nothing behind. Writing needs no consumer
 package (``gguf`` is a dependency of lowbit); loading a compressed-tensors export in ``transformers`` needs
 ``compressed-tensors`` (the ``export`` extra).
 """
@@ -33,7 +33,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, fmt: str) -> Path
     if out.exists():
         raise LowbitError(f"{out} exists: export into a new folder")
     src = open_checkpoint(checkpoint)
-    module.check(src)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         module.write(src, tmp)

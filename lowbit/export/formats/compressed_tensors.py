@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.formats.source import Source, refusal, uniform_layers
+from lowbit.export.formats.source import Source, refusal, symmetric, uniform_layers
 from lowbit.grids.packing import pack_rows_int32
 from lowbit.runtime import QuantLinear
 
@@ -62,8 +62,7 @@ def check(src: Source) -> dict[str, Scheme]:
                           "or use --format dense")
         if not 2 <= m.bits <= 8:
             raise refusal(NAME, f"{m.bits}-bit codes", [name], "use --format dense")
-        zero = m.quantized().zero
-        schemes[name] = Scheme(m.bits, bool(torch.all(zero == 2 ** (m.bits - 1))), m.group_size)
+        schemes[name] = Scheme(m.bits, symmetric(m), m.group_size)
     return schemes
 
 

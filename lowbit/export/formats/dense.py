@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.formats.source import Source, refusal
+from lowbit.export.formats.source import LINEARIZED, Source, refusal
 from lowbit.runtime import BinaryLinear
 from lowbit.runtime.build import layer_bias
 
@@ -22,11 +22,9 @@ log = logging.getLogger("lowbit")
 
 
 def check(src: Source) -> None:
-    plain = src.plain_linears()
-    odd = [n for n in src.layers if n not in plain]
+    odd = src.linearized()
     if odd:
-        raise refusal(NAME, "layers that transformers does not build as nn.Linear (GPT-2 Conv1D, fused experts)",
-                      odd, "load it with lowbit.load_model")
+        raise refusal(NAME, LINEARIZED, odd, "load it with lowbit.load_model")
 
 
 def write(src: Source, out: Path) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.formats.source import Source, refusal, uniform_layers
+from lowbit.export.formats.source import Source, refusal, symmetric, uniform_layers
 from lowbit.grids import natural_group_index
 from lowbit.runtime import QuantLinear
 
@@ -57,7 +57,7 @@ def source_gguf(src: Source) -> Path:
 
 
 def block_kind(name: str, m: QuantLinear) -> str:
-    symmetric = bool(torch.all(m.quantized().zero == 2 ** (m.bits - 1)))
+    sym = symmetric(m)
     advice = ("quantize with the rtn-q4_0 or gptq-q4_0 preset (symmetric 4-bit, groups of 32), "
               "or use --format compressed-tensors")
     if m.g_idx is not None:
@@ -66,10 +66,10 @@ def block_kind(name: str, m: QuantLinear) -> str:
         raise refusal(NAME, f"groups that are not whole blocks of {BLOCK} weights ({m.in_features} columns, groups of "
                       f"{m.group_size})", [name], advice)
     if m.bits == 4:
-        return "Q4_0" if symmetric else "Q4_1"
-    if m.bits == 8 and symmetric:
+        return "Q4_0" if sym else "Q4_1"
+    if m.bits == 8 and sym:
         return "Q8_0"
-    raise refusal(NAME, f"{m.bits}-bit {'symmetric' if symmetric else 'asymmetric'} codes", [name], advice)
+    raise refusal(NAME, f"{m.bits}-bit {'symmetric' if sym else 'asymmetric'} codes", [name], advice)
 
 
 def qk_rows(n_rows: int, heads: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.export.formats.source import Source, refusal, uniform_layers
+from lowbit.export.formats.source import Source, refusal, symmetric, uniform_layers
 from lowbit.grids.packing import pack_rows_int32
 from lowbit.runtime import QuantLinear
 
@@ -39,11 +39,10 @@ def check(src: Source) -> dict:
         if (m.in_features * bits) % 32 or (m.out_features * bits) % 32:
             raise refusal(NAME, f"a {m.out_features}×{m.in_features} layer at {bits} bits (rows and columns "
                           "must fill whole 32-bit words)", [name], "use --format compressed-tensors or dense")
-    zeros = [m.quantized().zero for m in src.layers.values()]
-    symmetric = all(bool(torch.all(z == 2 ** (bits - 1))) for z in zeros)
-    v1 = all(bool(torch.all(z >= 1)) for z in zeros)
+    v1 = all(bool(torch.all(m.zero_points() >= 1)) for m in layers.values())
     return {"quant_method": "gptq", "bits": bits, "group_size": group_size or -1,
-            "desc_act": any(m.g_idx is not None for m in src.layers.values()), "sym": symmetric,
+            "desc_act": any(m.g_idx is not None for m in layers.values()),
+            "sym": all(symmetric(m) for m in layers.values()),
             "checkpoint_format": "gptq" if v1 else "gptq_v2", "static_groups": False, "true_sequential": True,
             "damp_percent": 0.01, "pack_dtype": "int32", "meta": {"quantizer": ["lowbit:0.1.0"]}}
 

@@ -41,6 +41,11 @@ class Source:
             plain = AutoModelForCausalLM.from_config(self.model.config)
         return {n for n, m in plain.named_modules() if isinstance(m, nn.Linear)}
 
+    def linearized(self) -> list[str]:
+        """Packed layers that are no ``nn.Linear`` in the consumer's model (GPT-2 ``Conv1D``, fused experts)."""
+        plain = self.plain_linears()
+        return [n for n in self.layers if n not in plain]
+
     def float_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor that is not part of a packed layer or an activation quantizer, shared storage written
         once (a tied head is the embedding: the consumer ties it again from the config)."""
@@ -69,6 +74,14 @@ def open_checkpoint(path: str | Path) -> Source:
     return Source(path, model, tokenizer, meta, packed_layers(model))
 
 
+LINEARIZED = "layers that transformers does not build as nn.Linear (GPT-2 Conv1D, fused experts)"
+
+
+def symmetric(m: QuantLinear) -> bool:
+    """Whether every zero point is the grid's middle, ``2^(bits−1)`` (the symmetric grid formats name)."""
+    return bool(torch.all(m.zero_points() == 2 ** (m.bits - 1)))
+
+
 def refusal(fmt: str, what: str, names: list[str], advice: str) -> LowbitError:
     """One line: which format, what it cannot hold, where, and what to do instead."""
     where = f"{names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
@@ -84,11 +97,9 @@ def uniform_layers(src: Source, fmt: str) -> dict[str, QuantLinear]:
         raise refusal(fmt, "lowbit's calibrated activation quantizers or reordered channels",
                       sorted(activations.get("quantizers") or activations.get("reordered_norms")),
                       "export a weight-only recipe, or --format dense (float activations)")
-    plain = src.plain_linears()
-    odd = [n for n in src.layers if n not in plain]
+    odd = src.linearized()
     if odd:
-        raise refusal(fmt, "layers that transformers does not build as nn.Linear (GPT-2 Conv1D, fused experts)",
-                      odd, "use --format dense")
+        raise refusal(fmt, LINEARIZED, odd, "use --format dense")
     other = [n for n, m in src.layers.items() if type(m) is not QuantLinear]
     if other:
         kinds = sorted({type(src.layers[n]).__name__ for n in other})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from lowbit import recipes as _recipes
 from lowbit.data import calibration
 from lowbit.pipeline import QuantReport, quantize_model
 from lowbit.recipes import Recipe
+
+if TYPE_CHECKING:
+    from lowbit.models.onload import DiskModel
 
 
 def calibration_for(recipe: Recipe, tok: PreTrainedTokenizerBase, model: nn.Module | None = None) -> torch.Tensor:
@@ -44,3 +48,41 @@ def quantize(
     report = quantize_model(model, recipe, calib, progress_dir=progress_dir, resume=resume, show_progress=show_progress,
                             hessian_cache=hessian_cache)
     return model, report
+
+
+def quantize_to_disk(
+    source: str | Path,
+    recipe: Recipe | str,
+    out: str | Path,
+    *,
+    calib: torch.Tensor | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    show_progress: bool = True,
+    source_name: str | None = None,
+    disk: DiskModel | None = None,
+) -> QuantReport:
+    """Quantize the model in folder ``source`` block by block, from its safetensors files, into checkpoint ``out``.
+
+    Memory holds one block (in ``dtype``, by default the files' own), the embeddings while calibration
+    inputs are captured, and the calibration activations; each finished block is written as a shard of
+    ``out`` at once (``out/.progress`` keeps them until the checkpoint is whole, for ``resume``).
+    """
+    from lowbit.export.write import ShardWriter, save_streamed
+    from lowbit.models.onload import DiskModel
+
+    recipe = _recipes.get(recipe)
+    disk = disk or DiskModel(source, dtype=dtype, device=device)
+    disk.model.lowbit_source = source_name or str(Path(source).resolve())
+    if calib is None and recipe.needs_calibration:
+        if tokenizer is None:
+            raise ValueError("pass calibration token ids or a tokenizer to build them from the recipe")
+        calib = calibration_for(recipe, tokenizer, disk.model)
+    progress = Path(out) / ".progress"
+    shards = ShardWriter(progress / "shards", recipe.weights.group_size)
+    report = quantize_model(disk.model, recipe, calib, progress_dir=progress, resume=resume,
+                            show_progress=show_progress, onload=disk, sink=shards)
+    save_streamed(disk, shards, out, recipe.to_dict(), tokenizer, report)
+    return report

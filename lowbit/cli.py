@@ -120,6 +120,12 @@ def quantize(
                    "the same model and calibration set (the gradient pass then runs once for all of them)"),
     export: Optional[str] = typer.Option(None, "--export", help="also export the checkpoint to OUT-FORMAT: "
                                          "compressed-tensors, gptq, gguf or dense (see `lowbit export`)"),
+    onload: bool = typer.Option(False, "--onload", help="read one block at a time from the model's safetensors "
+                                "files and write each to OUT when done: models larger than memory"),
+    dtype: Optional[str] = typer.Option(None, help="dtype the weights are held in: float32, bfloat16 or float16 "
+                                        "(default: float32; with --onload, the files' own)"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="with --onload: refuse, before any work, "
+                                             "a model one block of which needs more than this (e.g. 4GB)"),
 ) -> None:
     """Quantize MODEL with a recipe and write a packed checkpoint to OUT."""
     from lowbit import recipes
@@ -140,6 +146,15 @@ def quantize(
     if hessian_cache is not None:
         _check_writable(hessian_cache, "--hessian-cache")
     exported = _export_target(out, export)
+    torch_dtype = _dtype(dtype)
+    limit = _size(max_memory, "--max-memory") if max_memory is not None else None
+    if limit is not None and not onload:
+        raise LowbitError("--max-memory applies to --onload (one block at a time); add --onload")
+    if onload and datasets:
+        raise LowbitError("--eval needs the whole model in memory; with --onload, evaluate the checkpoint with "
+                          "`lowbit eval OUT --onload`")
+    if onload and hessian_cache is not None:
+        raise LowbitError("--hessian-cache is for OAC's gradient pass, which --onload does not run")
     ref = resolve(model)
     if datasets or rec.needs_calibration:
         check_data_available()
@@ -149,7 +164,10 @@ def quantize(
         if holds_checkpoint(out) and not overwrite:
             raise LowbitError(f"--out {out} holds a lowbit checkpoint: pass --overwrite to replace it "
                               "(its evaluation results go with it)")
-        _quantize(ref, rec, out, datasets, windows, device, resume, hessian_cache, phases)
+        if onload:
+            _quantize_onloaded(ref, rec, out, device, resume, torch_dtype, limit, phases)
+        else:
+            _quantize(ref, rec, out, datasets, windows, device, resume, hessian_cache, phases, torch_dtype)
         if exported is not None:
             from lowbit.export.formats import export_checkpoint
 
@@ -175,8 +193,68 @@ def _export_target(out: Path, fmt: Optional[str]) -> Optional[Path]:
     return target
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: Optional[str]):
+    """``--dtype``'s torch dtype (imported only when one is named)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise LowbitError(f"--dtype must be one of {', '.join(DTYPES)}, got '{name}'")
+    import torch
+
+    return getattr(torch, name)
+
+
+def _size(text: str, flag: str) -> int:
+    """``4GB``, ``512MB``, ``2.5G`` or a number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise LowbitError(f"{flag} must be a size such as 4GB or 512MB, got '{text}'")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+
+
+def _quantize_onloaded(ref, rec, out: Path, device: Optional[str], resume: bool, dtype, limit: Optional[int],
+                       phases: Phases) -> None:
+    """``lowbit quantize --onload``: block by block from the model's files, each block to OUT as it is done."""
+    with phases("imports"):
+        from lowbit.api import calibration_for, quantize_to_disk
+        from lowbit.models.loading import load_tokenizer, model_folder
+        from lowbit.models.onload import DiskModel, peak_need
+
+        dev = _device(device)
+    with phases("load"):
+        folder, source = model_folder(ref)
+        disk = DiskModel(folder, dtype=dtype, device=dev)
+        tok = load_tokenizer(folder)
+    c = rec.calibration
+    parts = disk.memory_need(c.nsamples if rec.needs_calibration else 0, c.seqlen)
+    need = peak_need(parts)
+    typer.echo(f"onloading one block at a time in {str(disk.dtype).removeprefix('torch.')}: about "
+               f"{need / 2**30:.2f} GB at most (" + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items()) + ")")
+    if limit is not None and need > limit:
+        raise LowbitError(f"one block needs about {need / 2**30:.2f} GB, more than --max-memory "
+                          f"{limit / 2**30:.2f} GB (block weights {parts['block weights'] / 2**30:.2f} GB, "
+                          f"calibration activations {parts['calibration activations'] / 2**30:.2f} GB): fewer "
+                          "--nsamples or a shorter --seqlen lower the second")
+    with phases("calibration set"):
+        calib = calibration_for(rec, tok, disk.model) if rec.needs_calibration else None
+    faults.reach("calibration")
+    try:
+        with phases("quantization and save"):
+            report = quantize_to_disk(folder, rec, out, calib=calib, tokenizer=tok, dtype=dtype, device=dev,
+                                      resume=resume, source_name=source, disk=disk)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted; finished blocks are kept in {out / '.progress'}: rerun with --resume", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"saved {rec.name} checkpoint to {out} block by block (quantization {report.total_seconds:.1f} s, "
+               f"peak {report.peak_memory_mb:.0f} MB)")
+    _print_report(rec, report, out)
+
+
 def _quantize(ref, rec, out: Path, datasets: list[str], windows: Optional[int], device: Optional[str],
-              resume: bool, hessian_cache: Optional[Path], phases: Phases) -> None:
+              resume: bool, hessian_cache: Optional[Path], phases: Phases, dtype=None) -> None:
     """The work of ``lowbit quantize`` once its input is known to be good and OUT is ours."""
     with phases("imports"):  # torch and transformers: seconds, counted like the rest
         from lowbit.api import calibration_for
@@ -188,7 +266,7 @@ def _quantize(ref, rec, out: Path, datasets: list[str], windows: Optional[int], 
 
         dev = _device(device)
     with phases("load"):
-        m, tok = load_model(ref)
+        m, tok = load_model(ref, dtype=dtype)
         m.to(dev)
     rows: dict[str, dict[str, float]] = {}
     if datasets:
@@ -264,9 +342,17 @@ def evaluate(
     kernels: bool = typer.Option(
         False, "--kernels", help="bfloat16 activations, and PyTorch's CPU int4/int8 kernels for 4-bit and "
                                  "per-channel 8-bit packed layers (faster decoding; numbers to bfloat16 rounding)"),
+    onload: bool = typer.Option(False, "--onload", help="read one block at a time from disk, every window through "
+                                "it before the next (models larger than memory; perplexity only, no per-window log)"),
 ) -> None:
     """Perplexity (and KL to the full model) of MODEL under the GPTQ protocol; zero-shot tasks with --tasks."""
     phases = Phases()
+    if onload:
+        given = {"--kl": kl, "--tasks": tasks, "--kernels": kernels, "--keep-dequantized": keep_dequantized,
+                 "--log": log}
+        if clash := [flag for flag, value in given.items() if value]:
+            raise LowbitError(f"--onload evaluates perplexity block by block; {clash[0]} needs the whole model")
+        no_log = True
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     datasets = _datasets(ppl if ppl is not None else ("" if task_list else "wikitext2,c4"))
     _check_windows(windows)
@@ -295,7 +381,7 @@ def evaluate(
 
             held.enter_context(run_lock(logs, "--log"))
         result = _evaluate(ref, model, datasets, seqlen, windows, logs, kl, kl_ref, keep_dequantized, kernels,
-                           task_list, task_path, limit, num_fewshot, device, phases)
+                           task_list, task_path, limit, num_fewshot, device, phases, onload)
     typer.echo(phases.summary(), err=True)  # stderr: stdout stays one JSON object with --json
     if as_json:
         typer.echo(json.dumps(result, default=str))
@@ -309,16 +395,45 @@ def evaluate(
         typer.echo(f"{task:20s} {shown}")
 
 
+def _evaluate_onloaded(ref, model: str, datasets: list[str], seqlen: int, windows: Optional[int], dev,
+                       phases: Phases) -> dict:
+    """``lowbit eval --onload``: perplexity with one block in memory at a time."""
+    from lowbit.eval import perplexity
+
+    with phases("load"):
+        if ref.kind == "checkpoint":
+            from lowbit.export.load import DiskCheckpoint, checkpoint_tokenizer
+
+            disk = DiskCheckpoint(ref.path, device=dev)
+            tok = checkpoint_tokenizer(ref.path, disk.meta)
+            if tok is None:
+                raise LowbitError(f"{ref.path} has no tokenizer and its base model's cannot be found")
+        else:
+            from lowbit.models.loading import load_tokenizer, model_folder
+            from lowbit.models.onload import DiskModel
+
+            folder, _ = model_folder(ref)
+            disk, tok = DiskModel(folder, device=dev), load_tokenizer(folder)
+    result: dict = {"model": model, "seqlen": seqlen, "perplexity": {}}
+    for d in datasets:
+        with phases(f"{d} perplexity"):
+            r = perplexity(disk, tok, d, seqlen=seqlen, windows=windows)
+        result["perplexity"][d] = {"ppl": r.ppl, "tokens": r.tokens, "windows": r.windows}
+    return result
+
+
 def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Optional[int], logs: Optional[Path],
               kl: bool, kl_ref: Optional[str], keep_dequantized: bool, kernels: bool, task_list: list[str],
               task_path: Optional[Path], limit: Optional[int], num_fewshot: Optional[int],
-              device: Optional[str], phases: Phases) -> dict:
+              device: Optional[str], phases: Phases, onload: bool = False) -> dict:
     """The work of ``lowbit eval`` once its input is known to be good (and its log is ours)."""
     with phases("imports"):  # torch and transformers: seconds, counted like the rest
         from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
         from lowbit.models import load_model
 
         dev = _device(device)
+    if onload:
+        return _evaluate_onloaded(ref, model, datasets, seqlen, windows, dev, phases)
     with phases("load"):
         import torch
 

@@ -20,6 +20,7 @@ from lowbit.data import eval_windows
 from lowbit.errors import LowbitError
 from lowbit.eval.window_log import WindowLog
 from lowbit.models.fingerprint import model_digest
+from lowbit.models.onload import DiskModel
 
 
 @dataclass
@@ -76,6 +77,27 @@ def window_nll(model: nn.Module, windows: torch.Tensor, desc: str = "ppl", show_
 
 
 @torch.no_grad()
+def window_nll_onloaded(disk: DiskModel, windows: torch.Tensor, desc: str = "ppl",
+                        show_progress: bool = False) -> tuple[float, int]:
+    """:func:`window_nll` of a model read block by block (``models.onload``): every window passes block ``i``
+    before block ``i+1`` is read, so memory holds one block and every window's hidden states."""
+    from lowbit.pipeline.capture import capture_block_inputs, logits_after_blocks, run_block
+
+    ids = windows.to(disk.device)
+    with disk.onloaded(None):
+        hidden, kwargs = capture_block_inputs(disk.model, disk.blocks, ids)
+    for b in tqdm(range(len(disk.blocks)), desc=desc, unit="block", disable=not show_progress):
+        with disk.onloaded(b) as block:
+            hidden = run_block(block, hidden, kwargs[b])
+    nll = 0.0
+    with disk.onloaded(None):
+        for i in range(ids.shape[0]):
+            logits = logits_after_blocks(disk.model, disk.blocks, ids[i : i + 1], hidden[i : i + 1])[0, :-1].float()
+            nll += float(F.cross_entropy(logits, ids[i, 1:], reduction="sum"))
+    return nll, windows.shape[0] * (windows.shape[1] - 1)
+
+
+@torch.no_grad()
 def window_kl(model: nn.Module, reference: nn.Module, windows: torch.Tensor, show_progress: bool = False,
               log: str | Path | None = None) -> float:
     """Mean per-token ``KL(p_reference ‖ p_model)`` of next-token distributions, in nats."""
@@ -92,7 +114,7 @@ def window_kl(model: nn.Module, reference: nn.Module, windows: torch.Tensor, sho
 
 
 def perplexity(
-    model: nn.Module,
+    model: nn.Module | DiskModel,
     tok: PreTrainedTokenizerBase,
     dataset: str = "wikitext2",
     seqlen: int = 2048,
@@ -101,9 +123,15 @@ def perplexity(
     show_progress: bool = True,
     log: str | Path | None = None,
 ) -> PerplexityResult:
-    """``log``: keep finished windows in this file and skip them on a rerun (see ``WindowLog``)."""
-    wins = _eval_windows_for(model, tok, dataset, seqlen, windows, bos)
-    nll, tokens = window_nll(model, wins, f"ppl {dataset}", show_progress, log)
+    """``log``: keep finished windows in this file and skip them on a rerun (see ``WindowLog``).
+
+    ``model`` read block by block from disk (a :class:`DiskModel`): the same numbers, no per-window log."""
+    if isinstance(model, DiskModel):
+        wins = _eval_windows_for(model.model, tok, dataset, seqlen, windows, bos)
+        nll, tokens = window_nll_onloaded(model, wins, f"ppl {dataset}", show_progress)
+    else:
+        wins = _eval_windows_for(model, tok, dataset, seqlen, windows, bos)
+        nll, tokens = window_nll(model, wins, f"ppl {dataset}", show_progress, log)
     return PerplexityResult(dataset, math.exp(nll / tokens), nll / tokens, tokens, wins.shape[0], seqlen)
 
 

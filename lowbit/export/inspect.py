@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from lowbit.backends import cpu_backend
 from lowbit.errors import LowbitError
-from lowbit.models.resolve import CHECKPOINT_MARKER
+from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX, tensor_files
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -47,7 +47,7 @@ class CheckpointSummary:
         lines = [f"{self.path}: recipe {name} on {self.base_model}",
                  f"  {self.recipe.get('description', '')}".rstrip(),
                  f"  {len(self.layers)} quantized layers, {self.activation_quantizers} activation quantizers, "
-                 f"model.safetensors {self.total_bytes / 2**20:.1f} MB"
+                 f"tensors {self.total_bytes / 2**20:.1f} MB"
                  + (f" for {self.parameters / 1e6:.1f}M parameters ({8 * self.total_bytes / self.parameters:.2f} "
                     "bits per parameter, embeddings and every float tensor included)" if self.parameters else "")
                  + (f", quantized in {self.quant_seconds:.1f} s" if self.quant_seconds else ""),
@@ -75,19 +75,20 @@ def _json(path: Path) -> dict:
     return data
 
 
-def _tensor_sizes(path: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """Each tensor's bytes and element count, from the file's header alone (no torch, no tensor read)."""
+def _tensor_sizes(files: set[Path]) -> tuple[dict[str, int], dict[str, int]]:
+    """Each tensor's bytes and element count, from the files' headers alone (no torch, no tensor read)."""
     sizes: dict[str, int] = {}
     numels: dict[str, int] = {}
     try:
-        with safe_open(str(path), "numpy") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                numels[key] = n
-                sizes[key] = n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        for path in sorted(files):
+            with safe_open(str(path), "numpy") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    numels[key] = n
+                    sizes[key] = n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
     except Exception as exc:  # safetensors' own error type: missing, truncated or not safetensors
         raise LowbitError(f"{path} cannot be read ({str(exc).splitlines()[0]})") from None
     return sizes, numels
@@ -113,11 +114,12 @@ def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
     meta = _json(marker)
     report = _json(path / "report.json") if (path / "report.json").exists() else {}
     rows = {r.get("name"): r for r in report.get("layers", []) if isinstance(r, dict)}
-    sizes, numels = _tensor_sizes(path / "model.safetensors")
+    files = _files(path)
+    sizes, numels = _tensor_sizes(set(files.values()))
     try:
         method = meta.get("recipe", {}).get("weights", {}).get("method")
         most = max((r["tokens"] for r in rows.values() if isinstance(r.get("tokens"), int)), default=0)
-        layers = [_layer(path, name, info, sizes, rows.get(name, {}), method, most)
+        layers = [_layer(files, name, info, sizes, rows.get(name, {}), method, most)
                   for name, info in meta.get("layers", {}).items()]
         quantizers = len(meta.get("activations", {}).get("quantizers", {}))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -126,10 +128,23 @@ def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
     parameters = sum(s.shape[0] * s.shape[1] for s in layers) + sum(
         n for k, n in numels.items() if not k.startswith(prefixes))
     return CheckpointSummary(path, meta.get("base_model"), meta.get("recipe", {}), layers, quantizers,
-                             (path / "model.safetensors").stat().st_size, report.get("total_seconds"), parameters)
+                             sum(f.stat().st_size for f in set(files.values())), report.get("total_seconds"),
+                             parameters)
 
 
-def _layer(path: Path, name: str, info: dict, sizes: dict[str, int], row: dict, method: str | None,
+def _files(path: Path) -> dict[str, Path]:
+    """Which file holds each tensor (one, or the shards of a checkpoint written block by block)."""
+    if not (path / INDEX).is_file() and not (path / "model.safetensors").is_file():
+        raise LowbitError(f"{path / 'model.safetensors'} cannot be read (missing)")
+    try:
+        return tensor_files(path)
+    except LowbitError:
+        raise
+    except Exception as exc:  # safetensors' own error type: truncated or not safetensors
+        raise LowbitError(f"{path / 'model.safetensors'} cannot be read ({str(exc).splitlines()[0]})") from None
+
+
+def _layer(files: dict[str, Path], name: str, info: dict, sizes: dict[str, int], row: dict, method: str | None,
            most: int) -> LayerSummary:
     """``row``: the layer's line of report.json; ``most``: the largest token count of any layer (a layer that
     saw fewer is an expert, reached by the tokens routed to it)."""
@@ -151,7 +166,8 @@ def _layer(path: Path, name: str, info: dict, sizes: dict[str, int], row: dict, 
     plain = not (info.get("binary") or info.get("outliers") or info.get("stats_bits"))
     if plain and info.get("act_order"):
         inner = "inner." * (("incoherence" in info) + ("lowrank_rank" in info))
-        plain = _groups_sort_to_natural(path / "model.safetensors", f"{name}.{inner}g_idx", int(cols), gs)
+        key = f"{name}.{inner}g_idx"
+        plain = _groups_sort_to_natural(files[key], key, int(cols), gs)
     groups = 1 if gs is None else -(-int(cols) // int(gs))
     backend = cpu_backend(int(info["bits"]), int(cols), int(rows), gs, groups, plain)
     return LayerSummary(name, (int(rows), int(cols)), int(info["bits"]), gs, ", ".join(extras),

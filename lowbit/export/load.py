@@ -7,19 +7,21 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lowbit.activations.install import restore
 from lowbit.errors import LowbitError
 from lowbit.export.hf_config import base_config
 from lowbit.models.linearize import linearize
-from lowbit.models.resolve import CHECKPOINT_MARKER
+from lowbit.models.onload import DiskModel, read_tensors
+from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX, tensor_files
 from lowbit.runtime import empty_module
 from lowbit.runtime.build import scales_key
 
-
-FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSIONS = (1, 2, 3)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -43,8 +45,18 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _read_config(path: Path):
+    try:
+        return base_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise LowbitError(f"{path}/config.json cannot be read "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
+        if (path / INDEX).is_file():  # written block by block (``save_streamed``)
+            return {k: v for f in sorted(set(tensor_files(path).values())) for k, v in load_file(str(f)).items()}
         return load_file(str(path / "model.safetensors"))
     except FileNotFoundError:
         raise LowbitError(f"{path} has no model.safetensors: the checkpoint is incomplete, quantize again") from None
@@ -58,10 +70,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None
     path = Path(path)
     meta = _read_meta(path)
     dtype = dtype or DTYPES[meta.get("dtype", "float32")]
-    try:
-        config = base_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise LowbitError(f"{path}/config.json cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    config = _read_config(path)
     # a skeleton whose weights take no memory (meta device; buffers such as RoPE tables are real): the
     # checkpoint's tensors become its weights below, so loading never holds a float copy of the model
     with init_empty_weights(include_buffers=False):
@@ -77,9 +86,14 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None
     model.lowbit_source = meta.get("base_model")
     model.lowbit_recipe = meta.get("recipe", {})
     model.lowbit_checkpoint = str(path)
+    return model, checkpoint_tokenizer(path, meta, config)
+
+
+def checkpoint_tokenizer(path: Path, meta: dict, config=None) -> PreTrainedTokenizerBase | None:
+    """The checkpoint's own tokenizer, else its base model's if that can be found."""
     if (path / "tokenizer_config.json").exists():
-        return model, AutoTokenizer.from_pretrained(path, config=config)  # not config.json: lowbit_hf.py
-    return model, _base_tokenizer(meta.get("base_model"))
+        return AutoTokenizer.from_pretrained(path, config=config or _read_config(path))  # not lowbit_hf.py
+    return _base_tokenizer(meta.get("base_model"))
 
 
 def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -107,6 +121,54 @@ def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor], 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise KeyError(f"no tensor for {left[:3]}")
+
+
+class DiskCheckpoint(DiskModel):
+    """A lowbit checkpoint read block by block: a block's packed layers are built when it is onloaded and
+    its float linears' skeletons put back when it is given back, so one block of packed tensors is held."""
+
+    refuse_linearized = False  # the checkpoint's names are the linearized model's
+
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+        self.meta = _read_meta(Path(path))
+        self.held: dict[str, nn.Module] = {}
+        super().__init__(path, dtype or DTYPES[self.meta.get("dtype", "float32")], device)
+
+    def config(self):
+        return _read_config(self.folder)
+
+    def prepare(self) -> None:
+        restore(self.model, self.meta.get("activations", {}))
+
+    def expected(self, name: str) -> bool:
+        return name.rpartition(".")[0] not in self.meta["layers"] and name not in self.meta["aliases"]
+
+    def onload(self, module: nn.Module, prefix: str) -> None:
+        if not prefix:  # outside the blocks: float tensors, read as a float model's
+            return super().onload(module, prefix)
+        for name, info in self.meta["layers"].items():
+            if name.startswith(prefix):
+                local = name.removeprefix(prefix)
+                old = self.held[name] = module.get_submodule(local)
+                with safe_open(str(self.files[scales_key(name, info)]), "pt") as f:
+                    groups = f.get_slice(scales_key(name, info)).get_shape()[1]
+                module.set_submodule(local, empty_module(info, groups, old.bias is not None))
+        keys = [k for k in self.files if k.startswith(prefix)]
+        packed = tuple(n.removeprefix(prefix) + "." for n in self.meta["layers"] if n.startswith(prefix))
+        tensors = {}
+        for key, value in read_tensors(self.files, keys).items():
+            local = key.removeprefix(prefix)
+            convert = value.is_floating_point() and not local.startswith(packed)
+            tensors[local] = value.to(self.device, self.dtype if convert else None)
+        result = module.load_state_dict(tensors, strict=False, assign=True)
+        if result.missing_keys or result.unexpected_keys:
+            raise LowbitError(f"{self.folder}: block {prefix} does not match its config (missing "
+                              f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}): quantize again")
+
+    def offload(self, module: nn.Module, prefix: str) -> None:
+        for name in [n for n in self.held if n.startswith(prefix)] if prefix else []:
+            module.set_submodule(name.removeprefix(prefix), self.held.pop(name))
+        super().offload(module, prefix)
 
 
 def _base_tokenizer(base: str | None) -> PreTrainedTokenizerBase | None:

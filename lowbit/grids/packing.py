@@ -18,19 +18,32 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in ``[0, 2**bits)`` into a flat uint8 tensor."""
+    """Pack integer codes in ``[0, 2**bits)`` into a flat uint8 tensor: an LSB-first bit stream.
+
+    Works on whole words, as :func:`unpack_codes` does: 8 codes of ``bits`` bits are one integer of
+    ``8·bits ≤ 64`` bits, written as ``bits`` little-endian bytes; a million words at a time, so that
+    packing a 7B model's largest layer (45M codes) takes tens of MB beside it, not gigabytes.
+    """
     if not 1 <= bits <= 8:
         raise LowbitError(f"can only pack 1-8 bit codes, got {bits}")
-    flat = codes.reshape(-1).to(torch.int64)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    if n and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise LowbitError(f"codes out of range for {bits} bits")
-    shifts = torch.arange(bits, device=flat.device)
-    bitstream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    pad = (-bitstream.numel()) % 8
-    if pad:
-        bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=flat.device)).to(torch.int64)
-    return (bitstream.reshape(-1, 8) * weights).sum(1).to(torch.uint8)
+    out = torch.empty(-(-n // 8) * bits, dtype=torch.uint8, device=flat.device)
+    code_shifts = torch.arange(0, 8 * bits, bits, device=flat.device)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=flat.device)
+    chunk = 8 << 20  # codes per step
+    for start in range(0, n, chunk):
+        part = flat[start : start + chunk].to(torch.int64)
+        if part.numel() % 8:
+            part = torch.cat([part, part.new_zeros(8 - part.numel() % 8)])
+        # disjoint bits: the sum is their OR (the 8-bit case sets the sign bit, and masking below undoes it)
+        word = (part.view(-1, 8) << code_shifts).sum(1)
+        packed = ((word.unsqueeze(1) >> byte_shifts) & 255).to(torch.uint8).reshape(-1)
+        out[start // 8 * bits : start // 8 * bits + packed.numel()] = packed
+    size = packed_nbytes(n, bits)
+    return out if out.numel() == size else out[:size].clone()  # its own storage, not a view of a longer one
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:

@@ -67,13 +67,38 @@ def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
     except (OSError, ValueError) as exc:
         raise LowbitError(f"cannot read a model config in '{path}': {exc}") from None
     _check_causal_lm(config, str(path))
-    try:  # before the weights: a folder without a tokenizer is the commoner mistake, and the quicker to find
-        tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)  # before the weights: a folder without one is the commoner mistake, and quicker found
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval(), tok
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise LowbitError(f"'{path}' has no tokenizer that loads ({str(exc).splitlines()[0][:160]}): save the "
                           "model's tokenizer into it (tokenizer.save_pretrained)") from None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.eval(), tok
+
+
+def model_folder(ref: ModelRef) -> tuple[Path, str]:
+    """The folder of safetensors files a model is read from block by block, and the name it goes by."""
+    if ref.kind == "alias":
+        return _cached_alias(ALIASES[ref.name]), ref.name
+    if ref.kind == "local":
+        return ref.path, str(ref.path.resolve())
+    if ref.kind == "gguf":
+        return _cached_gguf(ref.path), str(ref.path.resolve())
+    if ref.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            config = AutoConfig.from_pretrained(ref.name)
+        except (OSError, ValueError) as exc:
+            raise LowbitError(f"unknown model '{ref.name}': not a local directory or a reachable Hugging Face id "
+                              f"({type(exc).__name__})") from None
+        _check_causal_lm(config, ref.name)
+        return Path(snapshot_download(ref.name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])), ref.name
+    raise LowbitError(f"'{ref.name}' is a lowbit checkpoint: it is quantized already")
 
 
 def _load_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -16,6 +16,7 @@ from typing import Literal
 from lowbit.errors import LowbitError
 from lowbit.models.aliases import ALIASES
 
+INDEX = "model.safetensors.index.json"  # which shard holds each tensor, when there are several
 CHECKPOINT_MARKER = "lowbit_config.json"
 HUB_TIMEOUT_S = 5.0
 
@@ -38,6 +39,26 @@ def looks_local(name: str) -> bool:
         return True
     first = name.split("/")[0]
     return "/" in name and Path(first).exists()
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Which file holds each tensor: the shard index when there is one, else ``model.safetensors`` (headers only)."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise LowbitError(f"{folder / INDEX} is damaged (no weight_map)") from None
+        return {k: folder / v for k, v in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise LowbitError(f"{folder} has no model.safetensors nor {INDEX}")
+    with safe_open(str(single), "numpy") as f:
+        return dict.fromkeys(f.keys(), single)
 
 
 def partial_checkpoint(path: Path) -> bool:

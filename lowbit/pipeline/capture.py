@@ -7,6 +7,8 @@ one full forward pass, and replayed with each block's new hidden states.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,39 +27,60 @@ def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Return block-0 hidden states ``(n, seq, hidden)`` and each block's extra kwargs."""
-    device = next(model.parameters()).device
+    """Return block-0 hidden states ``(n, seq, hidden)`` and each block's extra kwargs.
+
+    The blocks themselves are not run (their forward is replaced while capturing by one that records
+    what it receives), so they may be weightless, waiting to be onloaded (``models.onload``): only
+    what comes before block 0 (embeddings) needs its weights.
+    """
+    device = next(p.device for p in model.parameters() if not p.is_meta)
     block_kwargs: list[dict[str, Any]] = [{} for _ in blocks]
-
-    def record(i: int):
-        def hook(_module, args, kwargs):
-            block_kwargs[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-
-        return hook
-
-    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        model(calib[:1].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-
     captured: list[torch.Tensor] = []
+    first = True  # every block's kwargs from the first sample; block 0's input from each
 
-    def stop(_module, args, kwargs):
-        captured.append(_hidden_from(args, kwargs).detach())
-        raise _StopForward
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            if i == 0:
+                captured.append(_hidden_from(args, kwargs).detach())
+            block_kwargs[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if not first or i == len(blocks) - 1:
+                raise _StopForward
+            return _hidden_from(args, kwargs)  # what the next block receives does not matter: it only records
 
-    handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
-    try:
+        return forward
+
+    with blocks_replaced(blocks, recorder):
         for i in range(calib.shape[0]):
             try:
                 model(calib[i : i + 1].to(device), use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        handle.remove()
+            first = False
     return torch.cat(captured, dim=0), block_kwargs
+
+
+@contextmanager
+def blocks_replaced(blocks: nn.ModuleList, forward: Callable[[int], Callable]) -> Iterator[None]:
+    """Block ``i`` computes ``forward(i)`` instead of its own forward while the context lasts."""
+    for i, b in enumerate(blocks):
+        b.forward = forward(i)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+
+
+@torch.no_grad()
+def logits_after_blocks(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``ids`` given ``last``, the last block's output: the blocks (weightless, maybe)
+    pass it through, and the model's own code applies what follows them (final norm, head, soft-capping)."""
+
+    def forward(i: int):
+        return lambda *args, **kwargs: last if i == 0 else _hidden_from(args, kwargs)
+
+    with blocks_replaced(blocks, forward):
+        return model(ids, use_cache=False).logits
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -21,16 +22,17 @@ from tqdm.auto import tqdm
 
 from lowbit import faults
 from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_block, check_layout
+from lowbit.errors import LowbitError
 from lowbit.hessians import HessianAccumulator
 from lowbit.hessians.cache import HessianCache
 from lowbit.hessians.output_adaptive import output_adaptive_hessians
-from lowbit.errors import LowbitError
+from lowbit.memory import peak_memory_mb
 from lowbit.models import block_linears, find_blocks
 from lowbit.models.adapters import weights_left_in_float
-from lowbit.models.linearize import expert_linears, experts_see_every_token, linearize, router_names
 from lowbit.models.layout import block_layout
+from lowbit.models.linearize import expert_linears, experts_see_every_token, linearize, router_names
+from lowbit.models.onload import DiskModel
 from lowbit.pipeline.capture import capture_block_inputs, feed_block_until, run_block, sequential_groups
-from lowbit.memory import peak_memory_mb
 from lowbit.pipeline.report import LayerReport, QuantReport
 from lowbit.pipeline.resume import ProgressStore, fingerprint
 from lowbit.recipes import Recipe
@@ -46,14 +48,22 @@ def _apply(layer: nn.Linear, qw: QuantizedWeight) -> None:
 
 def _layer_report(name: str, block: int, w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor | None,
                   method: str, seconds: float, tokens: int | None) -> LayerReport:
-    delta = qw.weight().to(torch.float64) - w.to(torch.float64)
-    w64 = w.to(torch.float64)
-    loss = rel = None
-    if h is not None:
-        loss = proxy_loss(delta, h)
-        rel = loss / max(proxy_loss(w64, h), 1e-30)
-    rel_w = float(delta.pow(2).sum() / w64.pow(2).sum().clamp_min(1e-30))
-    return LayerReport(name, block, tuple(w.shape), qw.bits, method, loss, rel, rel_w, seconds, tokens)
+    """Errors summed in float64 over slices of rows: a 7B model's largest layer in float64 whole would take
+    three copies of 360 MB beside it."""
+    dq = qw.weight()
+    loss = ref = d2 = w2 = 0.0
+    step = max(1, (1 << 22) // max(w.shape[1], 1))  # rows per slice: 4M elements
+    for r in range(0, w.shape[0], step):
+        w64 = w[r : r + step].to(torch.float64)
+        delta = dq[r : r + step].to(torch.float64) - w64
+        if h is not None:
+            loss += proxy_loss(delta, h)
+            ref += proxy_loss(w64, h)
+        d2 += float(delta.pow(2).sum())
+        w2 += float(w64.pow(2).sum())
+    rel = loss / max(ref, 1e-30) if h is not None else None
+    return LayerReport(name, block, tuple(w.shape), qw.bits, method, loss if h is not None else None, rel,
+                       d2 / max(w2, 1e-30), seconds, tokens)
 
 
 def _round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None, recipe: Recipe,
@@ -129,6 +139,14 @@ def _quantizable(block: nn.Module, prefix: str, skip: list[re.Pattern]) -> dict[
             if n not in routers and not any(p.search(prefix + n) for p in skip)}
 
 
+class BlockSink(Protocol):
+    """Where each finished block goes when the model is not kept whole (``export.write.ShardWriter``)."""
+
+    def has(self, b: int) -> bool: ...
+
+    def write(self, b: int, block: nn.Module, weights: dict[str, QuantizedWeight], prefix: str) -> None: ...
+
+
 def quantize_model(
     model: nn.Module,
     recipe: Recipe,
@@ -138,6 +156,8 @@ def quantize_model(
     resume: bool = False,
     show_progress: bool = True,
     hessian_cache: str | Path | None = None,
+    onload: DiskModel | None = None,
+    sink: BlockSink | None = None,
 ) -> QuantReport:
     """Quantize ``model`` in place following ``recipe``; returns the per-layer report.
 
@@ -146,8 +166,16 @@ def quantize_model(
 
     ``hessian_cache``: a directory where output-adaptive Hessians are kept and looked up, so that
     recipes on the same model and calibration set run OAC's gradient pass once (``HessianCache``).
+
+    ``onload``: ``model`` is that skeleton, weightless; each block is read from disk when its turn comes
+    and given back after, once ``sink`` has its packed layers (nothing is kept on ``model.lowbit_quant``).
     """
     recipe.validate()
+    if onload is not None and (sink is None or progress_dir is None):
+        raise ValueError("onloading needs a sink for the finished blocks and a progress directory")
+    if onload is not None and recipe.needs_calibration and recipe.hessian.source == "output_adaptive":
+        raise LowbitError("output-adaptive Hessians (OAC) need the whole model's gradients: quantize without "
+                          "--onload")
     t_start = time.perf_counter()
     report = QuantReport(recipe=recipe.name)
     if replaced := linearize(model):  # Conv1D and fused experts as nn.Linear: what every stage below reads
@@ -217,7 +245,8 @@ def quantize_model(
     needs_inputs = needs_inputs and bool(todo)
     if needs_inputs:
         t0 = time.perf_counter()
-        inputs, block_kwargs = capture_block_inputs(model, blocks, calib)
+        with onload.onloaded(None) if onload is not None else nullcontext():  # the embeddings
+            inputs, block_kwargs = capture_block_inputs(model, blocks, calib)
         report.capture_seconds = time.perf_counter() - t0
         if store is not None:
             store.save_costs(capture_seconds=report.capture_seconds)
@@ -231,55 +260,64 @@ def quantize_model(
         block = blocks[b]
         prefix = f"{blocks_path}.{b}."
         layers = _quantizable(block, prefix, skip)
-        if b in done:
-            if per_block_plan:
-                plan = BlockActPlan.from_state(*store.load_activation_plan(b))
-                apply_plan(block, layouts[b], plan, model.config)
-                report.activation_quantizers += len(plan.quantizers)
-            weights, layer_reports = store.load_block(b)
-            for n, qw in weights.items():
-                _apply(layers[n], qw)
-                model.lowbit_quant[prefix + n] = qw
-            report.layers += [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in layer_reports]
-            report.resumed_blocks += 1
-            replayed = True
-        else:
-            replayed = False
-            weights = {}
-            if per_block_plan:  # before the Hessians: GPTQ sees the (smoothed, quantized) inputs it will get
-                t0 = time.perf_counter()
-                plan = calibrate_block(block, layouts[b], inputs, block_kwargs[b] if block_kwargs else None, act,
-                                       model.config, recipe.smoothing)
-                report.activation_seconds += time.perf_counter() - t0
-                report.activation_quantizers += len(plan.quantizers)
-                if store is not None:
-                    store.save_activation_plan(b, *plan.state())
-            groups = [list(layers)] if spec.method != "none" else []
-            experts = expert_linears(block) & set(layers)
-            if needs_inputs and groups:  # execution order; one pass per group when true-sequential
-                groups = _expert_groups(sequential_groups(block, layers, inputs[:1], block_kwargs[b]), experts)
-                if not recipe.pipeline.true_sequential:
-                    groups = [[n for g in groups for n in g]]
-            for group in groups:
-                group_layers = {n: layers[n] for n in group}
-                tokens: dict[str, int] = {}
-                if output_adaptive:
-                    # on the CPU when the pass was split (hessian.passes): one layer's at a time on the device
-                    hessians = {n: precomputed.pop(prefix + n).to(layers[n].weight.device) for n in group}
-                elif needs_inputs and recipe.needs_hessians:
-                    with experts_see_every_token(block, recipe.hessian.experts == "all"):
-                        hessians, tokens = _collect_hessians(block, group_layers, inputs, block_kwargs[b],
-                                                             recipe.hessian.skip_first_tokens,
-                                                             whole_block=bool(experts & set(group)))
-                else:
-                    hessians = {}
-                for n, layer in group_layers.items():
-                    qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), recipe, tokens.get(n),
-                                                    expert=n in experts)
-                    report.layers.append(layer_report)
-                    weights[n] = model.lowbit_quant[prefix + n] = qw
-        if needs_inputs and b < last_todo:
-            inputs = run_block(block, inputs, block_kwargs[b])
+        # a finished block is read from disk only when its outputs are replayed or its shard is missing
+        wanted = b not in done or (needs_inputs and b < last_todo) or (sink is not None and not sink.has(b))
+        with onload.onloaded(b) if onload is not None and wanted else nullcontext():
+            if b in done:
+                weights, layer_reports = store.load_block(b)
+                if onload is None or wanted:  # a block left weightless is not written to
+                    if per_block_plan:
+                        plan = BlockActPlan.from_state(*store.load_activation_plan(b))
+                        apply_plan(block, layouts[b], plan, model.config)
+                        report.activation_quantizers += len(plan.quantizers)
+                    for n, qw in weights.items():
+                        _apply(layers[n], qw)
+                if onload is None:
+                    model.lowbit_quant.update({prefix + n: qw for n, qw in weights.items()})
+                report.layers += [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in layer_reports]
+                report.resumed_blocks += 1
+                replayed = True
+            else:
+                replayed = False
+                weights = {}
+                if per_block_plan:  # before the Hessians: GPTQ sees the (smoothed, quantized) inputs it will get
+                    t0 = time.perf_counter()
+                    plan = calibrate_block(block, layouts[b], inputs, block_kwargs[b] if block_kwargs else None,
+                                           act, model.config, recipe.smoothing)
+                    report.activation_seconds += time.perf_counter() - t0
+                    report.activation_quantizers += len(plan.quantizers)
+                    if store is not None:
+                        store.save_activation_plan(b, *plan.state())
+                groups = [list(layers)] if spec.method != "none" else []
+                experts = expert_linears(block) & set(layers)
+                if needs_inputs and groups:  # execution order; one pass per group when true-sequential
+                    groups = _expert_groups(sequential_groups(block, layers, inputs[:1], block_kwargs[b]), experts)
+                    if not recipe.pipeline.true_sequential:
+                        groups = [[n for g in groups for n in g]]
+                for group in groups:
+                    group_layers = {n: layers[n] for n in group}
+                    tokens: dict[str, int] = {}
+                    if output_adaptive:
+                        # on the CPU when the pass was split (hessian.passes): one layer's at a time on the device
+                        hessians = {n: precomputed.pop(prefix + n).to(layers[n].weight.device) for n in group}
+                    elif needs_inputs and recipe.needs_hessians:
+                        with experts_see_every_token(block, recipe.hessian.experts == "all"):
+                            hessians, tokens = _collect_hessians(block, group_layers, inputs, block_kwargs[b],
+                                                                 recipe.hessian.skip_first_tokens,
+                                                                 whole_block=bool(experts & set(group)))
+                    else:
+                        hessians = {}
+                    for n, layer in group_layers.items():
+                        qw, layer_report = _round_layer(prefix + n, b, layer, hessians.get(n), recipe,
+                                                        tokens.get(n), expert=n in experts)
+                        report.layers.append(layer_report)
+                        weights[n] = qw
+                        if onload is None:
+                            model.lowbit_quant[prefix + n] = qw
+            if needs_inputs and b < last_todo:
+                inputs = run_block(block, inputs, block_kwargs[b])
+            if sink is not None and (not replayed or not sink.has(b)):  # before the block counts as done
+                sink.write(b, block, weights, prefix)
         seconds = time.perf_counter() - t_block
         if replayed:  # its time is the run's that quantized it, not this replay's
             replay_seconds += seconds

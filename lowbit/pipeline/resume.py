@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from lowbit.atomic import atomic_path, atomic_write_text, save_tensors
 from lowbit.errors import LowbitError, ResumeMismatch
-from lowbit.rounding import QuantizedWeight
-from lowbit.transforms.incoherence import Incoherence
 from lowbit.grids.stats import ScaleStats
+from lowbit.rounding import QuantizedWeight
 from lowbit.rounding.binary import BinaryWeight
 from lowbit.rounding.quantized import SparseOutliers
+from lowbit.transforms.incoherence import Incoherence
 from lowbit.transforms.lowrank import LowRank
 
 FIELDS = ("codes", "scale", "zero", "g_idx")

@@ -494,6 +494,13 @@ def compare_cmd(
     jobs: int = typer.Option(1, help="rows run side by side, one process each, sharing the cores' threads"),
     reuse: list[Path] = typer.Option([], "--reuse", help="an earlier report's results.json: its rows whose "
                                      "recipe and protocol are unchanged are taken from it, not run again"),
+    executor: str = typer.Option("local", help="local (processes here, --jobs at once) or ray (each row a Ray "
+                                 "task; the report directory on a file system every node sees)"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else a "
+                                              "new local cluster)"),
+    row_cpus: int = typer.Option(1, help="with --executor ray: CPUs (and threads) each row declares"),
+    row_gpus: float = typer.Option(0.0, help="with --executor ray: GPUs each row declares"),
+    row_memory: Optional[str] = typer.Option(None, help="with --executor ray: memory each row declares, e.g. 8GB"),
 ) -> None:
     """Run recipes and peers under one calibration set and protocol; write DIR/report.md and report.html."""
     from lowbit.compare import CompareConfig
@@ -507,6 +514,15 @@ def compare_cmd(
         raise LowbitError("--ppl needs at least one dataset")
     if jobs <= 0:
         raise LowbitError(f"--jobs must be a positive integer, got {jobs}")
+    if executor not in ("local", "ray"):
+        raise LowbitError(f"--executor must be local or ray, got '{executor}'")
+    if row_cpus <= 0 or row_gpus < 0:
+        raise LowbitError("--row-cpus must be a positive integer and --row-gpus not negative")
+    ray = None
+    if executor == "ray":
+        from lowbit.compare.runner import RayExecutor
+
+        ray = RayExecutor(ray_address, row_cpus, row_gpus, _size(row_memory, "--row-memory") if row_memory else None)
     check_data_available()
     if device is not None:
         _device(device)
@@ -515,7 +531,7 @@ def compare_cmd(
 
     try:
         with run_lock(report, "--report"):
-            rows = run_compare(cfg, report, jobs_at_once=jobs, reuse=reuse)
+            rows = run_compare(cfg, report, jobs_at_once=jobs, reuse=reuse, executor=ray)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; finished rows are cached in {report}: rerun the same command to continue", err=True)
         raise typer.Exit(130)

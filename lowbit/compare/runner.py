@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,15 +85,19 @@ def _resumable(run_dir: Path, key: str, quant_key: str) -> bool:
     return any((run_dir / sub).exists() for sub in ("progress", "eval"))
 
 
-def _worker_env(jobs_at_once: int) -> dict:
-    """Rows side by side share the cores: unless the user chose, each gets its share of threads."""
+def _worker_env(jobs_at_once: int, threads: int | None = None) -> dict:
+    """Rows side by side share the cores: unless the user chose, each gets its share of threads (a Ray task:
+    the CPUs it declared)."""
     env = dict(os.environ)
-    if jobs_at_once > 1 and "OMP_NUM_THREADS" not in env:
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    elif jobs_at_once > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs_at_once))
     return env
 
 
-def _run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_at_once: int = 1) -> dict:
+def _run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_at_once: int = 1,
+         threads: int | None = None) -> dict:
     from dataclasses import asdict
 
     key, quant_key = job.key(cfg.protocol()), job.key(cfg.quantization_protocol())
@@ -110,7 +115,7 @@ def _run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_a
     t0 = time.perf_counter()
     with open(run_dir / "run.log", "w") as logf:
         proc = subprocess.run([sys.executable, "-m", "lowbit.compare.worker", str(job_file)], stdout=logf,
-                              stderr=subprocess.STDOUT, env=_worker_env(jobs_at_once))
+                              stderr=subprocess.STDOUT, env=_worker_env(jobs_at_once, threads))
     result = run_dir / "result.json"
     if proc.returncode == 0 and result.exists():  # "ok", or "unavailable: why" for a peer that cannot run
         row = json.loads(result.read_text())
@@ -124,13 +129,46 @@ def _run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_a
     return {"name": job.name, "kind": job.kind, "status": f"failed: {tail[0] if tail else proc.returncode}"[:300]}
 
 
+@dataclass(frozen=True)
+class RayExecutor:
+    """Each row a Ray task with the resources it declares, on an existing cluster (``address``) or a local one.
+
+    The task runs the row's worker process on whichever machine Ray picks: the report directory must be on
+    a file system every node sees (its cache, calibration set and Hessian cache are files there).
+    """
+
+    address: str | None = None  # None: RAY_ADDRESS if set, else a new local cluster
+    cpus: int = 1  # per row: Ray's num_cpus, and the row's OMP_NUM_THREADS
+    gpus: float = 0.0  # per row: Ray's num_gpus
+    memory: int | None = None  # per row, bytes: Ray's memory resource (scheduling only)
+
+    def runner(self):
+        try:
+            import ray
+        except ImportError:
+            raise LowbitError("--executor ray needs Ray: pip install 'lowbit[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=self.address, log_to_driver=False)
+        options = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_retries": 0}
+        if self.memory:
+            options["memory"] = self.memory
+        task = ray.remote(**options)(_run)
+
+        def run(job: Job, cfg: CompareConfig, calib: Path | None, run_dir: Path, jobs_at_once: int) -> dict:
+            return ray.get(task.remote(job, cfg, calib, run_dir, jobs_at_once, self.cpus))
+
+        return run
+
+
 def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool = True,
-                jobs_at_once: int = 1, reuse: list[Path] | None = None) -> list[dict]:
+                jobs_at_once: int = 1, reuse: list[Path] | None = None, executor: RayExecutor | None = None
+                ) -> list[dict]:
     """Run (or reuse) every row, then write ``report.md``, ``report.html`` and the plots.
 
     ``jobs_at_once``: rows run side by side (one process each, sharing the cores' threads); on one
     GPU, 1. ``reuse``: earlier reports' ``results.json``; a row whose key matches one of theirs is
-    taken from there (and cached in this report directory) instead of running again.
+    taken from there (and cached in this report directory) instead of running again. ``executor``: rows
+    as Ray tasks (every row at once, as many running as the cluster's resources allow).
     """
     from lowbit.compare.report import write_report
 
@@ -138,8 +176,9 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
     jobs = plan_jobs(cfg)  # bad recipes, peers or --reuse files fail here, before the report folder is made
     earlier = _reusable(list(reuse or []))
     resolve(cfg.model)  # a mistyped model fails here, in well under a second, not in every row's process
-    report_dir = Path(report_dir)
+    report_dir = Path(report_dir).resolve() if executor is not None else Path(report_dir)  # as every node names it
     report_dir.mkdir(parents=True, exist_ok=True)
+    run_row = executor.runner() if executor is not None else _run
     handler = logging.FileHandler(report_dir / "compare.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -168,12 +207,13 @@ def run_compare(cfg: CompareConfig, report_dir: str | Path, show_progress: bool 
         def run_one(job: Job) -> dict:
             run_dir = report_dir / "runs" / job.slug
             log.info("%s: running; progress in %s", job.name, run_dir / "run.log")
-            row = _run(job, cfg, calib, run_dir, jobs_at_once)
+            row = run_row(job, cfg, calib, run_dir, jobs_at_once)
             log.info("%s: %s", job.name, row["status"])
             bar.update()
             return row
 
-        with ThreadPoolExecutor(max_workers=max(1, jobs_at_once)) as pool:  # each row is its own process
+        at_once = max(1, len(todo) if executor is not None else jobs_at_once)  # Ray schedules its own tasks
+        with ThreadPoolExecutor(max_workers=at_once) as pool:  # each row is its own process
             done = dict(zip([j.name for j in todo], pool.map(run_one, todo)))
         bar.close()
         rows = [cached.get(j.name) or done[j.name] for j in jobs]

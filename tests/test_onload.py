@@ -76,6 +76,13 @@ def test_onload_gives_the_whole_model_runs_checkpoint(model, whole, tmp_path):
     # each block's shard holds that block's tensors only
     assert all(k.startswith("model.layers.1.") for k in load_file(out / "block-00001.safetensors"))
     assert not (out / ".progress").exists()
+    # a sharded checkpoint exports as a single-file one does: the same dense tensors
+    for ckpt in (out, whole):
+        r = _cli("export", str(ckpt), str(tmp_path / f"{ckpt.name}-{ckpt.parent.name}-dense"), "--format", "dense")
+        assert r.returncode == 0, r.stderr[-2000:]
+    dense = [load_file(tmp_path / f"{c.name}-{c.parent.name}-dense" / "model.safetensors") for c in (out, whole)]
+    assert dense[0].keys() == dense[1].keys() and all(torch.equal(dense[0][k], dense[1][k]) for k in dense[0])
+    assert _cli("inspect", str(out)).returncode == 0
 
 
 @pytest.mark.parametrize("point", ["block:1", "save:tensors"])

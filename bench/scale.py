@@ -11,7 +11,7 @@ Rows are written to ``bench/results/scale-SHAPE.{json,md}`` as they land; a reru
 resumes an interrupted quantization (``--resume``). The model and checkpoints live under ``runs/scale``.
 
     OMP_NUM_THREADS=1 python bench/scale.py --shape 7b
-    OMP_NUM_THREADS=1 python bench/scale.py --shape ci --out /tmp/scale-ci.json   # the test suite's size
+    OMP_NUM_THREADS=1 python bench/scale.py --shape ci --work runs/scale-ci --out runs/scale-ci/ci.json  # the tests' size
 """
 
 from __future__ import annotations

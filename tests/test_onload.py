@@ -199,3 +199,14 @@ def test_scale_bench_holds_one_block_not_the_model(tmp_path):
         assert above < 0.5 * model_bytes
         assert row["eval_peak_mb"] * 2**20 < result["baseline_mb"] * 2**20 + 12 * block  # measured: 9
         assert row["eval_ppl_1x512"] > 1
+
+
+def test_models_whose_files_do_not_hold_linears_are_refused(tmp_path):
+    """GPT-2's Conv1D weights are stored transposed: onloading them into nn.Linear skeletons would be wrong."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lowbit.errors import LowbitError
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(tmp_path)
+    with pytest.raises(LowbitError, match="nn.Linear layers.*run without --onload"):
+        DiskModel(tmp_path)

@@ -74,7 +74,7 @@ class DiskModel:
         self.model.eval()
         if (replaced := linearize(self.model)) and self.refuse_linearized:
             raise LowbitError(f"onloading block by block needs the quantized weights to be nn.Linear layers; "
-                              f"{', '.join(replaced[:3])} are not (GPT-2 Conv1D, fused experts): quantize "
+                              f"{', '.join(replaced[:3])} are not (GPT-2 Conv1D, fused experts): run "
                               "without --onload")
         self.blocks_path, self.blocks = find_blocks(self.model)
         self.prepare()

@@ -56,16 +56,22 @@ def whole(model, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def onloaded(model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onloaded") / "ckpt"
+    r = _cli("quantize", str(model), *QUANTIZE, "--out", str(out), "--onload")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "onloading one block at a time in float32" in r.stdout
+    return out
+
+
 def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_quantized(path)[0].state_dict()
 
 
-def test_onload_gives_the_whole_model_runs_checkpoint(model, whole, tmp_path):
+def test_onload_gives_the_whole_model_runs_checkpoint(onloaded, whole, tmp_path):
     """float32 blocks read from disk one at a time: every tensor of the loaded checkpoint is the whole run's."""
-    out = tmp_path / "ckpt"
-    r = _cli("quantize", str(model), *QUANTIZE, "--out", str(out), "--onload")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "onloading one block at a time in float32" in r.stdout
+    out = onloaded
     a, b = _state(out), _state(whole)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
@@ -78,17 +84,16 @@ def test_onload_gives_the_whole_model_runs_checkpoint(model, whole, tmp_path):
     assert not (out / ".progress").exists()
     # a sharded checkpoint exports as a single-file one does: the same dense tensors
     for ckpt in (out, whole):
-        r = _cli("export", str(ckpt), str(tmp_path / f"{ckpt.name}-{ckpt.parent.name}-dense"), "--format", "dense")
+        r = _cli("export", str(ckpt), str(tmp_path / f"{ckpt.parent.name}-dense"), "--format", "dense")
         assert r.returncode == 0, r.stderr[-2000:]
-    dense = [load_file(tmp_path / f"{c.name}-{c.parent.name}-dense" / "model.safetensors") for c in (out, whole)]
+    dense = [load_file(tmp_path / f"{c.parent.name}-dense" / "model.safetensors") for c in (out, whole)]
     assert dense[0].keys() == dense[1].keys() and all(torch.equal(dense[0][k], dense[1][k]) for k in dense[0])
     assert _cli("inspect", str(out)).returncode == 0
 
 
 @pytest.mark.parametrize("point", ["block:1", "save:tensors"])
-def test_killed_onload_run_resumes_to_the_same_bytes(point, model, tmp_path):
-    reference = tmp_path / "ref"
-    assert _cli("quantize", str(model), *QUANTIZE, "--out", str(reference), "--onload").returncode == 0
+def test_killed_onload_run_resumes_to_the_same_bytes(point, model, onloaded, tmp_path):
+    reference = onloaded
     out = tmp_path / "ckpt"
     killed = _cli("quantize", str(model), *QUANTIZE, "--out", str(out), "--onload", kill_at=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

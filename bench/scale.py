@@ -104,22 +104,25 @@ def write_model(shape: str, folder: Path) -> Path:
     return folder
 
 
-def timed(args: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    """``lowbit ARGS`` under ``/usr/bin/time -v``: the result, wall seconds and peak resident MB."""
+def _time_v(argv: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """``python ARGV`` under ``/usr/bin/time -v``: the result, wall seconds and peak resident MB."""
     t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "lowbit.cli", *args], check=False,
-                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(["/usr/bin/time", "-v", sys.executable, *argv], check=False, capture_output=True, text=True,
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - t0
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
     return r, wall, int(m.group(1)) / 1024 if m else float("nan")
 
 
+def timed(args: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """``lowbit ARGS`` under ``/usr/bin/time -v``."""
+    return _time_v(["-m", "lowbit.cli", *args])
+
+
 def baseline_mb() -> float:
     """Peak resident memory of a process that imports what ``lowbit quantize`` does and holds no weight."""
-    code = "import torch, transformers, lowbit.api, lowbit.cli, lowbit.export.write, lowbit.models.onload"
-    r = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], check=False, capture_output=True,
-                       text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1)) / 1024
+    return _time_v(["-c", "import torch, transformers, lowbit.api, lowbit.cli, lowbit.export.write, "
+                          "lowbit.models.onload"])[2]
 
 
 def _bytes(path: Path) -> int:

@@ -99,13 +99,11 @@ def checkpoint_tokenizer(path: Path, meta: dict, config=None) -> PreTrainedToken
 def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Packed layers in place of the linears they replace, then every tensor of the file."""
     for name, info in meta["layers"].items():
-        old = model.get_submodule(name)
-        scales = tensors[scales_key(name, info)]
-        model.set_submodule(name, empty_module(info, scales.shape[1], old.bias is not None))
+        _put_empty(model, name, info, tensors[scales_key(name, info)].shape[1])
     restore(model, meta.get("activations", {}))
     packed = tuple(f"{name}." for name in meta["layers"])
-    convert = {k for k, v in tensors.items() if v.is_floating_point() and not k.startswith(packed) and v.dtype != dtype}
-    for key, value in tensors.items():  # float tensors in the model's dtype; packed layers keep their own
+    convert = {k for k, v in tensors.items() if _takes_model_dtype(k, v, packed) and v.dtype != dtype}
+    for key, value in tensors.items():
         # converting reads the file's pages, which stay resident while any tensor maps the file: then copy the
         # rest too, so that the mapping goes (SmolLM2 rtn-q4_0 in bfloat16: 830 -> 720 MB resident after loading)
         tensors[key] = value.to(dtype) if key in convert else value.clone() if convert else value
@@ -121,6 +119,18 @@ def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor], 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise KeyError(f"no tensor for {left[:3]}")
+
+
+def _put_empty(module: nn.Module, name: str, info: dict, groups: int) -> nn.Module:
+    """An empty packed layer, as ``info`` describes it, in place of the linear ``name``; returns that linear."""
+    old = module.get_submodule(name)
+    module.set_submodule(name, empty_module(info, groups, old.bias is not None))
+    return old
+
+
+def _takes_model_dtype(key: str, value: torch.Tensor, packed: tuple[str, ...]) -> bool:
+    """Float tensors take the model's dtype; a packed layer's (``packed``: their prefixes) keep their own."""
+    return value.is_floating_point() and not key.startswith(packed)
 
 
 class DiskCheckpoint(DiskModel):
@@ -148,18 +158,15 @@ class DiskCheckpoint(DiskModel):
             return super().onload(module, prefix)
         for name, info in self.meta["layers"].items():
             if name.startswith(prefix):
-                local = name.removeprefix(prefix)
-                old = self.held[name] = module.get_submodule(local)
                 with safe_open(str(self.files[scales_key(name, info)]), "pt") as f:
                     groups = f.get_slice(scales_key(name, info)).get_shape()[1]
-                module.set_submodule(local, empty_module(info, groups, old.bias is not None))
+                self.held[name] = _put_empty(module, name.removeprefix(prefix), info, groups)
         keys = [k for k in self.files if k.startswith(prefix)]
         packed = tuple(n.removeprefix(prefix) + "." for n in self.meta["layers"] if n.startswith(prefix))
         tensors = {}
         for key, value in read_tensors(self.files, keys).items():
             local = key.removeprefix(prefix)
-            convert = value.is_floating_point() and not local.startswith(packed)
-            tensors[local] = value.to(self.device, self.dtype if convert else None)
+            tensors[local] = value.to(self.device, self.dtype if _takes_model_dtype(local, value, packed) else None)
         result = module.load_state_dict(tensors, strict=False, assign=True)
         if result.missing_keys or result.unexpected_keys:
             raise LowbitError(f"{self.folder}: block {prefix} does not match its config (missing "

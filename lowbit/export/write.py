@@ -108,7 +108,7 @@ def _unique(state: dict[str, torch.Tensor], prefix: str = "") -> tuple[dict[str,
 
 def _write_configs(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase | None,
                    report: QuantReport | None, *, recipe: dict, dtype: torch.dtype, aliases: dict, layers: dict,
-                   activations: dict, version: int = FORMAT_VERSION) -> None:
+                   activations: dict) -> None:
     """Everything but the tensors: the configs that say how to read them, the tokenizer, the report."""
     # not the base model's config.json: plain transformers would load random weights into it (lowbit.hf)
     (out / "config.json").write_text(json.dumps(entry_config(model.config), indent=2, sort_keys=True) + "\n")
@@ -116,7 +116,7 @@ def _write_configs(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBa
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     meta = {
-        "format_version": version,
+        "format_version": FORMAT_VERSION,
         "base_model": getattr(model, "lowbit_source", None),
         "recipe": recipe,
         "dtype": str(dtype).removeprefix("torch."),

@@ -128,12 +128,10 @@ class DiskModel:
 
     def block_bytes(self) -> int:
         """The weights of the largest block, in the dtype they are onloaded in."""
-        size = torch.tensor([], dtype=self.dtype).element_size()
-        return max(sum(p.numel() for p in blk.parameters()) for blk in self.blocks) * size
+        return max(sum(p.numel() for p in blk.parameters()) for blk in self.blocks) * self.dtype.itemsize
 
     def outside_bytes(self) -> int:
-        size = torch.tensor([], dtype=self.dtype).element_size()
-        return sum(p.numel() for _, p in self.outside().named_parameters()) * size
+        return sum(p.numel() for _, p in self.outside().named_parameters()) * self.dtype.itemsize
 
     def memory_need(self, nsamples: int, seqlen: int) -> dict[str, int]:
         """What quantizing one block holds at once, in bytes, by part (an estimate from the shapes)."""
@@ -141,12 +139,11 @@ class DiskModel:
         largest = max((m.weight.numel() for m in linears), default=0)
         widest = max((m.in_features for m in linears), default=0)
         hidden = self.model.config.get_text_config().hidden_size
-        act = torch.tensor([], dtype=self.dtype).element_size()
         return {
             "block weights": self.block_bytes(),
             "one layer's rounding in float32": 3 * 4 * largest,  # weight, its copy, the update
             "one Hessian in float64": 2 * 8 * widest * widest,  # the sum and its factorisation
-            "calibration activations": 2 * nsamples * seqlen * hidden * act,  # a block's inputs and outputs
+            "calibration activations": 2 * nsamples * seqlen * hidden * self.dtype.itemsize,  # a block's inputs and outputs
             "embeddings and head": self.outside_bytes(),  # held while block 0's inputs are captured
             "torch and transformers": RUNTIME_BYTES,
         }

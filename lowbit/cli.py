@@ -523,6 +523,7 @@ def compare_cmd(
         from lowbit.compare.runner import RayExecutor
 
         ray = RayExecutor(ray_address, row_cpus, row_gpus, _size(row_memory, "--row-memory") if row_memory else None)
+        ray.check()
     check_data_available()
     if device is not None:
         _device(device)

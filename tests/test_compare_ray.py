@@ -44,7 +44,8 @@ def test_executor_flags_are_checked_in_one_line(tmp_path: Path):
 
     for extra, message in ((["--executor", "dask"], "--executor must be local or ray"),
                            (["--executor", "ray", "--row-cpus", "0"], "--row-cpus must be a positive integer"),
-                           (["--executor", "ray", "--row-memory", "lots"], "--row-memory must be a size")):
+                           (["--executor", "ray", "--row-memory", "lots"], "--row-memory must be a size"),
+                           (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers at")):
         r = subprocess.run([sys.executable, "-m", "lowbit.cli", "compare", "smollm2-135m", "--recipes", "rtn-w4",
                             "--report", str(tmp_path / "r"), *extra], capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-600:]

@@ -127,7 +127,7 @@ def test_bfloat16_files_are_onloaded_in_bfloat16(model, tmp_path):
         assert torch.allclose(q(x).logits.float(), ref(x).logits, atol=0.05, rtol=0.05)
 
 
-def test_one_line_refusals(model, tmp_path):
+def test_one_line_refusals(model, whole, tmp_path):
     out = str(tmp_path / "ckpt")
     cases = [
         (("--onload", "--max-memory", "1MB"), "one block needs about"),
@@ -141,6 +141,18 @@ def test_one_line_refusals(model, tmp_path):
         assert r.returncode != 0 and message in r.stderr, (extra, r.stderr[-800:])
         assert "Traceback" not in r.stderr
         assert not Path(out, "lowbit_config.json").exists()
+    r = _cli("quantize", str(whole), *QUANTIZE, "--out", out, "--onload")
+    assert r.returncode != 0 and "is a lowbit checkpoint: it is quantized already" in r.stderr, r.stderr[-800:]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    binary = tmp_path / "bin"  # weights as pytorch_model.bin (transformers 5 saves only safetensors)
+    float_model = AutoModelForCausalLM.from_pretrained(model)
+    float_model.config.save_pretrained(binary)
+    torch.save(float_model.state_dict(), binary / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(model).save_pretrained(binary)
+    r = _cli("quantize", str(binary), *QUANTIZE, "--out", out, "--onload")
+    assert r.returncode != 0 and "its weights must be safetensors files" in r.stderr, r.stderr[-800:]
+    assert "Traceback" not in r.stderr and not Path(out, "lowbit_config.json").exists()
     oac = _cli("quantize", str(model), "--recipe", "oac-w2", "--nsamples", "2", "--seqlen", "32", "--out", out,
                "--onload")
     assert oac.returncode != 0 and "output-adaptive Hessians (OAC) need the whole model" in oac.stderr, oac.stderr

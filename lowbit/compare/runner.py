@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -141,6 +142,17 @@ class RayExecutor:
     cpus: int = 1  # per row: Ray's num_cpus, and the row's OMP_NUM_THREADS
     gpus: float = 0.0  # per row: Ray's num_gpus
     memory: int | None = None  # per row, bytes: Ray's memory resource (scheduling only)
+
+    def check(self) -> None:
+        """A ``host:port`` that nothing answers is refused in one line (Ray itself would retry for minutes)."""
+        host, sep, port = (self.address or "").rpartition(":")
+        if not sep or not port.isdigit() or "://" in host:
+            return  # "auto", ray://…, or no address: Ray's own resolution
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise LowbitError(f"no Ray cluster answers at {self.address} ({exc.strerror or type(exc).__name__}): "
+                              "start one (ray start --head) or leave --ray-address out for a local one") from None
 
     def runner(self):
         try:

@@ -56,7 +56,7 @@ def tensor_files(folder: Path) -> dict[str, Path]:
         return {k: folder / v for k, v in weight_map.items()}
     single = folder / "model.safetensors"
     if not single.is_file():
-        raise LowbitError(f"{folder} has no model.safetensors nor {INDEX}")
+        raise LowbitError(f"{folder} has no model.safetensors nor {INDEX}: its weights must be safetensors files")
     with safe_open(str(single), "numpy") as f:
         return dict.fromkeys(f.keys(), single)
 

@@ -89,6 +89,13 @@ def test_onload_gives_the_whole_model_runs_checkpoint(onloaded, whole, tmp_path)
     dense = [load_file(tmp_path / f"{c.parent.name}-dense" / "model.safetensors") for c in (out, whole)]
     assert dense[0].keys() == dense[1].keys() and all(torch.equal(dense[0][k], dense[1][k]) for k in dense[0])
     assert _cli("inspect", str(out)).returncode == 0
+    # plain transformers (the checkpoint's own lowbit_hf entry) reads the shards: lowbit's logits exactly
+    from transformers import AutoModelForCausalLM
+
+    theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    x = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        assert torch.equal(theirs(x).logits, load_quantized(out)[0](x).logits)
 
 
 @pytest.mark.parametrize("point", ["block:1", "save:tensors"])

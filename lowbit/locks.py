@@ -25,12 +25,18 @@ def lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.lock"
 
 
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text())
-        return f"pid {info['pid']} on {info['host']} since {info['since']}: {info['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def _holder(path: Path, wait: float = 2.0) -> str:
+    """Who holds the lock, from the note it writes just after taking it (waiting a moment for that note:
+    a second run started at the same instant may look before the first has written it)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            info = json.loads(path.read_text())
+            return f"pid {info['pid']} on {info['host']} since {info['since']}: {info['command']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() > deadline:
+                return "another process"
+            time.sleep(0.05)
 
 
 @contextmanager

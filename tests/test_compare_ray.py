@@ -14,10 +14,10 @@ TIMED = {"wall_seconds", "rows_at_once", "seconds", "quant_seconds", "peak_memor
 
 
 def _measured(row: dict) -> dict:
-    """A row less what depends on the machine and the moment (times, memory, and the checkpoint folder's size,
-    whose report.json records times)."""
+    """A row less what depends on the machine and the moment (times, memory, the threads it was given, and the
+    checkpoint folder's size, whose report.json records times)."""
     return {k: v for k, v in row.items()
-            if k not in TIMED and "seconds" not in k and "memory" not in k and k != "checkpoint_mb"}
+            if k not in TIMED and "seconds" not in k and "memory" not in k and k not in ("checkpoint_mb", "threads")}
 
 
 def test_ray_rows_equal_local_process_rows(tmp_path: Path):

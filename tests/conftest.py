@@ -74,16 +74,16 @@ def tiny_family(family: str, seed: int = 0):
 
 def interrupt_rounding_in_block(monkeypatch, block: int) -> None:
     """Make the pipeline die (as Ctrl-C would) when it starts rounding a layer of ``block``."""
-    from lowbit.pipeline import driver
+    from lowbit.pipeline import stages
 
-    real_round = driver.round_weight
+    real_round = stages.round_weight
 
     def interrupted(w, h, spec, name, **kwargs):
         if f".layers.{block}." in name:
             raise KeyboardInterrupt
         return real_round(w, h, spec, name, **kwargs)
 
-    monkeypatch.setattr(driver, "round_weight", interrupted)
+    monkeypatch.setattr(stages, "round_weight", interrupted)
 
 
 def full_and_resumed(recipe, calib_ids, progress_dir, monkeypatch, layers: int = 3, block: int = 2):

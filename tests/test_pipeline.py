@@ -7,8 +7,8 @@ import torch
 import lowbit
 from lowbit.errors import ResumeMismatch
 from lowbit.models import block_linears, find_blocks, keep_first_blocks
-from lowbit.pipeline import driver, quantize_model
-from lowbit.pipeline.capture import capture_block_inputs, sequential_groups
+from lowbit.pipeline import engine, quantize_model
+from lowbit.pipeline.capture import capture_block_inputs, run_block, sequential_groups
 from lowbit.recipes import Recipe, WeightSpec
 
 from conftest import ARCHITECTURES, interrupt_rounding_in_block, tiny_llama
@@ -62,7 +62,7 @@ def test_captured_inputs_reproduce_the_model(factory, calib_ids):
     inputs, kwargs = capture_block_inputs(model, blocks, calib_ids)
     h = inputs
     for b, block in enumerate(blocks):
-        h = driver.run_block(block, h, kwargs[b])
+        h = run_block(block, h, kwargs[b])
     last = {}
     handle = blocks[-1].register_forward_hook(lambda _m, _a, out: last.update(h=out[0] if isinstance(out, tuple) else out))
     with torch.no_grad():
@@ -182,8 +182,8 @@ def test_a_finished_run_resumes_without_a_calibration_forward(tmp_path, calib_id
     first = quantize_model(full, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
 
     calls = []
-    monkeypatch.setattr(driver, "capture_block_inputs", lambda *a, **k: calls.append("capture"))
-    monkeypatch.setattr(driver, "run_block", lambda *a, **k: calls.append("run_block"))
+    monkeypatch.setattr(engine, "capture_block_inputs", lambda *a, **k: calls.append("capture"))
+    monkeypatch.setattr(engine, "run_block", lambda *a, **k: calls.append("run_block"))
     resumed = tiny_llama(layers=3)
     report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
     assert calls == [] and report.resumed_blocks == 3

@@ -1,0 +1,282 @@
+"""The stages a recipe is made of, plugged into the block engine (``pipeline.engine``).
+
+- ``ActivationPlan``: smoothing, channel reordering and static activation / KV quantizers, calibrated on
+  the block's inputs before its weights are rounded (so the Hessians see what the layers will get).
+- ``Rounding``: each layer's weights rounded by the recipe's algorithm, in execution-order groups,
+  with Hessians from one of three sources: none (RTN), each group's inputs (``LayerwiseHessians``), or
+  the output loss's gradients, computed once before any block (``OutputAdaptiveHessians``: OAC).
+
+``build_stages`` is the one place that reads which of them a recipe needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_block
+from lowbit.hessians import HessianAccumulator
+from lowbit.hessians.cache import HessianCache
+from lowbit.hessians.output_adaptive import output_adaptive_hessians
+from lowbit.models.layout import block_layout
+from lowbit.models.linearize import expert_linears, experts_see_every_token
+from lowbit.pipeline.capture import feed_block_until, sequential_groups
+from lowbit.pipeline.engine import Run, Stage, Turn
+from lowbit.pipeline.report import LayerReport
+from lowbit.recipes import Recipe
+from lowbit.rounding import QuantizedWeight, proxy_loss
+from lowbit.rounding.dispatch import round_weight
+
+log = logging.getLogger(__name__)
+
+Hessians = tuple[dict[str, torch.Tensor], dict[str, int]]  # each layer's Hessian, and the tokens it saw
+
+
+class ActivationPlan:
+    """Observe the block's activations and fold smoothing / reordering into it, before its rounding."""
+
+    def __init__(self, recipe: Recipe, layouts: list):
+        self.recipe, self.layouts = recipe, layouts
+        self.needs_inputs = recipe.activations.static or recipe.smoothing.enabled  # dynamic ones observe nothing
+
+    def prepare(self, run: Run) -> None:
+        pass
+
+    def quantize(self, run: Run, turn: Turn) -> None:
+        t0 = time.perf_counter()
+        plan = calibrate_block(turn.block, self.layouts[turn.index], run.inputs, turn.kwargs,
+                               self.recipe.activations, run.model.config, self.recipe.smoothing)
+        run.report.activation_seconds += time.perf_counter() - t0
+        run.report.activation_quantizers += len(plan.quantizers)
+        if run.store is not None:
+            run.store.save_activation_plan(turn.index, *plan.state())
+
+    def restore(self, run: Run, turn: Turn, weights: dict[str, QuantizedWeight]) -> None:
+        plan = BlockActPlan.from_state(*run.store.load_activation_plan(turn.index))
+        apply_plan(turn.block, self.layouts[turn.index], plan, run.model.config)
+        run.report.activation_quantizers += len(plan.quantizers)
+
+
+class NoHessians:
+    """RTN and friends: the weights alone."""
+
+    needs_inputs = False
+
+    def prepare(self, run: Run) -> None:
+        pass
+
+    def hessians(self, run: Run, turn: Turn, group: dict[str, nn.Linear], experts: set[str]) -> Hessians:
+        return {}, {}
+
+
+class LayerwiseHessians:
+    """``H = XᵀX`` of each layer's inputs, collected from the block's (quantized) calibration inputs."""
+
+    needs_inputs = True
+
+    def __init__(self, recipe: Recipe):
+        self.spec = recipe.hessian
+
+    def prepare(self, run: Run) -> None:
+        pass
+
+    def hessians(self, run: Run, turn: Turn, group: dict[str, nn.Linear], experts: set[str]) -> Hessians:
+        with experts_see_every_token(turn.block, self.spec.experts == "all"):
+            return collect_hessians(turn.block, group, run.inputs, turn.kwargs, self.spec.skip_first_tokens,
+                                    whole_block=bool(experts & set(group)))
+
+
+class OutputAdaptiveHessians:
+    """OAC's ``H̄`` from the full-precision model's output-loss gradients, for every layer, before any block
+    is rounded; kept in a shared cache when one is given, so that recipes on one model run the pass once."""
+
+    needs_inputs = False
+
+    def __init__(self, recipe: Recipe, cache: str | Path | None):
+        self.passes, self.cache = recipe.hessian.passes, cache
+        self.precomputed: dict[str, torch.Tensor] = {}
+
+    def prepare(self, run: Run) -> None:
+        store, report, done = run.store, run.report, run.done
+        if len(done) == len(run.blocks):  # every block stored: the pass is not needed, its cost is
+            if store is not None and "hessian_pass" in store.costs:
+                report.hessian_pass = dict(store.costs["hessian_pass"])
+                run.costs.earlier += report.hessian_pass["seconds"]
+            return
+        targets = {run.prefix(b) + n: m for b, ls in enumerate(run.quantizable) for n, m in ls.items()}
+        rounded = [run.prefix(b) + n for b in done for n in run.quantizable[b]]  # their Hessians are not needed
+        t0 = time.perf_counter()
+        cache = HessianCache(self.cache) if self.cache is not None else None
+        claim = cache.claim(cache.key(run.model, targets, run.calib)) if cache is not None else nullcontext()
+        with claim as cached:  # a cache keeps every layer's Hessian, for the next recipe that asks
+            state = cached if cache is not None else (store.hessian_state if store else None)
+            self.precomputed, report.hessian_pass = output_adaptive_hessians(
+                run.model, targets, run.calib, show_progress=run.show_progress, state=state,
+                passes=self.passes, skip=() if cache is not None else rounded)
+        if cache is not None:  # "reused": every sequence of every pass was read, none computed here
+            hp = report.hessian_pass
+            hp.update(cache=str(cached), reused=hp.get("resumed_at", 0) == run.calib.shape[0] * hp.get("passes", 1))
+        # an interrupted pass's part (a pass read whole reports its maker's time: never below zero)
+        run.costs.earlier += max(0.0, report.hessian_pass["seconds"] - (time.perf_counter() - t0))
+        if store is not None:
+            store.save_costs(hessian_pass=report.hessian_pass)
+
+    def hessians(self, run: Run, turn: Turn, group: dict[str, nn.Linear], experts: set[str]) -> Hessians:
+        # on the CPU when the pass was split (hessian.passes): one layer's at a time on the device
+        return {n: self.precomputed.pop(turn.prefix + n).to(m.weight.device) for n, m in group.items()}, {}
+
+
+class Rounding:
+    """Round the block's layers group by group (execution order when true-sequential), each group's
+    Hessians taken after the groups before it were rounded."""
+
+    def __init__(self, recipe: Recipe, source: NoHessians | LayerwiseHessians | OutputAdaptiveHessians):
+        self.recipe, self.source = recipe, source
+        self.needs_inputs = source.needs_inputs
+
+    def prepare(self, run: Run) -> None:
+        self.source.prepare(run)
+
+    def quantize(self, run: Run, turn: Turn) -> None:
+        experts = expert_linears(turn.block) & set(turn.layers)
+        for group in self._groups(run, turn, experts):
+            layers = {n: turn.layers[n] for n in group}
+            hessians, tokens = self.source.hessians(run, turn, layers, experts)
+            for n, layer in layers.items():
+                qw, layer_report = round_layer(turn.prefix + n, turn.index, layer, hessians.get(n), self.recipe,
+                                               tokens.get(n), expert=n in experts)
+                run.report.layers.append(layer_report)
+                turn.weights[n] = qw
+
+    def _groups(self, run: Run, turn: Turn, experts: set[str]) -> list[list[str]]:
+        if not self.needs_inputs:
+            return [list(turn.layers)]
+        groups = expert_groups(sequential_groups(turn.block, turn.layers, run.inputs[:1], turn.kwargs), experts)
+        return groups if self.recipe.pipeline.true_sequential else [[n for g in groups for n in g]]
+
+    def restore(self, run: Run, turn: Turn, weights: dict[str, QuantizedWeight]) -> None:
+        for n, qw in weights.items():
+            apply_weight(turn.layers[n], qw)
+
+
+def build_stages(model: nn.Module, blocks: nn.ModuleList, recipe: Recipe,
+                 hessian_cache: str | Path | None = None) -> list[Stage]:
+    """The stages ``recipe`` is made of, in the order they work on a block."""
+    stages: list[Stage] = []
+    if recipe.activations.enabled or recipe.smoothing.enabled:
+        stages.append(ActivationPlan(recipe, [block_layout(block, model.config) for block in blocks]))
+    if recipe.weights.method != "none":
+        if not recipe.needs_calibration:
+            source = NoHessians()
+        elif recipe.hessian.source == "output_adaptive":
+            source = OutputAdaptiveHessians(recipe, hessian_cache)
+        elif recipe.needs_hessians:
+            source = LayerwiseHessians(recipe)
+        else:  # calibrated for its activations (or an unwhitened low-rank branch): Hessians unused
+            source = _InputsWithoutHessians()
+        stages.append(Rounding(recipe, source))
+    return stages
+
+
+class _InputsWithoutHessians(NoHessians):
+    """A calibrated recipe whose rounding uses no Hessian still rounds in execution-order groups."""
+
+    needs_inputs = True
+
+
+def apply_weight(layer: nn.Linear, qw: QuantizedWeight) -> None:
+    """The layer computes with its quantized weights from now on (fake quantization)."""
+    layer.weight.data = qw.weight().to(layer.weight.dtype).to(layer.weight.device)
+
+
+def layer_report(name: str, block: int, w: torch.Tensor, qw: QuantizedWeight, h: torch.Tensor | None,
+                 method: str, seconds: float, tokens: int | None) -> LayerReport:
+    """Errors summed in float64 over slices of rows: a 7B model's largest layer in float64 whole would take
+    three copies of 360 MB beside it."""
+    dq = qw.weight()
+    loss = ref = d2 = w2 = 0.0
+    step = max(1, (1 << 22) // max(w.shape[1], 1))  # rows per slice: 4M elements
+    for r in range(0, w.shape[0], step):
+        w64 = w[r : r + step].to(torch.float64)
+        delta = dq[r : r + step].to(torch.float64) - w64
+        if h is not None:
+            loss += proxy_loss(delta, h)
+            ref += proxy_loss(w64, h)
+        d2 += float(delta.pow(2).sum())
+        w2 += float(w64.pow(2).sum())
+    rel = loss / max(ref, 1e-30) if h is not None else None
+    return LayerReport(name, block, tuple(w.shape), qw.bits, method, loss if h is not None else None, rel,
+                       d2 / max(w2, 1e-30), seconds, tokens)
+
+
+def round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None, recipe: Recipe,
+                tokens: int | None = None, expert: bool = False) -> tuple[QuantizedWeight, LayerReport]:
+    """Round one layer in place (fake-quant weights) and return its codes (on the host) and report.
+
+    A layer whose Hessian is empty, or an expert that fewer calibration tokens reached than it has
+    inputs (its Hessian is singular: GPTQ would fit those few tokens), is rounded with RTN on its
+    own weights, and says so."""
+    t0 = time.perf_counter()
+    spec, lowrank = recipe.weights, recipe.lowrank
+    w = layer.weight.data.clone()
+    empty = h is not None and (tokens == 0 or not torch.any(h))
+    starved = expert and tokens is not None and tokens < layer.in_features
+    if h is not None and (empty or starved):
+        why = ("saw no calibration input" if empty
+               else f"was reached by {tokens} calibration tokens, fewer than its {layer.in_features} inputs")
+        log.warning("%s %s; rounding it with RTN on its own weights", name, why)
+        h, spec = None, dataclasses.replace(spec, method="rtn")
+        lowrank = dataclasses.replace(lowrank, whiten=False)
+    qw = round_weight(w, h, spec, name=name, transform=recipe.transform, lowrank=lowrank,
+                      outliers=recipe.smoothing.outliers)
+    apply_weight(layer, qw)
+    report = layer_report(name, block, w, qw, h, spec.method, time.perf_counter() - t0, tokens)
+    return qw.cpu(), report  # codes for packing live on the host, not the GPU
+
+
+def collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: torch.Tensor, kwargs: dict,
+                     skip_first_tokens: int, whole_block: bool) -> Hessians:
+    """Each layer's Hessian and the number of tokens it saw (an expert sees only those routed to it).
+
+    ``whole_block``: run every sample through the whole block instead of stopping at the group's last
+    layer (experts: which one a sample calls last depends on its routing)."""
+    accs = {n: HessianAccumulator(m.in_features, skip_first_tokens, device=m.weight.device) for n, m in layers.items()}
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0].detach()))
+               for n, m in layers.items()]
+    try:
+        feed_block_until(block, inputs, kwargs, last=None if whole_block else list(layers.values())[-1])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.hessian() for n, a in accs.items()}, {n: a.count for n, a in accs.items()}
+
+
+def expert_groups(groups: list[list[str]], experts: set[str]) -> list[list[str]]:
+    """Every expert's ``gate_up_proj`` in one group and every ``down_proj`` in the next, where the first
+    expert was called: an expert's inputs depend only on the block's input and its own ``gate_up_proj``,
+    and which experts one sample calls (hence the order seen) depends on its routing."""
+    if not experts:
+        return groups
+    ups = sorted((n for n in experts if n.endswith("gate_up_proj")), key=_natural)
+    downs = sorted((n for n in experts if n.endswith("down_proj")), key=_natural)
+    out: list[list[str]] = []
+    for group in groups:
+        rest = [n for n in group if n not in experts]
+        if len(rest) < len(group) and ups:
+            out += [g for g in (rest, ups, downs) if g]
+            ups = downs = []
+        elif rest:
+            out.append(rest)
+    return out
+
+
+def _natural(name: str) -> list:
+    """``experts.10`` after ``experts.9``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

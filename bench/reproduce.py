@@ -57,7 +57,8 @@ def rerun(row: str) -> tuple[dict[str, float], list[str]]:
 
 
 def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip()
 
 
 def table(data: dict) -> str:

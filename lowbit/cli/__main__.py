@@ -1,0 +1,5 @@
+"""``python -m lowbit.cli``."""
+
+from lowbit.cli import main
+
+main()

@@ -29,7 +29,8 @@ def _checkpoint_log_dir(model: str) -> Optional[Path]:
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="checkpoint directory, alias, local dir, GGUF file or Hugging Face id"),
-    ppl: Optional[str] = typer.Option(None, help="wikitext2, c4, ptb or .txt / .jsonl files, comma separated (default wikitext2,c4; none with --tasks)"),
+    ppl: Optional[str] = typer.Option(None, help="wikitext2, c4, ptb or .txt / .jsonl files, comma separated "
+                                      "(default wikitext2,c4; none with --tasks)"),
     windows: Optional[int] = typer.Option(None, help="only the first N windows (default: full protocol)"),
     seqlen: int = typer.Option(2048, help="window length in tokens"),
     kl: bool = typer.Option(False, "--kl", help="also KL divergence to the unquantized base model"),
@@ -173,7 +174,8 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
             base, _ = load_model(ref_name)
             base.to(m.device)
             result["kl"] = {d: kl_divergence(m, base, tok, d, seqlen=seqlen, windows=windows,
-                                             log=logs / f"{source_label(d)}-{seqlen}{backend}.kl.json" if logs else None)
+                                             log=logs / f"{source_label(d)}-{seqlen}{backend}.kl.json"
+                                             if logs else None)
                              for d in datasets}
     if task_list:
         with phases("tasks"):

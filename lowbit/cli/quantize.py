@@ -39,7 +39,8 @@ def quantize(
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last finished block"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the lowbit checkpoint that OUT holds"),
     set_: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set weights.act_order=false"),
-    eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4 or a .txt / .jsonl file"),
+    eval_ppl: str = typer.Option("", "--eval", help="also report perplexity before/after, e.g. wikitext2,c4 or "
+                                 "a .txt / .jsonl file"),
     windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (quick protocol)"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
     hessian_cache: Optional[Path] = typer.Option(

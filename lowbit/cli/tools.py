@@ -46,8 +46,9 @@ def compare_cmd(
     check_device(device)
     cfg = CompareConfig(model=model, recipes=[r.strip() for r in recipes_.split(",") if r.strip()],
                         peers=[p.strip() for p in peers.split(",") if p.strip()], overrides=list(set_),
-                        nsamples=nsamples, calib_seqlen=seqlen, seed=seed, datasets=parse_datasets(ppl), windows=windows,
-                        eval_seqlen=eval_seqlen, kl=kl, kl_windows=kl_windows, peer_scheme=peer_scheme, device=device).validate()
+                        nsamples=nsamples, calib_seqlen=seqlen, seed=seed, datasets=parse_datasets(ppl),
+                        windows=windows, eval_seqlen=eval_seqlen, kl=kl, kl_windows=kl_windows,
+                        peer_scheme=peer_scheme, device=device).validate()
     if not cfg.datasets:
         raise LowbitError("--ppl needs at least one dataset")
     if jobs <= 0:
@@ -60,7 +61,8 @@ def compare_cmd(
     if executor == "ray":
         from lowbit.compare.runner import RayExecutor
 
-        ray = RayExecutor(ray_address, row_cpus, row_gpus, parse_size(row_memory, "--row-memory") if row_memory else None)
+        memory = parse_size(row_memory, "--row-memory") if row_memory else None
+        ray = RayExecutor(ray_address, row_cpus, row_gpus, memory)
         ray.check()
     check_data_available()
     if device is not None:

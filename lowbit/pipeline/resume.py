@@ -98,12 +98,14 @@ class ProgressStore:
         binary = {name: qw for name, qw in weights.items() if isinstance(qw, BinaryWeight)}
         weights = {name: qw for name, qw in weights.items() if name not in binary}
         tensors = {f"{name}.{f}": getattr(qw, f).contiguous() for name, qw in weights.items() for f in FIELDS}
-        tensors.update({f"{name}.{f}": getattr(qw, f).contiguous() for name, qw in binary.items() for f in BINARY_FIELDS})
+        tensors.update({f"{name}.{f}": getattr(qw, f).contiguous()
+                        for name, qw in binary.items() for f in BINARY_FIELDS})
         tensors.update({f"{name}.in_scale": qw.transform.in_scale.contiguous()
                         for name, qw in weights.items() if qw.transform is not None})
         for name, qw in weights.items():
             if qw.lowrank is not None:
-                tensors[f"{name}.lowrank_a"], tensors[f"{name}.lowrank_b"] = qw.lowrank.a.contiguous(), qw.lowrank.b.contiguous()
+                tensors[f"{name}.lowrank_a"] = qw.lowrank.a.contiguous()
+                tensors[f"{name}.lowrank_b"] = qw.lowrank.b.contiguous()
             if qw.sparse is not None:
                 tensors[f"{name}.outlier_index"] = qw.sparse.index.contiguous()
                 tensors[f"{name}.outlier_value"] = qw.sparse.values.contiguous()

@@ -35,7 +35,8 @@ def main() -> None:
     extra = run_peer("autoround", model, tok, calib, WeightScheme.parse(args.scheme), Path(tempfile.mkdtemp()))
     row = {"scheme": args.scheme, "iters": os.environ.get(AUTOROUND_ITERS_ENV), "seconds": time.perf_counter() - t0,
            "threads": torch.get_num_threads(), **{k: v for k, v in extra.items() if not isinstance(v, (list, dict))}}
-    print(f"{'scheme':8s} {'iters':>6s} {'seconds':>9s}\n{row['scheme']:8s} {str(row['iters']):>6s} {row['seconds']:9.1f}")
+    print(f"{'scheme':8s} {'iters':>6s} {'seconds':>9s}\n"
+          f"{row['scheme']:8s} {str(row['iters']):>6s} {row['seconds']:9.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=1))
 

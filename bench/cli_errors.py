@@ -56,8 +56,8 @@ def main() -> None:
                      "wall_s_max": max(r[0] for r in runs), "cpu_s_median": statistics.median(r[1] for r in runs)})
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     lines = ["| command | exit | wall s (median) | wall s (max) | CPU s (median) |", "|---|---|---|---|---|"]
-    lines += [f"| `lowbit {' '.join(r['args'])}` | {r['exit_code']} | {r['wall_s_median']:.2f} | {r['wall_s_max']:.2f} | "
-              f"{r['cpu_s_median']:.2f} |" for r in rows]
+    lines += [f"| `lowbit {' '.join(r['args'])}` | {r['exit_code']} | {r['wall_s_median']:.2f} | "
+              f"{r['wall_s_max']:.2f} | {r['cpu_s_median']:.2f} |" for r in rows]
     slowest = max(r["wall_s_max"] for r in rows)
     lines += ["", f"{len(rows)} commands × {args.runs} runs; slowest run {slowest:.2f} s; largest process "
               f"{peak:.0f} MB resident; {os.cpu_count()} CPUs, Python {platform.python_version()}"]

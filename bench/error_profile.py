@@ -50,7 +50,8 @@ def main() -> None:
     for b, block in enumerate(blocks):
         seen: dict[str, list[torch.Tensor]] = defaultdict(list)
         linears = block_linears(block)
-        handles = [m.register_forward_pre_hook(lambda _m, a, n=n, seen=seen: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+        handles = [m.register_forward_pre_hook(lambda _m, a, n=n, seen=seen:
+                                               seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
                    for n, m in linears.items()]
         with torch.no_grad():
             outputs = run_block(block, inputs, kwargs[b])
@@ -92,7 +93,8 @@ def plot(rows: list[dict], args, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = sorted({r["layer"].split(".")[-1] for r in rows}, key=lambda k: [r["layer"].split(".")[-1] for r in rows].index(k))
+    kinds = sorted({r["layer"].split(".")[-1] for r in rows},
+                   key=lambda k: [r["layer"].split(".")[-1] for r in rows].index(k))
     panels = [("weight_only", f"RTN W{args.bits}"), ("w_a", f"W{args.bits}A{args.a_bits} (per-token)"),
               ("w_a_lowrank", f"W{args.bits}A{args.a_bits} + whitened rank {args.rank}")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)

@@ -79,7 +79,8 @@ def main() -> None:
     print(f"{'row':20s} {'WikiText-2':>11s} {'C4':>10s} {'KL':>7s} {'first 8':>19s} {'quant s':>8s} {'peak MB':>8s}")
     for r in rows:
         print(f"{r['row']:20s} {r['wikitext2']:11.3f} {r['c4']:10.3f} {r['kl']:7.3f} "
-              f"{r['first8'][0]:9.3f}/{r['first8'][1]:<9.3f} {r['quant_seconds'] or 0:8.0f} {r['peak_memory_mb'] or 0:8.0f}")
+              f"{r['first8'][0]:9.3f}/{r['first8'][1]:<9.3f} {r['quant_seconds'] or 0:8.0f} "
+              f"{r['peak_memory_mb'] or 0:8.0f}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

@@ -57,7 +57,8 @@ def main() -> None:
     def both(wd, hd, qw, grid, passes, order=None):
         a, b = old(wd, hd, qw, grid, passes, order=order), new(wd, hd, qw, grid, passes, order=order)
         loss_a, loss_b = (proxy_loss(x.dequantize().double() - wd, hd) for x in (a, b))
-        layers.append({"codes_differ": float((a.codes != b.codes).float().mean()), "loss_new_over_old": loss_b / loss_a})
+        layers.append({"codes_differ": float((a.codes != b.codes).float().mean()),
+                       "loss_new_over_old": loss_b / loss_a})
         return a
 
     dispatch.greedy_refine = both

@@ -109,8 +109,8 @@ def main() -> None:
         if args.mu:
             row.update(_mu(w, h, n))
         rows.append(row)
-        print(f"{n:18s}{row['rtn_rel_output_error']:12.2e}" + "".join(f"{row[v]:>{max(len(v) + 1, 10)}.3f}" for v in variants),
-              flush=True)
+        print(f"{n:18s}{row['rtn_rel_output_error']:12.2e}"
+              + "".join(f"{row[v]:>{max(len(v) + 1, 10)}.3f}" for v in variants), flush=True)
     if args.mu:
         keys = [k for k in rows[0] if k.startswith("mu_")]
         print(f"{'layer':18s}" + "".join(f"{k:>16s}" for k in keys))

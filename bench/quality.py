@@ -21,12 +21,12 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
     """Quantize (unless ``fp``) and evaluate in this process; returns one result row."""
     import dataclasses
 
+    import torch
+
     import lowbit
     from lowbit.memory import peak_memory_mb
     from lowbit.recipes import apply_overrides
     from lowbit.rounding import effective_bits
-
-    import torch
 
     model, tok = lowbit.load_model(args.model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,8 +38,9 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
         rec.validate()
         t0 = time.perf_counter()
         _, report = lowbit.quantize(model, rec, tokenizer=tok, show_progress=False)
-        row.update(quant_seconds=time.perf_counter() - t0, quant_peak_memory_mb=report.peak_memory_mb, nsamples=rec.calibration.nsamples,
-                   calib_seqlen=rec.calibration.seqlen, bits=rec.weights.bits, group_size=rec.weights.group_size,
+        row.update(quant_seconds=time.perf_counter() - t0, quant_peak_memory_mb=report.peak_memory_mb,
+                   nsamples=rec.calibration.nsamples, calib_seqlen=rec.calibration.seqlen, bits=rec.weights.bits,
+                   group_size=rec.weights.group_size,
                    mean_rel_output_error=_mean([r.rel_output_error for r in report.layers]),
                    effective_bits=effective_bits(model.lowbit_quant) if model.lowbit_quant else None,
                    hessian_pass=report.hessian_pass, a_bits=rec.activations.bits, kv_bits=rec.activations.kv_bits,
@@ -111,7 +112,8 @@ def _print(rows, args, header):
             continue
         bits = f"{r['effective_bits']:7.3f}" if r.get("effective_bits") is not None else f"{'-':>7s}"
         print(f"{r['recipe']:16s}{bits}" + "".join(f"{r[d]:11.3f}" for d in ds)
-              + f"{r.get('quant_seconds', 0):9.1f}{r.get('quant_peak_memory_mb', r['peak_memory_mb']):9.0f}", flush=True)
+              + f"{r.get('quant_seconds', 0):9.1f}{r.get('quant_peak_memory_mb', r['peak_memory_mb']):9.0f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -148,8 +148,8 @@ def _ensure_checkpoints() -> None:
                             *[a for s in sets for a in ("--set", s)], "--out", str(RUNS / name),
                             "--nsamples", "4", "--seqlen", "512"], cwd=REPO, check=True)
     if not (RUNS / "rtn-q4_0-gguf").exists():
-        subprocess.run([sys.executable, "-m", "lowbit.cli", "export", str(RUNS / "rtn-q4_0"), str(RUNS / "rtn-q4_0-gguf"),
-                        "--format", "gguf"], cwd=REPO, check=True)
+        subprocess.run([sys.executable, "-m", "lowbit.cli", "export", str(RUNS / "rtn-q4_0"),
+                        str(RUNS / "rtn-q4_0-gguf"), "--format", "gguf"], cwd=REPO, check=True)
 
 
 def _table(rows: list[dict]) -> str:

@@ -11,7 +11,8 @@ Rows are written to ``bench/results/scale-SHAPE.{json,md}`` as they land; a reru
 resumes an interrupted quantization (``--resume``). The model and checkpoints live under ``runs/scale``.
 
     OMP_NUM_THREADS=1 python bench/scale.py --shape 7b
-    OMP_NUM_THREADS=1 python bench/scale.py --shape ci --work runs/scale-ci --out runs/scale-ci/ci.json  # the tests' size
+    # the tests' size
+    OMP_NUM_THREADS=1 python bench/scale.py --shape ci --work runs/scale-ci --out runs/scale-ci/ci.json
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def _config(shape: str):
 
     hidden, blocks, inter, heads, kv, vocab = SHAPES[shape]
     return LlamaConfig(hidden_size=hidden, num_hidden_layers=blocks, intermediate_size=inter, num_attention_heads=heads,
-                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
-                       bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
 
 
 def _tokenizer(vocab: int):
@@ -154,11 +155,12 @@ def run_row(model: Path, recipe: str, ckpt: Path) -> dict:
 def _table(result: dict) -> str:
     m = result["model"]
     lines = [f"# Block-by-block quantization at the {result['shape']} shape (random bfloat16 weights)", "",
-             f"Model: hidden {m['hidden']}, {m['blocks']} blocks, intermediate {m['intermediate']}, vocab {m['vocab']}; "
-             f"{m['params'] / 1e9:.2f}B parameters, {m['bytes'] / 2**30:.2f} GB of bfloat16 in safetensors shards; one "
-             f"block {m['block_bytes'] / 2**20:.0f} MB. Calibration {NSAMPLES} x {SEQLEN} tokens of C4; evaluation: one "
-             f"{SEQLEN}-token WikiText-2 window, block by block. Machine: {result['machine']}. A process that only "
-             f"imports torch, transformers and lowbit peaks at {result['baseline_mb']} MB.", "",
+             f"Model: hidden {m['hidden']}, {m['blocks']} blocks, intermediate {m['intermediate']}, "
+             f"vocab {m['vocab']}; {m['params'] / 1e9:.2f}B parameters, {m['bytes'] / 2**30:.2f} GB of bfloat16 in "
+             f"safetensors shards; one block {m['block_bytes'] / 2**20:.0f} MB. Calibration {NSAMPLES} x {SEQLEN} "
+             f"tokens of C4; evaluation: one {SEQLEN}-token WikiText-2 window, block by block. "
+             f"Machine: {result['machine']}. A process that only imports torch, transformers and lowbit peaks at "
+             f"{result['baseline_mb']} MB.", "",
              "| recipe | peak RSS (MB) | peak / model | wall (s) | s per block (mean / max) | written (MB) "
              "| eval peak (MB) | eval (s) | ppl of the window |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -39,7 +39,8 @@ def main() -> None:
     if args.quick:
         quick = {r["name"]: r.get("perplexity", {}) for r in json.loads(args.quick.read_text())["rows"]}
     rows = []
-    print(f"{'row':16s} {'dataset':10s} {'first ' + str(args.windows):>10s} {'quick':>10s} {'logged':>10s} {'windows':>8s}")
+    print(f"{'row':16s} {'dataset':10s} {'first ' + str(args.windows):>10s} {'quick':>10s} {'logged':>10s} "
+          f"{'windows':>8s}")
     for log in sorted(args.report.glob("runs/*/eval/*.nll.json")):
         run = log.parent.parent
         job = run / "job.json"
@@ -52,7 +53,8 @@ def main() -> None:
         q = quick.get(name, {}).get(dataset)
         rows.append({"row": name, "dataset": dataset, "first_windows": args.windows, "ppl_first": first,
                      "ppl_quick": q, "ppl_logged": logged, "windows_logged": count})
-        print(f"{name:16s} {dataset:10s} {first:10.3f} {q if q is not None else float('nan'):10.3f} {logged:10.3f} {count:8d}")
+        print(f"{name:16s} {dataset:10s} {first:10.3f} {q if q is not None else float('nan'):10.3f} "
+              f"{logged:10.3f} {count:8d}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"report": str(args.report), "windows": args.windows, "rows": rows}, indent=1))
 

@@ -48,7 +48,8 @@ def test_whitened_truncation_is_optimal_for_the_output_error(rank):
     assert _output_error(e, white, x) == pytest.approx(expected, rel=1e-8)
     assert _output_error(e, white, x) <= _output_error(e, plain, x)
     # and plain SVD is the optimum of the unweighted error instead
-    assert float(torch.linalg.matrix_norm(e - plain.a @ plain.b)) <= float(torch.linalg.matrix_norm(e - white.a @ white.b)) + 1e-9
+    assert (float(torch.linalg.matrix_norm(e - plain.a @ plain.b))
+            <= float(torch.linalg.matrix_norm(e - white.a @ white.b)) + 1e-9)
 
 
 def test_float16_factors_stay_close_to_the_float64_optimum():
@@ -92,7 +93,8 @@ def test_smoothing_every_site_preserves_the_function(arch, calib_ids):
         _, blocks = find_blocks(model)
         inputs, kwargs = capture_block_inputs(model, blocks, calib_ids)
         for b, block in enumerate(blocks):
-            plan = calibrate_block(block, block_layout(block, model.config), inputs, kwargs[b], spec, model.config, smoothing)
+            plan = calibrate_block(block, block_layout(block, model.config), inputs, kwargs[b], spec, model.config,
+                                   smoothing)
             assert set(plan.scales) == set(smoothing.sites) and not plan.quantizers
             inputs = run_block(block, inputs, kwargs[b])
         out = model(ids).logits

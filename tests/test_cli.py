@@ -13,7 +13,8 @@ def _lowbit(*args, timeout=120):
 
 BAD_INPUTS = [
     (["quantize", "smollm2-135m", "--recipe", "gptq-w9", "--out", "x"], "unknown recipe 'gptq-w9'"),
-    (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--nsamples", "0"], "nsamples must be a positive"),
+    (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--nsamples", "0"],
+     "nsamples must be a positive"),
     (["quantize", "smollm2-135m", "--recipe", "gptq-w4", "--out", "x", "--eval", "ptx"], "unknown dataset 'ptx'"),
     (["eval", "smollm2-135m", "--windows", "0"], "--windows must be a positive integer"),
     (["eval", "./no/such/dir"], "model path './no/such/dir' does not exist"),
@@ -108,7 +109,8 @@ def test_bad_recipe_file_key(tmp_path):
 
 def test_unknown_model_name(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", "no-such-model-xyz", "--windows", "1"],
-                       capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                       capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "unknown model 'no-such-model-xyz'" in r.stderr, r.stderr
 
 

@@ -97,7 +97,8 @@ def test_rerun_reuses_cache_and_a_changed_recipe_reruns(compared, tiny_dir):
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")
               if json.loads(p.read_text())["name"] in ok}
     again = run_compare(_config(tiny_dir), out, show_progress=False)
-    assert [r["perplexity"] for r in again if r["status"] == "ok"] == [r["perplexity"] for r in rows if r["status"] == "ok"]
+    assert ([r["perplexity"] for r in again if r["status"] == "ok"]
+            == [r["perplexity"] for r in rows if r["status"] == "ok"])
     log = (out / "compare.log").read_text()
     assert log.count("reusing the cached result") >= 3  # fp, rtn-w4, gptq-w4 (hqq too when installed)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
@@ -106,7 +107,8 @@ def test_rerun_reuses_cache_and_a_changed_recipe_reruns(compared, tiny_dir):
     gptq = next(r for r in changed if r["name"] == "gptq-w4")
     assert gptq["group_size"] == 32 and gptq["effective_bits"] > rows[2]["effective_bits"]
     assert (out / "runs" / "fp" / "result.json").stat().st_mtime_ns == mtimes[out / "runs" / "fp" / "result.json"]
-    assert (out / "runs" / "gptq-w4" / "result.json").stat().st_mtime_ns != mtimes[out / "runs" / "gptq-w4" / "result.json"]
+    assert ((out / "runs" / "gptq-w4" / "result.json").stat().st_mtime_ns
+            != mtimes[out / "runs" / "gptq-w4" / "result.json"])
     # only the evaluation changes: the recipe's stored blocks are evaluated again, not re-quantized
     fewer = run_compare(_config(tiny_dir, peers=[], overrides=["weights.group_size=32"], windows=1), out,
                         show_progress=False)
@@ -126,7 +128,8 @@ def test_rows_of_an_earlier_report_seed_a_new_one_only_where_the_key_holds(tiny_
     assert sorted(p.name for p in (fresh / "runs" / "gptq-w4").iterdir()) == ["result.json"]  # nothing ran
     assert (tmp_path / "first" / "calibration.pt").exists() and not (fresh / "calibration.pt").exists()  # nor loaded
     # a changed recipe is not taken from the earlier report: it runs, and its key is its own
-    changed = run_compare(_config(tiny_dir, recipes=["gptq-w4"], peers=[], windows=1, overrides=["weights.group_size=32"]),
+    changed = run_compare(_config(tiny_dir, recipes=["gptq-w4"], peers=[], windows=1,
+                                  overrides=["weights.group_size=32"]),
                           tmp_path / "changed", show_progress=False, reuse=[tmp_path / "first" / "results.json"])
     assert changed[1]["group_size"] == 32 and changed[1]["key"] != rows[1]["key"]
     assert (tmp_path / "changed" / "compare.log").read_text().count("reusing its row of an earlier report") == 1  # fp
@@ -140,7 +143,8 @@ def test_output_adaptive_rows_run_one_gradient_pass_between_them(tiny_dir, tmp_p
     passes = {r["name"]: r["hessian_pass"] for r in rows if r["kind"] == "recipe"}
     assert all(r["status"] == "ok" for r in rows)
     assert sorted(p["reused"] for p in passes.values()) == [False, True]
-    assert len({p["cache"] for p in passes.values()}) == 1 and len(list((tmp_path / "hessians").glob("*.safetensors"))) == 1
+    assert (len({p["cache"] for p in passes.values()}) == 1
+            and len(list((tmp_path / "hessians").glob("*.safetensors"))) == 1)
 
 
 @needs_data
@@ -338,7 +342,8 @@ metric_list:
 """
 DOCS = [{"question": "What is the capital of France?", "choices": ["Paris", "Berlin", "Rome"], "answer": 0},
         {"question": "How many legs does a spider have?", "choices": ["six", "eight"], "answer": 1},
-        {"question": "Which planet is closest to the Sun?", "choices": ["Mercury", "Venus", "Mars", "Earth"], "answer": 0}]
+        {"question": "Which planet is closest to the Sun?", "choices": ["Mercury", "Venus", "Mars", "Earth"],
+         "answer": 0}]
 
 
 @torch.no_grad()
@@ -379,7 +384,8 @@ def test_harness_scores_a_local_task_with_the_models_own_loglikelihoods(tmp_path
 def test_eval_cli_checks_tasks_before_loading_the_model(tmp_path):
     """A bad task name or folder is reported first (the model name here does not even exist)."""
     pytest.importorskip("lm_eval")
-    for args, msg in ((["--tasks", "no_such_task_xyz", "--task-path", str(tmp_path)], "unknown task(s) no_such_task_xyz"),
+    for args, msg in ((["--tasks", "no_such_task_xyz", "--task-path", str(tmp_path)],
+                       "unknown task(s) no_such_task_xyz"),
                       (["--tasks", "arc_easy", "--task-path", str(tmp_path / "missing")], "is not a directory")):
         r = subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", "no-such-model-xyz", *args],
                            capture_output=True, text=True, timeout=300)
@@ -401,7 +407,8 @@ def test_a_peer_whose_package_is_missing_is_unavailable_before_it_runs(monkeypat
 
 
 @pytest.mark.skipif(not os.environ.get("LOWBIT_LLMCOMPRESSOR_PYTHON"),
-                    reason="needs LOWBIT_LLMCOMPRESSOR_PYTHON: a Python with llmcompressor (it pins an older transformers)")
+                    reason="needs LOWBIT_LLMCOMPRESSOR_PYTHON: a Python with llmcompressor "
+                           "(it pins an older transformers)")
 @pytest.mark.parametrize("variant", ["llmcompressor-gptq", "llmcompressor-rtn", "llmcompressor-quip"])
 def test_llmcompressor_peer_runs_in_its_own_environment(variant, tiny_dir, tmp_path):
     """The peer's effective weights come back on its grid (GPTQ/RTN: at most 2^bits levels per group;
@@ -465,7 +472,8 @@ def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_p
     state = tmp_path / "killed/progress/autoround"
     assert (state / "blocks/model.layers.0.safetensors").exists()
     tuned, heard = [], []
-    monkeypatch.setattr(ResumeState, "mark_block_done", lambda self, name, *a: (tuned.append(name), mark(self, name, *a)))
+    monkeypatch.setattr(ResumeState, "mark_block_done",
+                        lambda self, name, *a: (tuned.append(name), mark(self, name, *a)))
     listener = logging.Handler()
     listener.emit = lambda record: heard.append(record.getMessage())
     logging.getLogger("autoround").addHandler(listener)  # auto-round's logger does not propagate
@@ -494,7 +502,8 @@ def test_autoround_peer_resumes_a_killed_run_to_the_same_weights(tiny_dir, tmp_p
     (chain,) = (tmp_path / "cut/progress/autoround/auto-round/group_0").glob("resume_input_ids_*.pt")
     chain.write_bytes(chain.read_bytes()[:100])
     tuned.clear()
-    monkeypatch.setattr(ResumeState, "mark_block_done", lambda self, name, *a: (tuned.append(name), mark(self, name, *a)))
+    monkeypatch.setattr(ResumeState, "mark_block_done",
+                        lambda self, name, *a: (tuned.append(name), mark(self, name, *a)))
     afresh = weights(tmp_path / "cut")
     assert tuned == ["model.layers.0", "model.layers.1"] and extras[-1]["earlier_seconds"] == 0.0
     assert all(torch.equal(whole[n], afresh[n]) for n in whole)

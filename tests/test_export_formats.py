@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 import lowbit
 from lowbit.errors import LowbitError
@@ -26,8 +27,8 @@ from lowbit.grids.packing import pack_rows_int32, unpack_rows_int32
 from lowbit.recipes import apply_overrides
 
 ct = pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+# below the importorskip on purpose: without compressed-tensors the module is skipped, not an import error
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32  # noqa: E402
 
 
 def _checkpoint(tmp_path, recipe: str, sets: list[str], calib=None, name: str = "ckpt"):
@@ -263,7 +264,8 @@ def test_gguf_refusals_are_one_line(tmp_path, calib_ids):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def test_export_cli_writes_and_refuses_in_one_line(tmp_path):

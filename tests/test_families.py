@@ -151,7 +151,8 @@ def test_experts_calibration_barely_reaches_fall_back_to_rtn_and_say_so(family, 
 
     model, recipe = tiny_family(family), _recipe("gptq")
     linearize(model)
-    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if ".experts." in n and hasattr(m, "weight")}
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules()
+               if ".experts." in n and hasattr(m, "weight")}
     with caplog.at_level(logging.WARNING, logger="lowbit.pipeline.stages"):
         _, report = lowbit.quantize(model, recipe, calib, show_progress=False)
     experts = [r for r in report.layers if ".experts." in r.name]

@@ -12,7 +12,8 @@ from lowbit.rounding import gptq_quantize, proxy_loss, rtn_quantize
 
 def _problem(rows=24, cols=80, seed=0, tokens=400):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, cols, generator=g, dtype=torch.float64) @ torch.randn(cols, cols, generator=g, dtype=torch.float64) * 0.3
+    x = (torch.randn(tokens, cols, generator=g, dtype=torch.float64)
+         @ torch.randn(cols, cols, generator=g, dtype=torch.float64) * 0.3)
     h = 2 * x.T @ x / tokens
     w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     return w, h

@@ -80,7 +80,8 @@ def test_clip_search_picks_the_best_shrink_factor_by_brute_force():
         best_err, best_scale = None, None
         for i in range(0, 80):
             s = 1 - i / 100
-            p = plain.range_params(s * torch.clamp(row.min(1).values, max=0).float(), s * torch.clamp(row.max(1).values, min=0).float())
+            p = plain.range_params(s * torch.clamp(row.min(1).values, max=0).float(),
+                                   s * torch.clamp(row.max(1).values, min=0).float())
             err = (plain.quantize_dequantize(row.float(), p.scale, p.zero) - row.float()).abs().pow(2.4).sum().item()
             if best_err is None or err < best_err:
                 best_err, best_scale = err, p.scale.item()
@@ -101,7 +102,8 @@ def test_clip_search_in_row_chunks_equals_all_at_once(monkeypatch):
     assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.zero, chunked.zero)
 
 
-@pytest.mark.parametrize("cols,group_size,permuted", [(96, None, False), (96, 32, False), (96, 32, True), (100, 32, False)])
+@pytest.mark.parametrize("cols,group_size,permuted",
+                         [(96, None, False), (96, 32, False), (96, 32, True), (100, 32, False)])
 def test_dequantize_equals_the_gathered_formula_bit_for_bit(cols, group_size, permuted):
     """Natural groups broadcast their scale and zero, others gather them: the same floats as
     ``scale[:, g]·(codes − zero[:, g])`` either way (per channel, equal runs, act-order, smaller last group)."""

@@ -3,8 +3,8 @@ model and calibration set, the same codes as a run without the cache, its own ke
 
 import pytest
 import torch
-
 from conftest import tiny_llama
+
 from lowbit.hessians import output_adaptive as oac
 from lowbit.hessians.cache import HessianCache
 from lowbit.models import block_linears, find_blocks

@@ -117,7 +117,8 @@ CASES = [
          "--windows must be a positive integer"),
     Case("device-unknown", (*Q, "rtn-w4", "--out", "o", "--device", "tpu9"), "unknown device 'tpu9'"),
     Case("set-act-bits", (*Q, "rptq-w4a4", "--out", "o", "--set", "activations.bits=9"), "activations.bits must be"),
-    Case("set-energy-and-rank", (*Q, "aser-w4a8", "--out", "o", "--set", "lowrank.energy=0.9"), "either rank or energy"),
+    Case("set-energy-and-rank", (*Q, "aser-w4a8", "--out", "o", "--set", "lowrank.energy=0.9"),
+         "either rank or energy"),
     Case("set-unknown-key", (*Q, "rptq-w4a4", "--out", "o", "--set", "activations.cluster=4"),
          "unknown recipe key 'cluster' in activations"),
     Case("set-inf", (*Q, "gptq-w4", "--out", "o", "--set", "weights.damp=.inf"), "weights.damp must be a number"),
@@ -133,11 +134,13 @@ CASES = [
     Case("set-skip-not-list", (*Q, "gptq-w4", "--out", "o", "--set", "pipeline.skip=mlp"), "pipeline.skip must be"),
     Case("recipe-file-bad-yaml", (*Q, "r.yaml", "--out", "o"), "cannot parse recipe file",
          _write("r.yaml", "weights: {bits: 4\n")),
-    Case("recipe-file-binary", (*Q, "r.yaml", "--out", "o"), "is not UTF-8 text", _write("r.yaml", b"\xff\xfe\x00\x01")),
+    Case("recipe-file-binary", (*Q, "r.yaml", "--out", "o"), "is not UTF-8 text",
+         _write("r.yaml", b"\xff\xfe\x00\x01")),
     Case("recipe-file-list", (*Q, "r.yaml", "--out", "o"), "must hold a mapping", _write("r.yaml", "- a\n- b\n")),
     Case("recipe-file-unknown-key", (*Q, "r.yaml", "--out", "o"), "unknown recipe key 'groupsize'",
          _write("r.yaml", "weights: {bits: 4, groupsize: 128}\n")),
-    Case("recipe-file-inf", (*Q, "r.yaml", "--out", "o"), "must be a number", _write("r.yaml", "weights: {damp: .inf}\n")),
+    Case("recipe-file-inf", (*Q, "r.yaml", "--out", "o"), "must be a number",
+         _write("r.yaml", "weights: {damp: .inf}\n")),
     Case("recipe-file-huge-nsamples", (*Q, "r.yaml", "--out", "o"), "at most 100000",
          _write("r.yaml", "calibration: {nsamples: 1000000000}\n")),
     Case("eval-seqlen-one", ("eval", "./model", "--seqlen", "1"), "--seqlen must be an integer from 2"),
@@ -350,7 +353,8 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny, small_disk):
 def test_read_only_disk_is_refused_before_the_model_loads(tmp_path):
     mount = tmp_path / "ro"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
         code = ("import sys\nfrom lowbit import cli\nsys.argv = ['lowbit', 'quantize', 'smollm2-135m', '--recipe', "

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 import lowbit
 from lowbit.runtime import KeptWeight, keep_dequantized
-
-from conftest import tiny_llama
 
 
 @pytest.mark.parametrize("preset", ["gptq-w3g128", "spqr-w2", "billm-w1", "quip-w2", "aser-w4a8"])

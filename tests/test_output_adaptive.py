@@ -3,8 +3,8 @@
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, tiny_llama
+
 from lowbit.export import load_quantized, save
 from lowbit.hessians.output_adaptive import StoredHessians, output_adaptive_hessians, split_layers
 from lowbit.models import block_linears, find_blocks
@@ -97,8 +97,8 @@ def test_the_pass_leaves_the_model_untouched(calib_ids):
 
 @pytest.mark.parametrize("method,transform", [("gptq", "none"), ("ldlq", "hadamard")])
 def test_output_adaptive_source_plugs_into_gptq_ldlq_and_incoherence(method, transform, calib_ids, tmp_path):
-    recipe = Recipe(name="oac", weights=WeightSpec(method=method, bits=2, group_size=16 if transform == "none" else None,
-                                                   act_order=True),
+    recipe = Recipe(name="oac", weights=WeightSpec(method=method, bits=2,
+                                                   group_size=16 if transform == "none" else None, act_order=True),
                     transform=TransformSpec(incoherence=transform), hessian=HessianSpec(source="output_adaptive"),
                     calibration=CalibrationSpec(nsamples=6, seqlen=32))
     model = tiny_llama()
@@ -117,6 +117,7 @@ def test_output_adaptive_source_plugs_into_gptq_ldlq_and_incoherence(method, tra
 
 def test_resumed_oac_run_reuses_the_gradient_pass_and_gives_the_same_model(calib_ids, tmp_path, monkeypatch):
     from conftest import interrupt_rounding_in_block
+
     from lowbit.hessians import output_adaptive as oac
 
     recipe = Recipe(name="oac", weights=WeightSpec(method="gptq", bits=2, group_size=16),
@@ -233,6 +234,7 @@ def test_a_split_gradient_pass_gives_the_same_quantized_model(calib_ids, tmp_pat
     """Also after an interruption: a resumed run splits the layers as the first run did, so every
     pass finds its file and no gradient is computed again."""
     from conftest import interrupt_rounding_in_block
+
     from lowbit.hessians import output_adaptive as oac
 
     recipe = Recipe(name="oac", weights=WeightSpec(method="gptq", bits=2, group_size=16),

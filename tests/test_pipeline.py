@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from conftest import ARCHITECTURES, interrupt_rounding_in_block, tiny_llama
 
 import lowbit
 from lowbit.errors import ResumeMismatch
@@ -10,8 +11,6 @@ from lowbit.models import block_linears, find_blocks, keep_first_blocks
 from lowbit.pipeline import engine, quantize_model
 from lowbit.pipeline.capture import capture_block_inputs, run_block, sequential_groups
 from lowbit.recipes import Recipe, WeightSpec
-
-from conftest import ARCHITECTURES, interrupt_rounding_in_block, tiny_llama
 
 
 def _recipe(method="gptq", bits=4, group_size=16, act_order=True, **kw) -> Recipe:
@@ -64,7 +63,8 @@ def test_captured_inputs_reproduce_the_model(factory, calib_ids):
     for b, block in enumerate(blocks):
         h = run_block(block, h, kwargs[b])
     last = {}
-    handle = blocks[-1].register_forward_hook(lambda _m, _a, out: last.update(h=out[0] if isinstance(out, tuple) else out))
+    handle = blocks[-1].register_forward_hook(lambda _m, _a, out:
+                                              last.update(h=out[0] if isinstance(out, tuple) else out))
     with torch.no_grad():
         model(calib_ids, use_cache=False)
     handle.remove()

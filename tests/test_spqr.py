@@ -4,10 +4,10 @@ rest of the rounding identical to a one-column-at-a-time OBS reference with thos
 
 import pytest
 import torch
+from conftest import full_and_resumed, tiny_llama
 from test_gptq import _problem
 
 import lowbit
-from conftest import full_and_resumed, tiny_llama
 from lowbit.errors import LowbitError
 from lowbit.grids import UniformGrid
 from lowbit.recipes import Recipe

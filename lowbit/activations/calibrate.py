@@ -86,7 +86,8 @@ def _site_bits(site: str, spec: ActivationSpec) -> int:
 
 
 def active_sites(spec: ActivationSpec) -> list[str]:
-    return [s for s in LINEAR_SITES + KV_SITES if _site_bits(s, spec) < FLOAT_BITS and (s in KV_SITES or s in spec.sites)]
+    return [s for s in LINEAR_SITES + KV_SITES
+            if _site_bits(s, spec) < FLOAT_BITS and (s in KV_SITES or s in spec.sites)]
 
 
 @torch.no_grad()
@@ -143,7 +144,8 @@ def plan_block(ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], layout: Blo
     if spec.granularity == "tensor":
         for s in sites:
             lo, hi = ranges[s]
-            plan.quantizers[s] = ActQuantizer.from_ranges(lo.min().view(1), hi.max().view(1), _site_bits(s, spec), spec.symmetric)
+            plan.quantizers[s] = ActQuantizer.from_ranges(lo.min().view(1), hi.max().view(1), _site_bits(s, spec),
+                                                          spec.symmetric)
         return plan
 
     labels: dict[str, torch.Tensor] = {}
@@ -203,7 +205,8 @@ def apply_plan(block: nn.Module, layout: BlockLayout, plan: BlockActPlan, config
             attach(module, SITE_HOME[site][1], mine.to(ref.device) if ref is not None else mine, config)
 
 
-def smoothing_plan(block: nn.Module, layout: BlockLayout, ranges: dict, smoothing: SmoothingSpec) -> dict[str, torch.Tensor]:
+def smoothing_plan(block: nn.Module, layout: BlockLayout, ranges: dict,
+                   smoothing: SmoothingSpec) -> dict[str, torch.Tensor]:
     """SmoothQuant scales per site (``attn_out``: one per K/V channel) from observed ranges."""
     scales = {}
     for site in smoothing.sites:

@@ -21,7 +21,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return ((q - zero) * scale).to(x.dtype)
 
 
-def range_to_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def range_to_params(lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                    symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of the grid covering ``[min(lo, 0), max(hi, 0)]`` (elementwise)."""
     shape = lo.shape
     lo = torch.clamp(lo.float().reshape(-1), max=0)
@@ -76,7 +77,8 @@ class ActQuantizer(nn.Module):
 def cluster_ranges(lo: torch.Tensor, hi: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel tables where each channel carries its cluster's [min, max]; labels are
     numbered independently per leading index (per head) when the tables have several rows."""
-    lo2, hi2, lab = lo.reshape(-1, lo.shape[-1]), hi.reshape(-1, hi.shape[-1]), labels.reshape(-1, labels.shape[-1]).long()
+    lo2, hi2, lab = (lo.reshape(-1, lo.shape[-1]), hi.reshape(-1, hi.shape[-1]),
+                     labels.reshape(-1, labels.shape[-1]).long())
     n = int(lab.max()) + 1
     out_lo, out_hi = torch.empty_like(lo2), torch.empty_like(hi2)
     for r in range(lab.shape[0]):

@@ -94,4 +94,5 @@ class CompareConfig:
         return {"model": self.model, **self.calibration()}
 
     def calibration(self) -> dict:
-        return {"dataset": self.calib_dataset, "nsamples": self.nsamples, "seqlen": self.calib_seqlen, "seed": self.seed}
+        return {"dataset": self.calib_dataset, "nsamples": self.nsamples, "seqlen": self.calib_seqlen,
+                "seed": self.seed}

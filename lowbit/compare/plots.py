@@ -175,7 +175,8 @@ def plot_block_times(rows: list[dict], out: Path) -> Path | None:
     style = _line_styles([r["name"] for r in sel])
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for r in sel:
-        ax.plot(range(len(r["block_seconds"])), r["block_seconds"], marker=".", lw=1, label=r["name"], **style[r["name"]])
+        ax.plot(range(len(r["block_seconds"])), r["block_seconds"], marker=".", lw=1, label=r["name"],
+                **style[r["name"]])
     ax.set_xlabel("block")
     ax.set_ylabel("seconds")
     ax.set_title("quantization time per block")

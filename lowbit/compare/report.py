@@ -44,9 +44,9 @@ def table(rows: list[dict], cfg: CompareConfig) -> tuple[list[str], list[list[st
         gap = ppl.get(d0) - fp["perplexity"][d0] if ok and fp and d0 in ppl else None
         body.append([r["name"], r["kind"], w, a, _num(r.get("effective_bits"), ".3f")]
                     + [_ppl(ppl.get(d)) for d in cfg.datasets]
-                    + [_num(gap, "+.3f") if gap is not None and abs(gap) < 1000 else _ppl(gap), _num(r.get("kl"), ".4f"),
-                       _num(r.get("quant_seconds"), ".1f"), _sharing(r), _num(r.get("peak_memory_mb"), ".0f"),
-                       _num(r.get("checkpoint_mb"), ".1f"), r.get("status", "?")])
+                    + [_num(gap, "+.3f") if gap is not None and abs(gap) < 1000 else _ppl(gap),
+                       _num(r.get("kl"), ".4f"), _num(r.get("quant_seconds"), ".1f"), _sharing(r),
+                       _num(r.get("peak_memory_mb"), ".0f"), _num(r.get("checkpoint_mb"), ".1f"), r.get("status", "?")])
     return head, body
 
 
@@ -89,7 +89,8 @@ def write_report(rows: list[dict], cfg: CompareConfig, out: Path) -> tuple[Path,
     fp = full_model_row(rows)
     figures = [("Perplexity vs effective bits", plot_pareto(rows, d0, fp["perplexity"][d0] if fp else None,
                                                              out / "pareto.png")),
-               ("Per-layer relative output error over depth, by layer type", plot_layer_errors(rows, out / "layer_error.png")),
+               ("Per-layer relative output error over depth, by layer type",
+                plot_layer_errors(rows, out / "layer_error.png")),
                ("Quantization time per block", plot_block_times(rows, out / "block_time.png"))]
     figures = [(title, p) for title, p in figures if p is not None]
     head, body = table(rows, cfg)

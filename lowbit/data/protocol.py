@@ -18,8 +18,18 @@ import random
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lowbit.data.sources import (NAMED, SAMPLING, c4_documents, check_dataset, file_rows, is_jsonl, jsonl_documents,
-                                 ptb_rows, text_file, wikitext2_test_rows)
+from lowbit.data.sources import (
+    NAMED,
+    SAMPLING,
+    c4_documents,
+    check_dataset,
+    file_rows,
+    is_jsonl,
+    jsonl_documents,
+    ptb_rows,
+    text_file,
+    wikitext2_test_rows,
+)
 from lowbit.errors import LowbitError
 
 C4_EVAL_DOCS = 1100

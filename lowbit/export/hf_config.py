@@ -34,5 +34,6 @@ def base_config(config_json: dict[str, Any]) -> PretrainedConfig:
     """The base model's config from a checkpoint's ``config.json`` (format 2: nested; format 1: itself)."""
     data = config_json.get("base_config") if config_json.get("model_type") == MODEL_TYPE else config_json
     if not isinstance(data, dict) or data.get("model_type") not in CONFIG_MAPPING:
-        raise ValueError(f"no known base model type in it ({data.get('model_type') if isinstance(data, dict) else data!r})")
+        raise ValueError("no known base model type in it "
+                         f"({data.get('model_type') if isinstance(data, dict) else data!r})")
     return CONFIG_MAPPING[data["model_type"]].from_dict(data)

@@ -61,7 +61,8 @@ class CheckpointSummary:
         if self.layers:
             numel = sum(s.shape[0] * s.shape[1] for s in self.layers)
             lines.append(f"{'all quantized layers':44s} {'':11s} {'':4s} {'':5s} "
-                         f"{8 * sum(s.bytes for s in self.layers) / numel:7.3f} {sum(s.bytes for s in self.layers) / 1024:8.1f}")
+                         f"{8 * sum(s.bytes for s in self.layers) / numel:7.3f} "
+                         f"{sum(s.bytes for s in self.layers) / 1024:8.1f}")
         return "\n".join(lines)
 
 

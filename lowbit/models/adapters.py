@@ -53,5 +53,6 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 def weights_left_in_float(block: nn.Module) -> list[str]:
     """Matrices of a block that are not ``nn.Linear`` weights, so no recipe quantizes them: the 3-D expert
     tensors of mixture-of-experts blocks (``mlp.experts.gate_up_proj``), routers, GPT-2's ``Conv1D``."""
-    linear = {f"{name}.{p}" for name, m in block.named_modules() if isinstance(m, nn.Linear) for p in ("weight", "bias")}
+    linear = {f"{name}.{p}" for name, m in block.named_modules() if isinstance(m, nn.Linear)
+              for p in ("weight", "bias")}
     return [name for name, p in block.named_parameters() if p.dim() >= 2 and name not in linear]

@@ -50,7 +50,8 @@ def _moe_mlp(names: dict[str, nn.Module]) -> tuple[tuple[str, ...], tuple[str, .
     experts = names.get("mlp.experts")
     if not isinstance(experts, LinearExperts):
         return None
-    shared = [f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj") if f"mlp.shared_expert.{p}" in names]
+    shared = [f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")
+              if f"mlp.shared_expert.{p}" in names]
     mlp_in = tuple(f"mlp.experts.{e}.gate_up_proj" for e in range(len(experts))) + tuple(shared[:-1])
     down = tuple(f"mlp.experts.{e}.down_proj" for e in range(len(experts))) + tuple(shared[-1:])
     return mlp_in, down
@@ -77,12 +78,14 @@ def block_layout(block: nn.Module, config) -> BlockLayout:
                                separable=moe is None)
     if "self_attn.out_proj" in names and "fc1" in names:
         if not getattr(cfg, "do_layer_norm_before", True):
-            raise LowbitError("activation quantization needs pre-norm blocks; this OPT model normalises after each block")
+            raise LowbitError("activation quantization needs pre-norm blocks; "
+                              "this OPT model normalises after each block")
         return BlockLayout("self_attn_layer_norm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                           "self_attn.out_proj", "final_layer_norm", ("fc1",), ("fc2",), "self_attn", **shape, rope=False)
+                           "self_attn.out_proj", "final_layer_norm", ("fc1",), ("fc2",), "self_attn", **shape,
+                           rope=False)
     if "attn.c_attn" in names and isinstance(names["attn.c_attn"], nn.Linear) and "mlp.c_fc" in names:  # GPT-2
         qkv = "attn.c_attn"
-        return BlockLayout("ln_1", qkv, qkv, qkv, "attn.c_proj", "ln_2", ("mlp.c_fc",), ("mlp.c_proj",), "attn", **shape,
-                           rope=False, separable=False)
+        return BlockLayout("ln_1", qkv, qkv, qkv, "attn.c_proj", "ln_2", ("mlp.c_fc",), ("mlp.c_proj",), "attn",
+                           **shape, rope=False, separable=False)
     raise LowbitError(f"activation quantization does not know the block layout of {type(block).__name__} "
                       "(supported: Llama/Mistral/Qwen/Gemma-3-style, mixture-of-experts, Phi-3, GPT-2 and OPT blocks)")

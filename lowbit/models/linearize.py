@@ -125,7 +125,8 @@ def _same_outputs(fused: nn.Module, linear: LinearExperts, tokens: int = 16, k: 
         return False
     got = linear(x, index, weights)
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
-    return want.shape == got.shape and torch.allclose(want, got, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1)))
+    return want.shape == got.shape and torch.allclose(want, got, rtol=tol,
+                                                      atol=tol * float(want.abs().max().clamp_min(1)))
 
 
 def _linear_from_conv1d(conv: Conv1D) -> nn.Linear:

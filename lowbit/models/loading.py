@@ -97,7 +97,8 @@ def model_folder(ref: ModelRef) -> tuple[Path, str]:
             raise LowbitError(f"unknown model '{ref.name}': not a local directory or a reachable Hugging Face id "
                               f"({type(exc).__name__})") from None
         _check_causal_lm(config, ref.name)
-        return Path(snapshot_download(ref.name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])), ref.name
+        return (Path(snapshot_download(ref.name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])),
+                ref.name)
     raise LowbitError(f"'{ref.name}' is a lowbit checkpoint: it is quantized already")
 
 

@@ -143,7 +143,8 @@ class DiskModel:
             "block weights": self.block_bytes(),
             "one layer's rounding in float32": 3 * 4 * largest,  # weight, its copy, the update
             "one Hessian in float64": 2 * 8 * widest * widest,  # the sum and its factorisation
-            "calibration activations": 2 * nsamples * seqlen * hidden * self.dtype.itemsize,  # a block's inputs and outputs
+            # a block's inputs and outputs
+            "calibration activations": 2 * nsamples * seqlen * hidden * self.dtype.itemsize,
             "embeddings and head": self.outside_bytes(),  # held while block 0's inputs are captured
             "torch and transformers": RUNTIME_BYTES,
         }

@@ -9,14 +9,25 @@ from pathlib import Path
 import yaml
 
 from lowbit.errors import LowbitError
-from lowbit.recipes.schema import (ActivationSpec, CalibrationSpec, HessianSpec, LowRankSpec, PipelineSpec, Recipe,
-                                  SmoothingSpec, TransformSpec, WeightSpec)
+from lowbit.recipes.schema import (
+    ActivationSpec,
+    CalibrationSpec,
+    HessianSpec,
+    LowRankSpec,
+    PipelineSpec,
+    Recipe,
+    SmoothingSpec,
+    TransformSpec,
+    WeightSpec,
+)
 
-__all__ = ["ActivationSpec", "CalibrationSpec", "HessianSpec", "LowRankSpec", "PipelineSpec", "Recipe", "SmoothingSpec", "TransformSpec", "WeightSpec", "apply_overrides", "get", "load_file", "presets"]
+__all__ = ["ActivationSpec", "CalibrationSpec", "HessianSpec", "LowRankSpec", "PipelineSpec", "Recipe", "SmoothingSpec",
+           "TransformSpec", "WeightSpec", "apply_overrides", "get", "load_file", "presets"]
 
 
 def presets() -> list[str]:
-    return sorted(p.name[:-5] for p in files("lowbit.recipes").joinpath("presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in files("lowbit.recipes").joinpath("presets").iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def load_file(path: str | Path) -> Recipe:

@@ -79,7 +79,8 @@ class BinaryWeight:
                             self.alphas.cpu(), self.blocksize)
 
 
-def _binarize_split(w: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _binarize_split(w: torch.Tensor,
+                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best break point for non-salient columns ``w`` (rows, n): ``(q, split, α_conc, α_sparse)``.
     All ``SPLIT_STEPS - 1`` break points are scored at once; ``(w − α·sign w)² = (|w| − α)²``."""
     mag = w.abs()

@@ -7,4 +7,5 @@ from lowbit.runtime.lowrank import LowRankLinear
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.runtime.quip import QuipLinear
 
-__all__ = ["BinaryLinear", "KeptWeight", "LowRankLinear", "QuantLinear", "QuipLinear", "empty_module", "keep_dequantized", "layer_metadata", "packed_module"]
+__all__ = ["BinaryLinear", "KeptWeight", "LowRankLinear", "QuantLinear", "QuipLinear", "empty_module",
+           "keep_dequantized", "layer_metadata", "packed_module"]

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.grids import natural_group_index, pack_codes, packed_nbytes, unpack_codes
-from lowbit.rounding import QuantizedWeight
 from lowbit.grids.stats import ScaleStats, n_chunks
+from lowbit.rounding import QuantizedWeight
 from lowbit.rounding.quantized import SparseOutliers
 from lowbit.runtime.kept_weight import KeptWeight
 from lowbit.runtime.kernels import serves
@@ -93,7 +93,8 @@ class QuantLinear(KeptWeight, nn.Module):
     def quantized(self) -> QuantizedWeight:
         codes = unpack_codes(self.qweight, self.bits, self.in_features * self.out_features)
         zero = self.zero_points()
-        g_idx = self.g_idx if self.g_idx is not None else natural_group_index(self.in_features, self.group_size, self.qweight.device)
+        g_idx = (self.g_idx if self.g_idx is not None
+                 else natural_group_index(self.in_features, self.group_size, self.qweight.device))
         sparse = SparseOutliers(self.outlier_index.long(), self.outlier_value) if self.n_outliers else None
         stats = None
         if self.stats_bits:

@@ -44,7 +44,8 @@ def choose_rank(sigma: torch.Tensor, shape: tuple[int, int], rank: int = 0, ener
     if energy is not None:
         e = sigma.double().pow(2)
         total = float(e.sum())
-        r = 0 if total == 0 else int(torch.searchsorted(torch.cumsum(e, 0) / total, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
+        r = 0 if total == 0 else int(torch.searchsorted(torch.cumsum(e, 0) / total,
+                                                        torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
     if budget is not None:
         m, n = shape
         r = min(r, int(math.floor(budget * m * n / (m + n))))

@@ -81,7 +81,8 @@ def quantize(model: nn.Module, tok, calib, scheme: WeightScheme, run_dir: Path,
                 lines.append(line.strip())
     shutil.rmtree(work / "model", ignore_errors=True)
     if proc.returncode != 0:
-        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]  # the exception, not its details
+        # the exception, not its details
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
         raise RuntimeError(f"llm-compressor failed: {((errors or lines or [f'exit {proc.returncode}'])[-1])[:240]}")
     weights = load_file(str(out))
     missing = sorted(set(linears) - set(weights))

@@ -73,9 +73,9 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     ids = torch.load(args.calib)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    oneshot(model=model, processor=AutoTokenizer.from_pretrained(args.model_dir), dataset=data, recipe=_recipe(args.variant, args.bits, args.group_size),
-            num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1], shuffle_calibration_samples=False,
-            pipeline="sequential")
+    oneshot(model=model, processor=AutoTokenizer.from_pretrained(args.model_dir), dataset=data,
+            recipe=_recipe(args.variant, args.bits, args.group_size), num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False, pipeline="sequential")
     weights = effective_weights(model, args.prefix)
     save_file(weights, args.out, metadata={"llmcompressor": llmcompressor.__version__,
                                            "args": json.dumps(vars(args))})

@@ -2,9 +2,9 @@
 
 Each format module declares ``NAME``, ``check(source)`` (a one-line :class:`LowbitError` for what it cannot
 express) and ``write(source, folder)``, which runs the check before it writes anything. The folder is written
-under a temporary name and renamed at the end, so a refused, failed or killed export leaves nothing behind. Writing needs no consumer
-package (``gguf`` is a dependency of lowbit); loading a compressed-tensors export in ``transformers`` needs
-``compressed-tensors`` (the ``export`` extra).
+under a temporary name and renamed at the end, so a refused, failed or killed export leaves nothing behind.
+Writing needs no consumer package (``gguf`` is a dependency of lowbit); loading a compressed-tensors export in
+``transformers`` needs ``compressed-tensors`` (the ``export`` extra).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Loads anywhere and saves no memory: the last resort for what no serving format expresses (SpQR outliers,
 binary layers, QuIP's Kronecker transforms, RPTQ). Every packed layer becomes the float weight lowbit's own
-reference path computes with (transforms undone, low-rank branches added, RPTQ's channel order undone). Activation quantizers do not
-travel: the consumer runs activations in float, which is said when the export is written.
+reference path computes with (transforms undone, low-rank branches added, RPTQ's channel order undone).
+Activation quantizers do not travel: the consumer runs activations in float, which is said when the export is
+written.
 """
 
 from __future__ import annotations

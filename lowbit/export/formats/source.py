@@ -107,6 +107,7 @@ def uniform_layers(src: Source, fmt: str) -> dict[str, QuantLinear]:
                       other, "use --format dense, or a plain uniform-grid recipe (rtn-*, gptq-*)")
     for name, m in src.layers.items():
         if m.n_outliers or m.stats_bits or m.float_zeros:
-            what = "sparse outliers" if m.n_outliers else "quantized scales" if m.stats_bits else "non-integer zero points"
+            what = ("sparse outliers" if m.n_outliers else "quantized scales" if m.stats_bits
+                    else "non-integer zero points")
             raise refusal(fmt, what, [name], "use --format dense")
     return dict(src.layers)

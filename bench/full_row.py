@@ -8,9 +8,9 @@ WikiText-2 windows. A step whose output exists is not run again, so after a kill
 the same command continues. On the 2-core CPU one row is ≈ 55 min of quantization and ≈ 50 min of
 evaluation on one core; two rows side by side fit a session.
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/full_row.py quip-w3 --work /work/runs
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/full_row.py oac-w1 --work /work/runs \
-        --hessian-cache /work/runs/hessians      # OAC rows share one gradient pass
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/full_row.py quip-w3 --work runs
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/full_row.py oac-w1 --work runs \
+        --hessian-cache runs/hessians      # OAC rows share one gradient pass
 """
 
 from __future__ import annotations

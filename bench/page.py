@@ -75,10 +75,12 @@ def class_table(rows: list[dict]) -> list[str]:
     rows = sorted(rows, key=lambda r: r["wikitext2"])
     cols = (("wikitext2", 3), ("c4", 3), ("kl", 3), ("seconds", 0), ("mb", 0))
     best = {k: _bold_best(rows, k) for k, _ in cols}
-    lines = ["| preset | by | eff. bits | WikiText-2 | C4 | KL | quantize s | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | by | eff. bits | WikiText-2 | C4 | KL | quantize s | peak MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         cells = [f"**{_fmt(r[k], d)}**" if i in best[k] else _fmt(r[k], d) for k, d in cols]
-        lines.append(f"| {r['name']} | {'peer' if r['peer'] else 'lowbit'} | {r['bits']:.3f} | " + " | ".join(cells) + " |")
+        by = "peer" if r["peer"] else "lowbit"
+        lines.append(f"| {r['name']} | {by} | {r['bits']:.3f} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -119,7 +121,8 @@ def full_rows() -> list[str]:
         for f in ("eval.json", "eval-wikitext2.json"):
             if (d / f).exists():
                 ppl.update({k: v["ppl"] for k, v in json.loads((d / f).read_text())["perplexity"].items()})
-        kl = json.loads((d / "eval-kl16.json").read_text())["kl"]["wikitext2"] if (d / "eval-kl16.json").exists() else None
+        kl_file = d / "eval-kl16.json"
+        kl = json.loads(kl_file.read_text())["kl"]["wikitext2"] if kl_file.exists() else None
         rep = json.loads((d / "report.json").read_text()) if (d / "report.json").exists() else {}
         rows.append((ppl.get("wikitext2", float("inf")), d.name, ppl, kl, rep))
     for _, name, ppl, kl, rep in sorted(rows):

@@ -9,13 +9,13 @@ from pathlib import Path
 import yaml
 
 from lowbit.errors import LowbitError
+from lowbit.recipes.recipe import Recipe
 from lowbit.recipes.schema import (
     ActivationSpec,
     CalibrationSpec,
     HessianSpec,
     LowRankSpec,
     PipelineSpec,
-    Recipe,
     SmoothingSpec,
     TransformSpec,
     WeightSpec,

@@ -6,15 +6,21 @@ out-of-range values are rejected with a one-line message before any model is loa
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 from lowbit.data.sources import DATASETS, SAMPLING, check_dataset, text_file
 from lowbit.errors import LowbitError
+from lowbit.recipes.checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_list,
+    check_seed,
+    check_sites,
+    is_int,
+)
 
 METHODS = ("none", "rtn", "gptq", "ldlq", "billm")  # none: weights stay in float (activation-only ablations)
 GRIDS = ("minmax", "rms")
@@ -32,70 +38,7 @@ MAX_WIDTH = 65_536              # group_size, blocksize, lowrank.rank, smoothing
 MAX_CLUSTERS = 4_096            # activation clusters (more than a layer's channels are cut to them when clustering)
 MAX_GREEDY_PASSES = 100         # QuIP's coordinate-descent passes (the presets use 1)
 MAX_HESSIAN_PASSES = 1_024      # output-adaptive gradient passes (a 7B Llama has 224 linear layers to share out)
-MAX_SEED = 2**32 - 1            # KMeans' random_state (numpy) takes no larger seed
 MAX_RMS_MULT = 100.0            # QuIP's per-matrix grid ±rms_mult·RMS(W) (the paper: 2.4)
-
-
-def _is_int(value: Any) -> bool:
-    """Counts are real ints: YAML's ``true`` is an int to Python and ``12.0`` would be cast silently later."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(value: Any, what: str, lo: int, hi: int, *, null: bool = False) -> None:
-    """An integer in ``[lo, hi]`` (or None with ``null``), named in one line when it is not."""
-    if (null and value is None) or (_is_int(value) and lo <= value <= hi):
-        return
-    kind = {0: "a non-negative integer", 1: "a positive integer"}.get(lo)
-    rule = f"{kind} (at most {hi})" if kind else f"an integer from {lo} to {hi}"
-    raise LowbitError(f"{what} must be {rule}{' or null' if null else ''}, got {value!r}")
-
-
-def _float(value: Any, what: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False,
-           null: bool = False) -> None:
-    """A finite number in the interval: YAML's ``.inf``/``.nan`` would be saved as Infinity/NaN and compute nan."""
-    if null and value is None:
-        return
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    finite = number and (isinstance(value, int) or math.isfinite(value))  # an int is exact: no float(), no overflow
-    if finite and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi):
-        return
-    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    raise LowbitError(f"{what} must be a number in {interval}{' or null' if null else ''}, got {value!r}")
-
-
-def _bool(value: Any, what: str) -> None:
-    """A switch is ``true``/``false``: ``1`` or ``"yes"`` would be truthy by accident."""
-    if not isinstance(value, bool):
-        raise LowbitError(f"{what} must be true or false, got {value!r}")
-
-
-def _choice(value: Any, what: str, options: tuple[str, ...]) -> None:
-    """One of a fixed set of names, spelled exactly (a list or a number is no name)."""
-    if not (isinstance(value, str) and value in options):
-        raise LowbitError(f"{what} must be one of {', '.join(options)}, got {value!r}")
-
-
-def _str(value: Any, what: str) -> None:
-    """Free text (name, description) must be text: ``name: 5`` is a number YAML read, not a name."""
-    if not isinstance(value, str):
-        raise LowbitError(f"{what} must be a string, got {value!r}")
-
-
-def _list(value: Any, what: str, rule: str, item_ok: Callable[[Any], bool], *, nonempty: bool = False) -> None:
-    """A YAML list whose items all pass ``item_ok``: a bare string would otherwise be read letter by letter."""
-    if not isinstance(value, list) or (nonempty and not value) or not all(item_ok(x) for x in value):
-        raise LowbitError(f"{what} must be {rule}, got {value!r}")
-
-
-def _sites(value: Any, what: str, options: tuple[str, ...], *, nonempty: bool = False) -> None:
-    """A list of linear-input site names."""
-    rule = f"a {'non-empty ' if nonempty else ''}list of {', '.join(options)}"
-    _list(value, what, rule, lambda x: isinstance(x, str) and x in options, nonempty=nonempty)
-
-
-def _seed(value: Any, what: str) -> None:
-    """Seeds are non-negative and fit every generator they reach (KMeans' is 32-bit)."""
-    _int(value, what, 0, MAX_SEED)
 
 
 @dataclass
@@ -126,20 +69,20 @@ class WeightSpec:
 
     def validate(self) -> None:
         """Each value's type and range, then the combinations a method supports."""
-        _choice(self.method, "weights.method", METHODS)
+        check_choice(self.method, "weights.method", METHODS)
         lo = 1 if self.method == "billm" else 2
-        if not (_is_int(self.bits) and lo <= self.bits <= 8):
+        if not (is_int(self.bits) and lo <= self.bits <= 8):
             raise LowbitError(f"weights.bits must be an integer from 2 to 8 (1 with method billm), got {self.bits!r}")
-        _int(self.group_size, "weights.group_size", 1, MAX_WIDTH, null=True)
+        check_int(self.group_size, "weights.group_size", 1, MAX_WIDTH, null=True)
         for flag in ("symmetric", "clip_search", "act_order"):
-            _bool(getattr(self, flag), f"weights.{flag}")
-        _float(self.damp, "weights.damp", 0, 1, hi_open=True)
-        _int(self.blocksize, "weights.blocksize", 1, MAX_WIDTH)
-        _choice(self.grid, "weights.grid", GRIDS)
-        _float(self.rms_mult, "weights.rms_mult", 0, MAX_RMS_MULT, lo_open=True)
-        _int(self.greedy_passes, "weights.greedy_passes", 0, MAX_GREEDY_PASSES)
-        _float(self.outlier_fraction, "weights.outlier_fraction", 0, 0.5, hi_open=True)
-        _int(self.stats_bits, "weights.stats_bits", 2, 8, null=True)
+            check_bool(getattr(self, flag), f"weights.{flag}")
+        check_float(self.damp, "weights.damp", 0, 1, hi_open=True)
+        check_int(self.blocksize, "weights.blocksize", 1, MAX_WIDTH)
+        check_choice(self.grid, "weights.grid", GRIDS)
+        check_float(self.rms_mult, "weights.rms_mult", 0, MAX_RMS_MULT, lo_open=True)
+        check_int(self.greedy_passes, "weights.greedy_passes", 0, MAX_GREEDY_PASSES)
+        check_float(self.outlier_fraction, "weights.outlier_fraction", 0, 0.5, hi_open=True)
+        check_int(self.stats_bits, "weights.stats_bits", 2, 8, null=True)
         self._check_combinations()
 
     def _check_combinations(self) -> None:
@@ -173,9 +116,9 @@ class TransformSpec:
 
     def validate(self) -> None:
         """Type and range of each value."""
-        _choice(self.incoherence, "transform.incoherence", INCOHERENCE)
-        _bool(self.rescale, "transform.rescale")
-        _seed(self.seed, "transform.seed")
+        check_choice(self.incoherence, "transform.incoherence", INCOHERENCE)
+        check_bool(self.rescale, "transform.rescale")
+        check_seed(self.seed, "transform.seed")
 
 
 @dataclass
@@ -197,13 +140,13 @@ class HessianSpec:
 
     def validate(self) -> None:
         """Type and range of each value; each knob applies to one source only."""
-        _choice(self.source, "hessian.source", HESSIAN_SOURCES)
-        _int(self.skip_first_tokens, "hessian.skip_first_tokens", 0, MAX_SEQLEN)
+        check_choice(self.source, "hessian.source", HESSIAN_SOURCES)
+        check_int(self.skip_first_tokens, "hessian.skip_first_tokens", 0, MAX_SEQLEN)
         if self.skip_first_tokens and self.source != "layerwise":
             raise LowbitError("hessian.skip_first_tokens applies to the layer-wise Hessian only, "
                               f"not to hessian.source {self.source!r}")
-        _int(self.passes, "hessian.passes", 1, MAX_HESSIAN_PASSES)
-        _choice(self.experts, "hessian.experts", ("routed", "all"))
+        check_int(self.passes, "hessian.passes", 1, MAX_HESSIAN_PASSES)
+        check_choice(self.experts, "hessian.experts", ("routed", "all"))
         if self.experts != "routed" and self.source != "layerwise":
             raise LowbitError("hessian.experts applies to the layer-wise Hessian only, "
                               f"not to hessian.source {self.source!r}")
@@ -249,15 +192,15 @@ class ActivationSpec:
         """Type and range of each value (clusters beyond a layer's channels need the model: cut when clustering)."""
         for key in ("bits", "kv_bits"):
             v = getattr(self, key)
-            if not (_is_int(v) and (2 <= v <= 8 or v == FLOAT_BITS)):
+            if not (is_int(v) and (2 <= v <= 8 or v == FLOAT_BITS)):
                 raise LowbitError(f"activations.{key} must be an integer from 2 to 8, or 16 for float, got {v!r}")
-        _choice(self.granularity, "activations.granularity", ACT_GRANULARITY)
+        check_choice(self.granularity, "activations.granularity", ACT_GRANULARITY)
         for flag in ("symmetric", "reorder"):
-            _bool(getattr(self, flag), f"activations.{flag}")
+            check_bool(getattr(self, flag), f"activations.{flag}")
         for key in ("clusters_norm", "clusters_mlp", "clusters_head"):
-            _int(getattr(self, key), f"activations.{key}", 1, MAX_CLUSTERS)
-        _seed(self.seed, "activations.seed")
-        _sites(self.sites, "activations.sites", ACT_SITES)
+            check_int(getattr(self, key), f"activations.{key}", 1, MAX_CLUSTERS)
+        check_seed(self.seed, "activations.seed")
+        check_sites(self.sites, "activations.sites", ACT_SITES)
 
 
 @dataclass
@@ -279,9 +222,9 @@ class SmoothingSpec:
 
     def validate(self) -> None:
         """Type and range of each value."""
-        _float(self.alpha, "smoothing.alpha", 0, 1, null=True)
-        _int(self.outliers, "smoothing.outliers", 0, MAX_WIDTH)
-        _sites(self.sites, "smoothing.sites", SMOOTHING_SITES, nonempty=True)
+        check_float(self.alpha, "smoothing.alpha", 0, 1, null=True)
+        check_int(self.outliers, "smoothing.outliers", 0, MAX_WIDTH)
+        check_sites(self.sites, "smoothing.sites", SMOOTHING_SITES, nonempty=True)
 
 
 @dataclass
@@ -305,13 +248,13 @@ class LowRankSpec:
 
     def validate(self) -> None:
         """Type and range of each value; the rank is fixed or found from the energy, not both."""
-        _int(self.rank, "lowrank.rank", 0, MAX_WIDTH)
+        check_int(self.rank, "lowrank.rank", 0, MAX_WIDTH)
         for key in ("energy", "budget"):
-            _float(getattr(self, key), f"lowrank.{key}", 0, 1, lo_open=True, null=True)
+            check_float(getattr(self, key), f"lowrank.{key}", 0, 1, lo_open=True, null=True)
         if self.rank and self.energy is not None:
             raise LowbitError("lowrank: give either rank or energy, not both")
-        _bool(self.whiten, "lowrank.whiten")
-        _float(self.damp, "lowrank.damp", 0, 1, hi_open=True)
+        check_bool(self.whiten, "lowrank.whiten")
+        check_float(self.damp, "lowrank.damp", 0, 1, hi_open=True)
 
 
 @dataclass
@@ -329,10 +272,10 @@ class CalibrationSpec:
                               f"got {self.dataset!r}")
         if self.dataset not in DATASETS:
             check_dataset(self.dataset, "calibration.dataset")
-        _int(self.nsamples, "calibration.nsamples", 1, MAX_NSAMPLES)
-        _int(self.seqlen, "calibration.seqlen", 1, MAX_SEQLEN)
-        _seed(self.seed, "calibration.seed")
-        _choice(self.sampling, "calibration.sampling", SAMPLING)
+        check_int(self.nsamples, "calibration.nsamples", 1, MAX_NSAMPLES)
+        check_int(self.seqlen, "calibration.seqlen", 1, MAX_SEQLEN)
+        check_seed(self.seed, "calibration.seed")
+        check_choice(self.sampling, "calibration.sampling", SAMPLING)
 
 
 @dataclass
@@ -345,8 +288,8 @@ class PipelineSpec:
 
     def validate(self) -> None:
         """Type of each value; every skip pattern must compile."""
-        _bool(self.true_sequential, "pipeline.true_sequential")
-        _list(self.skip, "pipeline.skip", "a list of regular expressions", lambda p: isinstance(p, str))
+        check_bool(self.true_sequential, "pipeline.true_sequential")
+        check_list(self.skip, "pipeline.skip", "a list of regular expressions", lambda p: isinstance(p, str))
         for pattern in self.skip:
             try:
                 re.compile(pattern)
@@ -355,84 +298,3 @@ class PipelineSpec:
                                   f"{exc}") from None
 
 
-@dataclass
-class Recipe:
-    name: str = "custom"
-    description: str = ""
-    weights: WeightSpec = field(default_factory=WeightSpec)
-    transform: TransformSpec = field(default_factory=TransformSpec)
-    hessian: HessianSpec = field(default_factory=HessianSpec)
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
-    activations: ActivationSpec = field(default_factory=ActivationSpec)
-    smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
-    lowrank: LowRankSpec = field(default_factory=LowRankSpec)
-
-    def validate(self) -> "Recipe":
-        """Every section, then the settings that span sections; returns the recipe for chaining."""
-        _str(self.name, "name")
-        _str(self.description, "description")
-        self.weights.validate()
-        self.transform.validate()
-        self.hessian.validate()
-        self.calibration.validate()
-        self.pipeline.validate()
-        self.activations.validate()
-        self.smoothing.validate()
-        self.lowrank.validate()
-        skip, seqlen = self.hessian.skip_first_tokens, self.calibration.seqlen
-        if skip >= seqlen:
-            raise LowbitError(f"hessian.skip_first_tokens must be less than calibration.seqlen ({seqlen}): "
-                              f"it would drop every calibration token, got {skip}")
-        if self.smoothing.outliers and not self.lowrank.enabled:
-            raise LowbitError("smoothing.outliers leaves columns out of the quantized weight: it needs lowrank.rank "
-                              "or lowrank.energy")
-        if (self.smoothing.enabled or self.lowrank.enabled) and self.hessian.source == "output_adaptive":
-            raise LowbitError("smoothing and lowrank need layer-wise calibration statistics "
-                              "(hessian.source: layerwise)")
-        if self.lowrank.enabled and self.weights.method == "none":
-            raise LowbitError("lowrank reconstructs a quantization error: weights.method none has none")
-        if self.weights.method == "billm" and (self.lowrank.enabled or self.transform.incoherence != "none"):
-            raise LowbitError("weights.method billm takes no lowrank branch and no incoherence transform")
-        if self.activations.enabled and self.hessian.source == "output_adaptive":
-            raise LowbitError("activation quantization needs layer-wise Hessians (hessian.source: layerwise)")
-        return self
-
-    @property
-    def needs_calibration(self) -> bool:
-        return (self.weights.method not in ("rtn", "none") or self.activations.static or self.smoothing.enabled
-                or self.lowrank.enabled)
-
-    @property
-    def needs_hessians(self) -> bool:
-        """Rounding or the whitened low-rank branch use the layer Hessians."""
-        return self.weights.method in ("gptq", "ldlq", "billm") or (self.lowrank.enabled and self.lowrank.whiten)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if d["hessian"]["passes"] == 1:  # how the gradient pass is split changes no number: left out at its
-            del d["hessian"]["passes"]   # default, so that recipes keep the identity (resume, cache) they had
-        if d["hessian"]["experts"] == "routed":  # added later; only mixture-of-experts models read it
-            del d["hessian"]["experts"]
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
-        return _build(cls, data, where).validate()
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise LowbitError(f"{where} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise LowbitError(f"unknown recipe key '{unknown[0]}' in {where} (known: {', '.join(known)})")
-    kwargs = {}
-    for key, value in data.items():
-        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[key] = _build(sub, value, f"{where}.{key}" if where != "recipe" else key)
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)

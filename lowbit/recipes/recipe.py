@@ -1,0 +1,104 @@
+"""The recipe: one section per concern (``schema``), the rules that span sections, and building one from a
+mapping (a YAML / TOML file) with every unknown key refused."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.recipes.checks import check_str
+from lowbit.recipes.schema import (
+    ActivationSpec,
+    CalibrationSpec,
+    HessianSpec,
+    LowRankSpec,
+    PipelineSpec,
+    SmoothingSpec,
+    TransformSpec,
+    WeightSpec,
+)
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    transform: TransformSpec = field(default_factory=TransformSpec)
+    hessian: HessianSpec = field(default_factory=HessianSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
+    activations: ActivationSpec = field(default_factory=ActivationSpec)
+    smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
+    lowrank: LowRankSpec = field(default_factory=LowRankSpec)
+
+    def validate(self) -> "Recipe":
+        """Every section, then the settings that span sections; returns the recipe for chaining."""
+        check_str(self.name, "name")
+        check_str(self.description, "description")
+        self.weights.validate()
+        self.transform.validate()
+        self.hessian.validate()
+        self.calibration.validate()
+        self.pipeline.validate()
+        self.activations.validate()
+        self.smoothing.validate()
+        self.lowrank.validate()
+        skip, seqlen = self.hessian.skip_first_tokens, self.calibration.seqlen
+        if skip >= seqlen:
+            raise LowbitError(f"hessian.skip_first_tokens must be less than calibration.seqlen ({seqlen}): "
+                              f"it would drop every calibration token, got {skip}")
+        if self.smoothing.outliers and not self.lowrank.enabled:
+            raise LowbitError("smoothing.outliers leaves columns out of the quantized weight: it needs lowrank.rank "
+                              "or lowrank.energy")
+        if (self.smoothing.enabled or self.lowrank.enabled) and self.hessian.source == "output_adaptive":
+            raise LowbitError("smoothing and lowrank need layer-wise calibration statistics "
+                              "(hessian.source: layerwise)")
+        if self.lowrank.enabled and self.weights.method == "none":
+            raise LowbitError("lowrank reconstructs a quantization error: weights.method none has none")
+        if self.weights.method == "billm" and (self.lowrank.enabled or self.transform.incoherence != "none"):
+            raise LowbitError("weights.method billm takes no lowrank branch and no incoherence transform")
+        if self.activations.enabled and self.hessian.source == "output_adaptive":
+            raise LowbitError("activation quantization needs layer-wise Hessians (hessian.source: layerwise)")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (self.weights.method not in ("rtn", "none") or self.activations.static or self.smoothing.enabled
+                or self.lowrank.enabled)
+
+    @property
+    def needs_hessians(self) -> bool:
+        """Rounding or the whitened low-rank branch use the layer Hessians."""
+        return self.weights.method in ("gptq", "ldlq", "billm") or (self.lowrank.enabled and self.lowrank.whiten)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["hessian"]["passes"] == 1:  # how the gradient pass is split changes no number: left out at its
+            del d["hessian"]["passes"]   # default, so that recipes keep the identity (resume, cache) they had
+        if d["hessian"]["experts"] == "routed":  # added later; only mixture-of-experts models read it
+            del d["hessian"]["experts"]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+        return _build(cls, data, where).validate()
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise LowbitError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise LowbitError(f"unknown recipe key '{unknown[0]}' in {where} (known: {', '.join(known)})")
+    kwargs = {}
+    for key, value in data.items():
+        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = _build(sub, value, f"{where}.{key}" if where != "recipe" else key)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

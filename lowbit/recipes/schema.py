@@ -30,7 +30,6 @@ ACT_GRANULARITY = ("tensor", "token", "cluster")
 ACT_SITES = SMOOTHING_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")  # the linear inputs
 FLOAT_BITS = 16  # activations (or the KV cache) left in floating point
 
-
 # Upper bounds no real run comes near: a typo (an extra zero, a seed pasted as a count) fails here, not after hours.
 MAX_NSAMPLES = 100_000          # calibration sequences
 MAX_SEQLEN = 1_048_576          # tokens per calibration sequence (2**20)

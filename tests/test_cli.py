@@ -89,7 +89,7 @@ def test_recipes_table_and_one_recipe_in_full():
     r = _lowbit("recipes")
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and lines[0].split() == ["recipe", "weights", "activations", "calibration", "method"]
-    rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("`")}
+    rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith(("`", " "))}
     assert set(rows) == set(recipes.presets())
     assert max(len(line) for line in lines) <= 120
     assert rows["gptq-w3g128"].split()[1:4] == ["W3g128", "-", "128×2048"]

@@ -144,8 +144,17 @@ def list_recipes(
     rows = [_recipe_row(recipes.get(n)) for n in recipes.presets()]
     head = ("recipe", "weights", "activations", "calibration", "method")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
-    for r in [head, *rows]:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    indent = sum(widths) + 2 * len(widths)
+    for r in [head, *rows]:  # the method column wraps under itself, between its parts, past 120 characters
+        method = [""]
+        for part in r[-1].split(", "):
+            if method[-1] and len(method[-1]) + len(part) + 3 > 120 - indent:  # ", " and a comma
+                method[-1] += ","
+                method.append("")
+            method[-1] += (", " if method[-1] else "") + part
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + method[0])
+        for more in method[1:]:
+            typer.echo(" " * indent + more)
     typer.echo("\n`lowbit recipes NAME` prints one preset in full (description and YAML).")
 
 
@@ -166,6 +175,7 @@ def _recipe_row(rec) -> tuple[str, str, str, str, str]:
     parts += [f"{sm.outliers} outlier columns"] if sm.outliers else []
     parts += [("whitened " if lr.whiten else "") + "low-rank"] if lr.enabled else []
     parts += ["reordered clusters"] if a.enabled and a.granularity == "cluster" and a.reorder else []
+    parts += [f"block-output tuning ×{rec.tuning.iters}"] if rec.tuning.enabled else []
     return rec.name, weights, acts, calib, ", ".join(parts)
 
 

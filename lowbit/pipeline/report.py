@@ -33,6 +33,7 @@ class QuantReport:
     total_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     resumed_blocks: int = 0
+    tuning: list[dict] = field(default_factory=list)  # per tuned block: output error before / after, seconds
 
     def to_dict(self) -> dict:
         return asdict(self)

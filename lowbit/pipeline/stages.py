@@ -27,9 +27,10 @@ from lowbit.hessians.cache import HessianCache
 from lowbit.hessians.output_adaptive import output_adaptive_hessians
 from lowbit.models.layout import block_layout
 from lowbit.models.linearize import expert_linears, experts_see_every_token
-from lowbit.pipeline.capture import feed_block_until, sequential_groups
+from lowbit.pipeline.capture import feed_block_until, run_block, sequential_groups
 from lowbit.pipeline.engine import Run, Stage, Turn
 from lowbit.pipeline.report import LayerReport
+from lowbit.pipeline.tuning import tune_block
 from lowbit.recipes import Recipe
 from lowbit.rounding import QuantizedWeight, proxy_loss
 from lowbit.rounding.dispatch import round_weight
@@ -166,6 +167,38 @@ class Rounding:
             apply_weight(turn.layers[n], qw)
 
 
+class Tuning:
+    """Rounding, then the block's rounded layers tuned against its full-precision output (``pipeline.tuning``).
+    It wraps the rounding stage: the target is the block's output before any layer is rounded."""
+
+    needs_inputs = True
+
+    def __init__(self, recipe: Recipe, rounding: Rounding):
+        self.spec, self.rounding = recipe.tuning, rounding
+
+    def prepare(self, run: Run) -> None:
+        self.rounding.prepare(run)
+        if run.store is not None:  # the records of blocks an earlier run tuned
+            run.report.tuning = [r for r in run.store.costs.get("tuning", []) if r["block"] in run.done]
+
+    def quantize(self, run: Run, turn: Turn) -> None:
+        targets = run_block(turn.block, run.inputs, turn.kwargs)  # every layer still in float
+        floats = {n: layer.weight.detach().clone() for n, layer in turn.layers.items()}
+        self.rounding.quantize(run, turn)
+        t0 = time.perf_counter()
+        tuned, record = tune_block(turn.block, turn.layers, turn.weights, run.inputs, turn.kwargs, targets, self.spec,
+                                   seed=self.spec.seed + turn.index, floats=floats)
+        for n, qw in tuned.items():
+            apply_weight(turn.layers[n], qw)
+            turn.weights[n] = qw
+        run.report.tuning.append({"block": turn.index, **record, "seconds": time.perf_counter() - t0})
+        if run.store is not None:
+            run.store.save_costs(tuning=run.report.tuning)
+
+    def restore(self, run: Run, turn: Turn, weights: dict[str, QuantizedWeight]) -> None:
+        self.rounding.restore(run, turn, weights)
+
+
 def build_stages(model: nn.Module, blocks: nn.ModuleList, recipe: Recipe,
                  hessian_cache: str | Path | None = None) -> list[Stage]:
     """The stages ``recipe`` is made of, in the order they work on a block."""
@@ -181,7 +214,8 @@ def build_stages(model: nn.Module, blocks: nn.ModuleList, recipe: Recipe,
             source = LayerwiseHessians(recipe)
         else:  # calibrated for its activations (or an unwhitened low-rank branch): Hessians unused
             source = _InputsWithoutHessians()
-        stages.append(Rounding(recipe, source))
+        rounding = Rounding(recipe, source)
+        stages.append(Tuning(recipe, rounding) if recipe.tuning.enabled else rounding)
     return stages
 
 

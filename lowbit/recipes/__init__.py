@@ -20,9 +20,10 @@ from lowbit.recipes.schema import (
     TransformSpec,
     WeightSpec,
 )
+from lowbit.recipes.tuning import TuningSpec
 
 __all__ = ["ActivationSpec", "CalibrationSpec", "HessianSpec", "LowRankSpec", "PipelineSpec", "Recipe", "SmoothingSpec",
-           "TransformSpec", "WeightSpec", "apply_overrides", "get", "load_file", "presets"]
+           "TransformSpec", "TuningSpec", "WeightSpec", "apply_overrides", "get", "load_file", "presets"]
 
 
 def presets() -> list[str]:

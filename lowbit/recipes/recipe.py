@@ -19,6 +19,7 @@ from lowbit.recipes.schema import (
     TransformSpec,
     WeightSpec,
 )
+from lowbit.recipes.tuning import TuningSpec
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Recipe:
     activations: ActivationSpec = field(default_factory=ActivationSpec)
     smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
     lowrank: LowRankSpec = field(default_factory=LowRankSpec)
+    tuning: TuningSpec = field(default_factory=TuningSpec)
 
     def validate(self) -> "Recipe":
         """Every section, then the settings that span sections; returns the recipe for chaining."""
@@ -46,6 +48,7 @@ class Recipe:
         self.activations.validate()
         self.smoothing.validate()
         self.lowrank.validate()
+        self.tuning.validate()
         skip, seqlen = self.hessian.skip_first_tokens, self.calibration.seqlen
         if skip >= seqlen:
             raise LowbitError(f"hessian.skip_first_tokens must be less than calibration.seqlen ({seqlen}): "
@@ -62,12 +65,18 @@ class Recipe:
             raise LowbitError("weights.method billm takes no lowrank branch and no incoherence transform")
         if self.activations.enabled and self.hessian.source == "output_adaptive":
             raise LowbitError("activation quantization needs layer-wise Hessians (hessian.source: layerwise)")
+        if self.tuning.enabled and self.weights.method in ("none", "billm"):
+            raise LowbitError(f"tuning moves the codes and scales of a grid: weights.method {self.weights.method} "
+                              "has none (use rtn, gptq or ldlq)")
+        if self.tuning.enabled and self.activations.enabled:
+            raise LowbitError("tuning with quantized activations is not supported yet: set activations.bits 16 or "
+                              "tuning.iters 0")
         return self
 
     @property
     def needs_calibration(self) -> bool:
         return (self.weights.method not in ("rtn", "none") or self.activations.static or self.smoothing.enabled
-                or self.lowrank.enabled)
+                or self.lowrank.enabled or self.tuning.enabled)
 
     @property
     def needs_hessians(self) -> bool:
@@ -80,6 +89,8 @@ class Recipe:
             del d["hessian"]["passes"]   # default, so that recipes keep the identity (resume, cache) they had
         if d["hessian"]["experts"] == "routed":  # added later; only mixture-of-experts models read it
             del d["hessian"]["experts"]
+        if d["tuning"] == dataclasses.asdict(TuningSpec()):  # added later: an untuned recipe keeps its identity
+            del d["tuning"]
         return d
 
     @classmethod

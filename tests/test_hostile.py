@@ -307,14 +307,14 @@ def test_random_states_round_trip_without_pickle(tmp_path):
     import numpy as np
     import torch
 
-    from lowbit.compare.peers.autoround_peer import _load_rng_states, _save_rng_states, _set_rng_states
+    from lowbit.compare.peers.autoround_resume import load_rng_states, save_rng_states, set_rng_states
 
     random.seed(3)
     np.random.seed(4)
     torch.manual_seed(5)
-    _save_rng_states(tmp_path / "rng.safetensors")
+    save_rng_states(tmp_path / "rng.safetensors")
     first = (random.random(), np.random.rand(), np.random.randn(), torch.rand(2).tolist())
-    _set_rng_states(_load_rng_states(tmp_path / "rng.safetensors"))
+    set_rng_states(load_rng_states(tmp_path / "rng.safetensors"))
     assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(2).tolist()) == first
 
 

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from lowbit.compare.report import gap_ratios, ratio_line
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "BENCHMARKS.md"
@@ -151,7 +153,9 @@ def page() -> str:
            f"{_fmt(fp['wikitext2'])}, C4 {_fmt(fp['c4'])}. Lower is better everywhere; best per column in bold.", "",
            "## Best preset per bit width", "", *summary(classes, fp), "",
            "The last column: the WikiText-2 perplexity lost to quantization by lowbit's best preset that stores no "
-           "more bits per weight than the best peer, divided by the peer's loss (below 1: lowbit is better).", "",
+           "more bits per weight than the best peer, divided by the peer's loss (below 1: lowbit is better). "
+           "The same per storage budget, as `lowbit compare` reports it (rows above a budget never count):", "",
+           *[f"- {ratio_line(g)}" for g in gap_ratios(compare["rows"], "wikitext2")], "",
            "Reproduce a row: `lowbit compare smollm2-135m --recipes gptq-w4g128 --report runs/q16 --nsamples 16 "
            "--windows 8` (add `--peers autoround@w4g128` for a peer; extra `peers`). Check that the committed numbers "
            "still come out: `python bench/reproduce.py` (" + _reproduce_line() + ").", "",

@@ -289,13 +289,25 @@ def test_pareto_front_and_gap_ratio():
     pts = [(4.2, 30.0), (3.2, 45.0), (4.5, 29.0), (4.3, 31.0), (2.2, 300.0), (3.3, 50.0)]
     assert pareto_front(pts) == [(2.2, 300.0), (3.2, 45.0), (4.2, 30.0), (4.5, 29.0)]
     rows = [{"name": "fp", "kind": "fp", "status": "ok", "perplexity": {"w": 20.0}},
-            {"name": "a", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 16, "perplexity": {"w": 22.0}},
-            {"name": "b", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 16, "perplexity": {"w": 21.0}},
-            {"name": "p", "kind": "peer", "status": "ok", "w_bits": 4, "a_bits": 16, "perplexity": {"w": 24.0}},
+            {"name": "a", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 16, "effective_bits": 4.1,
+             "perplexity": {"w": 22.0}},
+            {"name": "b", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 16, "effective_bits": 4.2,
+             "perplexity": {"w": 21.0}},
+            {"name": "big", "kind": "recipe", "status": "ok", "w_bits": 2, "a_bits": 16, "effective_bits": 2.96,
+             "perplexity": {"w": 25.0}},  # 2-bit codes, but over the 2.3 budget: counts at 3.3 and 4.3 only
+            {"name": "p", "kind": "peer", "status": "ok", "w_bits": 4, "a_bits": 16, "effective_bits": 4.25,
+             "perplexity": {"w": 24.0}},
+            {"name": "p2", "kind": "peer", "status": "ok", "w_bits": 2, "a_bits": 16, "effective_bits": 2.25,
+             "perplexity": {"w": 40.0}},
             {"name": "q", "kind": "peer", "status": "failed: x", "w_bits": 4},
-            {"name": "c", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 8, "perplexity": {"w": 20.5}}]
-    (g,) = gap_ratios(rows, "w")
-    assert (g["lowbit"], g["peer"]) == ("b", "p") and g["ratio"] == pytest.approx(1.0 / 4.0)
+            {"name": "c", "kind": "recipe", "status": "ok", "w_bits": 4, "a_bits": 8, "effective_bits": 4.0,
+             "perplexity": {"w": 20.5}}]
+    by_budget = {g["budget"]: g for g in gap_ratios(rows, "w")}
+    assert 2.3 not in by_budget  # no lowbit row within 2.3 bits: no ratio, rather than one against 2.96 bits
+    assert (by_budget[3.3]["lowbit"], by_budget[3.3]["peer"]) == ("big", "p2")
+    assert by_budget[3.3]["ratio"] == pytest.approx(5.0 / 20.0)
+    assert (by_budget[4.3]["lowbit"], by_budget[4.3]["peer"]) == ("b", "p")
+    assert by_budget[4.3]["ratio"] == pytest.approx(1.0 / 4.0)
 
 
 def test_spread_labels_leaves_no_two_names_overlapping():

@@ -50,27 +50,37 @@ def table(rows: list[dict], cfg: CompareConfig) -> tuple[list[str], list[list[st
     return head, body
 
 
-def gap_ratios(rows: list[dict], dataset: str) -> list[dict]:
-    """Per weight bit width (weight-only rows): lowbit's best perplexity gap over the best peer's."""
+BUDGETS = (2.3, 3.3, 4.3)  # effective bits per weight: W2g64, W3g128 and W4g128 with their scales fit
+
+
+def gap_ratios(rows: list[dict], dataset: str, budgets: tuple[float, ...] = BUDGETS) -> list[dict]:
+    """Per storage budget (weight-only rows): lowbit's best perplexity gap to the full model among its rows
+    that store at most that many bits per weight, over the best peer's among the peers' rows within the same
+    budget. A row above the budget never counts, for either side: no ratio sets 2.96 bits against 2.25."""
     fp = full_model_row(rows)
     if fp is None:
         return []
     base = fp["perplexity"][dataset]
-    best: dict[int, dict[str, tuple[float, str]]] = {}
-    for r in rows:
-        if r.get("status") != "ok" or r["kind"] == "fp" or r.get("a_bits", 16) != 16 or dataset not in r["perplexity"]:
-            continue
-        side = best.setdefault(r["w_bits"], {})
-        gap = r["perplexity"][dataset] - base
-        if r["kind"] not in side or gap < side[r["kind"]][0]:
-            side[r["kind"]] = (gap, r["name"])
+    usable = [r for r in rows if r.get("status") == "ok" and r["kind"] in ("recipe", "peer")
+              and r.get("a_bits", 16) == 16 and dataset in r["perplexity"] and r.get("effective_bits") is not None]
     out = []
-    for bits in sorted(best):
-        s = best[bits]
-        if "recipe" in s and "peer" in s:
-            out.append({"w_bits": bits, "lowbit": s["recipe"][1], "lowbit_gap": s["recipe"][0], "peer": s["peer"][1],
-                        "peer_gap": s["peer"][0], "ratio": s["recipe"][0] / s["peer"][0] if s["peer"][0] > 0 else None})
+    for budget in budgets:
+        best = {}
+        for r in usable:
+            gap = r["perplexity"][dataset] - base
+            if r["effective_bits"] <= budget and (r["kind"] not in best or gap < best[r["kind"]][0]):
+                best[r["kind"]] = (gap, r)
+        if "recipe" in best and "peer" in best:
+            (lg, lr), (pg, pr) = best["recipe"], best["peer"]
+            out.append({"budget": budget, "lowbit": lr["name"], "lowbit_bits": lr["effective_bits"], "lowbit_gap": lg,
+                        "peer": pr["name"], "peer_bits": pr["effective_bits"], "peer_gap": pg,
+                        "ratio": lg / pg if pg > 0 else None})
     return out
+
+
+def ratio_line(g: dict) -> str:
+    return (f"≤ {g['budget']} bits: {g['lowbit']} ({g['lowbit_bits']:.2f} bits) {g['lowbit_gap']:+.3f} vs "
+            f"{g['peer']} ({g['peer_bits']:.2f} bits) {g['peer_gap']:+.3f} → {_num(g['ratio'], '.3g')}")
 
 
 def _protocol_lines(cfg: CompareConfig) -> list[str]:
@@ -101,9 +111,9 @@ def write_report(rows: list[dict], cfg: CompareConfig, out: Path) -> tuple[Path,
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
     if ratios:
-        md += ["", f"Gap ratio (lowbit's best {d0} perplexity gap ÷ the best peer's, weight-only rows):", ""]
-        md += [f"- W{g['w_bits']}: {g['lowbit']} {g['lowbit_gap']:+.3f} vs {g['peer']} {g['peer_gap']:+.3f} → "
-               f"{_num(g['ratio'], '.3g')}" for g in ratios]
+        md += ["", f"Gap ratio per storage budget (lowbit's best {d0} perplexity gap ÷ the best peer's, among the "
+               "weight-only rows that store no more bits per weight than the budget):", ""]
+        md += [f"- {ratio_line(g)}" for g in ratios]
     for title, p in figures:
         md += ["", f"## {title}", "", f"![{title}]({p.name})"]
     md_path = out / "report.md"
@@ -111,8 +121,7 @@ def write_report(rows: list[dict], cfg: CompareConfig, out: Path) -> tuple[Path,
 
     esc = html.escape
     rows_html = "\n".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body)
-    ratio_html = "".join(f"<li>W{g['w_bits']}: {esc(g['lowbit'])} {g['lowbit_gap']:+.3f} vs {esc(g['peer'])} "
-                         f"{g['peer_gap']:+.3f} → {_num(g['ratio'], '.3g')}</li>" for g in ratios)
+    ratio_html = "".join(f"<li>{esc(ratio_line(g))}</li>" for g in ratios)
     figs_html = "\n".join(f"<h2>{esc(t)}</h2><img src='{p.name}' alt='{esc(t)}'>" for t, p in figures)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>lowbit compare — {esc(cfg.model)}</title>

@@ -192,6 +192,8 @@ class Tuning:
             apply_weight(turn.layers[n], qw)
             turn.weights[n] = qw
         run.report.tuning.append({"block": turn.index, **record, "seconds": time.perf_counter() - t0})
+        log.info("block %d tuned: output error %.4g -> %.4g%s (%.0f s)", turn.index, record["before"], record["after"],
+                 "" if record["kept"] else ", the rounding's kept", run.report.tuning[-1]["seconds"])
         if run.store is not None:
             run.store.save_costs(tuning=run.report.tuning)
 

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lowbit import recipes as _recipes
 from lowbit.data import calibration
+from lowbit.errors import LowbitError
 from lowbit.pipeline import QuantReport, quantize_model
 from lowbit.recipes import Recipe
 
@@ -43,7 +44,7 @@ def quantize(
     recipe = _recipes.get(recipe)
     if calib is None and recipe.needs_calibration:
         if tokenizer is None:
-            raise ValueError("pass calibration token ids or a tokenizer to build them from the recipe")
+            raise LowbitError("pass calibration token ids or a tokenizer to build them from the recipe")
         calib = calibration_for(recipe, tokenizer, model)
     report = quantize_model(model, recipe, calib, progress_dir=progress_dir, resume=resume, show_progress=show_progress,
                             hessian_cache=hessian_cache)
@@ -78,7 +79,7 @@ def quantize_to_disk(
     disk.model.lowbit_source = source_name or str(Path(source).resolve())
     if calib is None and recipe.needs_calibration:
         if tokenizer is None:
-            raise ValueError("pass calibration token ids or a tokenizer to build them from the recipe")
+            raise LowbitError("pass calibration token ids or a tokenizer to build them from the recipe")
         calib = calibration_for(recipe, tokenizer, disk.model)
     progress = Path(out) / ".progress"
     shards = ShardWriter(progress / "shards", recipe.weights.group_size)

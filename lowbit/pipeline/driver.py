@@ -92,7 +92,7 @@ def _check_run(recipe: Recipe, calib: torch.Tensor | None, onload: DiskModel | N
         raise LowbitError("output-adaptive Hessians (OAC) need the whole model's gradients: quantize without "
                           "--onload")
     if recipe.needs_calibration and calib is None:
-        raise ValueError(f"recipe {recipe.name} needs calibration data")
+        raise LowbitError(f"recipe {recipe.name} needs calibration data: pass calibration token ids")
 
 
 def _check_model(model: nn.Module, blocks: nn.ModuleList, quantizable: list[dict[str, nn.Linear]],

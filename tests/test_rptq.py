@@ -78,17 +78,17 @@ def test_quantizers_sit_where_the_recipe_says(arch, calib_ids):
 
 
 def test_gptq_hessians_see_quantized_inputs(calib_ids, monkeypatch):
-    from lowbit.pipeline import stages
+    from lowbit.pipeline import sources
 
     seen = {}
-    real = stages.collect_hessians
+    real = sources.collect_hessians
 
     def spy(block, layers, inputs, kwargs, skip, **kw):
         for name, layer in layers.items():
             layer.register_forward_pre_hook(lambda _m, a, name=name: seen.setdefault(name, a[0].detach().clone()))
         return real(block, layers, inputs, kwargs, skip, **kw)
 
-    monkeypatch.setattr(stages, "collect_hessians", spy)
+    monkeypatch.setattr(sources, "collect_hessians", spy)
     quantize_model(tiny_llama(layers=1), _recipe(bits=3, kv_bits=16), calib_ids, show_progress=False)
     for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
         x = seen[name].reshape(-1, seen[name].shape[-1])

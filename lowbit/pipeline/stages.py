@@ -3,8 +3,8 @@
 - ``ActivationPlan``: smoothing, channel reordering and static activation / KV quantizers, calibrated on
   the block's inputs before its weights are rounded (so the Hessians see what the layers will get).
 - ``Rounding``: each layer's weights rounded by the recipe's algorithm, in execution-order groups,
-  with Hessians from one of three sources: none (RTN), each group's inputs (``LayerwiseHessians``), or
-  the output loss's gradients, computed once before any block (``OutputAdaptiveHessians``: OAC).
+  with Hessians from one of the sources of ``pipeline.sources`` (none, layer-wise, output-adaptive).
+- ``Tuning``: the rounding, then the block's rounded layers tuned against its full-precision output.
 
 ``build_stages`` is the one place that reads which of them a recipe needs.
 """
@@ -15,21 +15,23 @@ import dataclasses
 import logging
 import re
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_block
-from lowbit.hessians import HessianAccumulator
-from lowbit.hessians.cache import HessianCache
-from lowbit.hessians.output_adaptive import output_adaptive_hessians
 from lowbit.models.layout import block_layout
-from lowbit.models.linearize import expert_linears, experts_see_every_token
-from lowbit.pipeline.capture import feed_block_until, run_block, sequential_groups
+from lowbit.models.linearize import expert_linears
+from lowbit.pipeline.capture import run_block, sequential_groups
 from lowbit.pipeline.engine import Run, Stage, Turn
 from lowbit.pipeline.report import LayerReport
+from lowbit.pipeline.sources import (
+    InputsWithoutHessians,
+    LayerwiseHessians,
+    NoHessians,
+    OutputAdaptiveHessians,
+)
 from lowbit.pipeline.tuning import tune_block
 from lowbit.recipes import Recipe
 from lowbit.rounding import QuantizedWeight, proxy_loss
@@ -37,7 +39,6 @@ from lowbit.rounding.dispatch import round_weight
 
 log = logging.getLogger(__name__)
 
-Hessians = tuple[dict[str, torch.Tensor], dict[str, int]]  # each layer's Hessian, and the tokens it saw
 
 
 class ActivationPlan:
@@ -63,75 +64,6 @@ class ActivationPlan:
         plan = BlockActPlan.from_state(*run.store.load_activation_plan(turn.index))
         apply_plan(turn.block, self.layouts[turn.index], plan, run.model.config)
         run.report.activation_quantizers += len(plan.quantizers)
-
-
-class NoHessians:
-    """RTN and friends: the weights alone."""
-
-    needs_inputs = False
-
-    def prepare(self, run: Run) -> None:
-        pass
-
-    def hessians(self, run: Run, turn: Turn, group: dict[str, nn.Linear], experts: set[str]) -> Hessians:
-        return {}, {}
-
-
-class LayerwiseHessians:
-    """``H = XᵀX`` of each layer's inputs, collected from the block's (quantized) calibration inputs."""
-
-    needs_inputs = True
-
-    def __init__(self, recipe: Recipe):
-        self.spec = recipe.hessian
-
-    def prepare(self, run: Run) -> None:
-        pass
-
-    def hessians(self, run: Run, turn: Turn, group: dict[str, nn.Linear], experts: set[str]) -> Hessians:
-        with experts_see_every_token(turn.block, self.spec.experts == "all"):
-            return collect_hessians(turn.block, group, run.inputs, turn.kwargs, self.spec.skip_first_tokens,
-                                    whole_block=bool(experts & set(group)))
-
-
-class OutputAdaptiveHessians:
-    """OAC's ``H̄`` from the full-precision model's output-loss gradients, for every layer, before any block
-    is rounded; kept in a shared cache when one is given, so that recipes on one model run the pass once."""
-
-    needs_inputs = False
-
-    def __init__(self, recipe: Recipe, cache: str | Path | None):
-        self.passes, self.cache = recipe.hessian.passes, cache
-        self.precomputed: dict[str, torch.Tensor] = {}
-
-    def prepare(self, run: Run) -> None:
-        store, report, done = run.store, run.report, run.done
-        if len(done) == len(run.blocks):  # every block stored: the pass is not needed, its cost is
-            if store is not None and "hessian_pass" in store.costs:
-                report.hessian_pass = dict(store.costs["hessian_pass"])
-                run.costs.earlier += report.hessian_pass["seconds"]
-            return
-        targets = {run.prefix(b) + n: m for b, ls in enumerate(run.quantizable) for n, m in ls.items()}
-        rounded = [run.prefix(b) + n for b in done for n in run.quantizable[b]]  # their Hessians are not needed
-        t0 = time.perf_counter()
-        cache = HessianCache(self.cache) if self.cache is not None else None
-        claim = cache.claim(cache.key(run.model, targets, run.calib)) if cache is not None else nullcontext()
-        with claim as cached:  # a cache keeps every layer's Hessian, for the next recipe that asks
-            state = cached if cache is not None else (store.hessian_state if store else None)
-            self.precomputed, report.hessian_pass = output_adaptive_hessians(
-                run.model, targets, run.calib, show_progress=run.show_progress, state=state,
-                passes=self.passes, skip=() if cache is not None else rounded)
-        if cache is not None:  # "reused": every sequence of every pass was read, none computed here
-            hp = report.hessian_pass
-            hp.update(cache=str(cached), reused=hp.get("resumed_at", 0) == run.calib.shape[0] * hp.get("passes", 1))
-        # an interrupted pass's part (a pass read whole reports its maker's time: never below zero)
-        run.costs.earlier += max(0.0, report.hessian_pass["seconds"] - (time.perf_counter() - t0))
-        if store is not None:
-            store.save_costs(hessian_pass=report.hessian_pass)
-
-    def hessians(self, run: Run, turn: Turn, group: dict[str, nn.Linear], experts: set[str]) -> Hessians:
-        # on the CPU when the pass was split (hessian.passes): one layer's at a time on the device
-        return {n: self.precomputed.pop(turn.prefix + n).to(m.weight.device) for n, m in group.items()}, {}
 
 
 class Rounding:
@@ -215,16 +147,10 @@ def build_stages(model: nn.Module, blocks: nn.ModuleList, recipe: Recipe,
         elif recipe.needs_hessians:
             source = LayerwiseHessians(recipe)
         else:  # calibrated for its activations (or an unwhitened low-rank branch): Hessians unused
-            source = _InputsWithoutHessians()
+            source = InputsWithoutHessians()
         rounding = Rounding(recipe, source)
         stages.append(Tuning(recipe, rounding) if recipe.tuning.enabled else rounding)
     return stages
-
-
-class _InputsWithoutHessians(NoHessians):
-    """A calibrated recipe whose rounding uses no Hessian still rounds in execution-order groups."""
-
-    needs_inputs = True
 
 
 def apply_weight(layer: nn.Linear, qw: QuantizedWeight) -> None:
@@ -275,23 +201,6 @@ def round_layer(name: str, block: int, layer: nn.Linear, h: torch.Tensor | None,
     apply_weight(layer, qw)
     report = layer_report(name, block, w, qw, h, spec.method, time.perf_counter() - t0, tokens)
     return qw.cpu(), report  # codes for packing live on the host, not the GPU
-
-
-def collect_hessians(block: nn.Module, layers: dict[str, nn.Linear], inputs: torch.Tensor, kwargs: dict,
-                     skip_first_tokens: int, whole_block: bool) -> Hessians:
-    """Each layer's Hessian and the number of tokens it saw (an expert sees only those routed to it).
-
-    ``whole_block``: run every sample through the whole block instead of stopping at the group's last
-    layer (experts: which one a sample calls last depends on its routing)."""
-    accs = {n: HessianAccumulator(m.in_features, skip_first_tokens, device=m.weight.device) for n, m in layers.items()}
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0].detach()))
-               for n, m in layers.items()]
-    try:
-        feed_block_until(block, inputs, kwargs, last=None if whole_block else list(layers.values())[-1])
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: a.hessian() for n, a in accs.items()}, {n: a.count for n, a in accs.items()}
 
 
 def expert_groups(groups: list[list[str]], experts: set[str]) -> list[list[str]]:

@@ -18,4 +18,4 @@ __version__ = "0.1.0"
 __getattr__, __dir__ = lazy_attributes(__name__, {
     "data": ("lowbit.data", None), "eval": ("lowbit.eval", None), "recipes": ("lowbit.recipes", None),
     "quantize": ("lowbit.api", "quantize"), "save": ("lowbit.export", "save"),
-    "load_model": ("lowbit.models", "load_model")})
+    "load_model": ("lowbit.api", "load_model")})

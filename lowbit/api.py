@@ -87,3 +87,18 @@ def quantize_to_disk(
                             show_progress=show_progress, onload=disk, sink=shards)
     save_streamed(disk, shards, out, recipe.to_dict(), tokenizer, report)
     return report
+
+
+def load_model(name_or_path, dtype: torch.dtype | None = None):
+    """``(model, tokenizer)`` of a built-in alias, a local folder or GGUF file, a hub id — or a lowbit checkpoint
+    (its packed layers; ``dtype`` defaults to the saved one, float32 for the rest). A name or path, or the
+    ``ModelRef`` that ``models.resolve.resolve`` made of one."""
+    from lowbit.models.loading import load_model as load_float
+    from lowbit.models.resolve import ModelRef, resolve
+
+    ref = name_or_path if isinstance(name_or_path, ModelRef) else resolve(str(name_or_path))
+    if ref.kind == "checkpoint":
+        from lowbit.export.load import load_quantized
+
+        return load_quantized(ref.path, dtype=dtype)
+    return load_float(ref, dtype)

@@ -137,8 +137,8 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
               device: Optional[str], phases: Phases, onload: bool = False) -> dict:
     """The work of ``lowbit eval`` once its input is known to be good (and its log is ours)."""
     with phases("imports"):  # torch and transformers: seconds, counted like the rest
+        from lowbit.api import load_model
         from lowbit.eval import evaluate_tasks, kl_divergence, perplexity
-        from lowbit.models import load_model
 
         dev = torch_device(device)
     if onload:

@@ -178,11 +178,10 @@ def _quantize(ref, rec, out: Path, datasets: list[str], windows: Optional[int], 
               resume: bool, hessian_cache: Optional[Path], phases: Phases, dtype=None) -> None:
     """The work of ``lowbit quantize`` once its input is known to be good and OUT is ours."""
     with phases("imports"):  # torch and transformers: seconds, counted like the rest
-        from lowbit.api import calibration_for
+        from lowbit.api import calibration_for, load_model
         from lowbit.atomic import atomic_write_text
         from lowbit.eval import perplexity
         from lowbit.export import save
-        from lowbit.models import load_model
         from lowbit.pipeline import quantize_model
 
         dev = torch_device(device)

@@ -58,8 +58,8 @@ def _reusable(files: list[Path]) -> dict[str, dict]:
 
 def _calibration(cfg: CompareConfig, report_dir: Path) -> Path:
     """The one calibration set every row uses, built once and kept while the protocol holds."""
+    from lowbit.api import load_model
     from lowbit.data import calibration
-    from lowbit.models import load_model
 
     path = report_dir / "calibration.pt"
     meta = report_dir / "calibration.json"

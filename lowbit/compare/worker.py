@@ -80,8 +80,8 @@ def _quantize_peer(model, tok, spec: dict, calib, run_dir: Path) -> dict:
 
 
 def run_job(job: dict, run_dir: Path) -> dict:
+    from lowbit.api import load_model
     from lowbit.eval import kl_divergence, perplexity
-    from lowbit.models import load_model
 
     cfg = CompareConfig(**job["config"])
     dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -28,16 +28,13 @@ log = logging.getLogger(__name__)
 def load_model(
     name_or_path: str | os.PathLike | ModelRef, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return ``(model, tokenizer)`` in eval mode; ``model.lowbit_source`` records where it came from.
-
-    ``dtype`` defaults to float32 for float models and to the saved dtype for lowbit checkpoints.
-    A :class:`ModelRef` from :func:`~lowbit.models.resolve.resolve` is not resolved again.
+    """Return a float model's ``(model, tokenizer)`` in eval mode; ``model.lowbit_source`` records where it came
+    from. ``dtype`` defaults to float32. A :class:`ModelRef` from :func:`~lowbit.models.resolve.resolve` is not
+    resolved again. A lowbit checkpoint is ``lowbit.load_model``'s (``api.load_model``), a layer above this one.
     """
     ref = name_or_path if isinstance(name_or_path, ModelRef) else resolve(str(name_or_path))
     if ref.kind == "checkpoint":
-        from lowbit.export.load import load_quantized
-
-        return load_quantized(ref.path, dtype=dtype)
+        raise LowbitError(f"{ref.path} is a lowbit checkpoint: load it with lowbit.load_model")
     dtype = dtype or torch.float32
     if ref.kind == "alias":
         model, tok = _load_local(_cached_alias(ALIASES[ref.name]), dtype)

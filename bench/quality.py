@@ -34,7 +34,7 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
     if recipe != "fp":
         rec = apply_overrides(lowbit.recipes.get(recipe), args.set)
         cal = {k: v for k, v in dict(nsamples=args.nsamples, seqlen=args.seqlen).items() if v is not None}
-        rec.calibration = dataclasses.replace(rec.calibration, **cal)
+        rec = rec.with_overrides(calibration=dataclasses.replace(rec.calibration, **cal))
         rec.validate()
         t0 = time.perf_counter()
         _, report = lowbit.quantize(model, rec, tokenizer=tok, show_progress=False)

@@ -241,7 +241,7 @@ def test_a_split_gradient_pass_gives_the_same_quantized_model(calib_ids, tmp_pat
                     hessian=HessianSpec(source="output_adaptive"), calibration=CalibrationSpec(nsamples=6, seqlen=32))
     one = tiny_llama(layers=3)
     quantize_model(one, recipe, calib_ids, show_progress=False)
-    recipe.hessian.passes = 3
+    recipe = recipe.with_overrides("hessian.passes=3")
     split = tiny_llama(layers=3)
     report = quantize_model(split, recipe, calib_ids, progress_dir=tmp_path / "a", show_progress=False)
     assert report.hessian_pass["passes"] == 3 and not list((tmp_path / "a").glob("oac_*"))  # dropped once done

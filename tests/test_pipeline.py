@@ -89,8 +89,7 @@ def test_one_pass_mode_quantizes_everything_from_full_precision_inputs(calib_ids
     """true_sequential=false: every layer's Hessian comes from the block's unquantized inputs."""
     seq, flat = tiny_llama(), tiny_llama()
     quantize_model(seq, _recipe("gptq", bits=3), calib_ids, show_progress=False)
-    rec = _recipe("gptq", bits=3)
-    rec.pipeline.true_sequential = False
+    rec = _recipe("gptq", bits=3).with_overrides("pipeline.true_sequential=false")
     quantize_model(flat, rec, calib_ids, show_progress=False)
     q = "model.layers.0.self_attn.q_proj"  # first group: same inputs either way
     assert torch.equal(seq.lowbit_quant[q].codes, flat.lowbit_quant[q].codes)

@@ -1,10 +1,11 @@
+import dataclasses
 import json
 
 import pytest
 
 from lowbit import recipes
 from lowbit.errors import LowbitError
-from lowbit.recipes import Recipe
+from lowbit.recipes import CalibrationSpec, Recipe
 
 ISSUE_PRESETS = ["rtn-w4", "gptq-w4", "gptq-w4g128", "gptq-w3g128", "gptq-w2g64"]
 
@@ -254,9 +255,10 @@ def test_overrides_and_replaced_fields_are_checked_too():
                       ("calibration.seed=-3", "calibration.seed")):
         with pytest.raises(LowbitError, match=rf"^{key} must be"):
             recipes.apply_overrides(r, [item])
-    r.calibration.nsamples = 12.0  # what the CLI's dataclasses.replace of --nsamples could hand over
     with pytest.raises(LowbitError, match="calibration.nsamples must be a positive integer"):
-        r.validate()
+        r.with_overrides(calibration=CalibrationSpec(nsamples=12.0))  # what a replaced field could hand over
+    with pytest.raises(dataclasses.FrozenInstanceError):  # recipes are values: with_overrides makes a new one
+        r.calibration.nsamples = 12
 
 
 @pytest.mark.parametrize("name", recipes.presets())

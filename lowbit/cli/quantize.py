@@ -65,7 +65,7 @@ def quantize(
     rec = recipes.apply_overrides(recipes.get(recipe), set_)
     given = dict(nsamples=nsamples, seqlen=seqlen, seed=seed, sampling=sampling)
     overrides = {k: v for k, v in given.items() if v is not None}
-    rec.calibration = dataclasses.replace(rec.calibration, **overrides)
+    rec = rec.with_overrides(calibration=dataclasses.replace(rec.calibration, **overrides))
     rec.validate()
     datasets = parse_datasets(eval_ppl)
     check_windows(windows)

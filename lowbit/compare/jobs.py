@@ -52,7 +52,7 @@ def plan_jobs(cfg: CompareConfig) -> list[Job]:
     jobs, given = [Job(FP, FP, {})], {FP: ["the full model"]}
     for name in cfg.recipes:
         rec = recipes.apply_overrides(recipes.get(name), cfg.overrides)
-        rec.calibration = dataclasses.replace(rec.calibration, **cfg.calibration())
+        rec = rec.with_overrides(calibration=dataclasses.replace(rec.calibration, **cfg.calibration()))
         rec.validate()
         label = rec.name if Path(name).is_file() else name  # a recipe file's row: its own name, not its path
         jobs.append(Job("recipe", label, rec.to_dict()))

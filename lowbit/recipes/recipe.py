@@ -22,7 +22,7 @@ from lowbit.recipes.schema import (
 from lowbit.recipes.tuning import TuningSpec
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
     name: str = "custom"
     description: str = ""
@@ -92,6 +92,14 @@ class Recipe:
         if d["tuning"] == dataclasses.asdict(TuningSpec()):  # added later: an untuned recipe keeps its identity
             del d["tuning"]
         return d
+
+    def with_overrides(self, *assignments: str, **sections: Any) -> "Recipe":
+        """A new, validated recipe: ``"weights.bits=3"`` assignments (as ``--set`` takes them) and/or whole
+        sections (``calibration=CalibrationSpec(...)``). Recipes are frozen: this is how one changes."""
+        from lowbit.recipes import apply_overrides
+
+        changed = dataclasses.replace(self, **sections) if sections else self
+        return apply_overrides(changed, list(assignments)) if assignments else changed.validate()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":

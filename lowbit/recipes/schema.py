@@ -40,7 +40,7 @@ MAX_HESSIAN_PASSES = 1_024      # output-adaptive gradient passes (a 7B Llama ha
 MAX_RMS_MULT = 100.0            # QuIP's per-matrix grid ±rms_mult·RMS(W) (the paper: 2.4)
 
 
-@dataclass
+@dataclass(frozen=True)
 class WeightSpec:
     """How weights are rounded; ``group_size: null`` means one scale per output channel.
 
@@ -102,7 +102,7 @@ class WeightSpec:
                               "and the minmax grid")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TransformSpec:
     """Rewrites of each layer before rounding. ``incoherence``: QuIP's two-sided random orthogonal
     transform (``kron``: the paper's Kronecker of small random orthogonals with a permutation;
@@ -120,7 +120,7 @@ class TransformSpec:
         check_seed(self.seed, "transform.seed")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HessianSpec:
     """Where curvature comes from: ``layerwise`` (``2·XᵀX/n`` of each layer's calibration inputs)
     or ``output_adaptive`` (OAC: Fisher of the output cross-entropy's gradients, one gradient pass
@@ -154,7 +154,7 @@ class HessianSpec:
                               f"not to hessian.source {self.source!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActivationSpec:
     """Activation and KV-cache quantization (``bits``/``kv_bits`` 16: left in float).
 
@@ -202,7 +202,7 @@ class ActivationSpec:
         check_sites(self.sites, "activations.sites", ACT_SITES)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SmoothingSpec:
     """SmoothQuant's migration of activation range into the weights, per input channel
     ``s_j = max|X_j|^α / max|W_:,j|^(1−α)`` folded into the producing norm / linear
@@ -226,7 +226,7 @@ class SmoothingSpec:
         check_sites(self.sites, "smoothing.sites", SMOOTHING_SITES, nonempty=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LowRankSpec:
     """Low-rank error reconstruction after rounding (ASER): ``E = W − Q(W)`` ≈ ``A·B``, served as
     ``y = Q(W)·x + A·(B·x)`` with A and B in float16. ``whiten``: truncate the SVD of ``E·S``
@@ -256,7 +256,7 @@ class LowRankSpec:
         check_float(self.damp, "lowrank.damp", 0, 1, hi_open=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationSpec:
     dataset: str = "c4"
     nsamples: int = 128
@@ -277,7 +277,7 @@ class CalibrationSpec:
         check_choice(self.sampling, "calibration.sampling", SAMPLING)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineSpec:
     """``true_sequential``: quantize q/k/v, then o, then gate/up, then down, each on inputs that
     already went through the quantized layers before it (GPTQ's ``--true-sequential``)."""

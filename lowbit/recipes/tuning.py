@@ -13,7 +13,7 @@ MAX_TUNING_ITERS = 100_000
 MAX_TUNING_BATCH = 4_096
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuningSpec:
     """``iters`` sign-gradient steps per block, each over ``batch_size`` calibration samples (their first
     ``tokens`` tokens when set: a causal block's outputs there do not depend on what follows). ``lr`` is

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "BENCHMARKS.md"
 COMPARE = "compare-smollm2-q16/results.json"
+# later rows under the same protocol, run as their own comparison (the full model's row reused from COMPARE)
+MORE_COMPARES = ("compare-smollm2-q16-tuned/results.json",)
 # W4A8 and W4A4KV4 rows were measured by bench/quality.py (same Q16/8 protocol, no KL)
 ACTIVATION_RUNS = ("aser-quick-main.json", "rptq-quick-rptq.json", "rptq-quick-naive.json")
 CLASSES = ("W4", "W3", "W2", "W1", "W4A8", "W4A4KV4")
@@ -28,6 +30,19 @@ FULL = RESULTS / "full-protocol"
 
 def _load(name: str) -> dict:
     return json.loads((RESULTS / name).read_text())
+
+
+def compare_rows() -> list[tuple[str, dict]]:
+    """Every comparison row, each once (a later report's reused full-model row is the first report's)."""
+    seen: set[str] = set()
+    out = []
+    for name in (COMPARE, *MORE_COMPARES):
+        if (RESULTS / name).exists():
+            for r in _load(name)["rows"]:
+                if r["name"] not in seen:
+                    seen.add(r["name"])
+                    out.append((name, r))
+    return out
 
 
 def _class(w_bits: int, a_bits: int, kv_bits: int) -> str | None:
@@ -43,13 +58,13 @@ def _class(w_bits: int, a_bits: int, kv_bits: int) -> str | None:
 def quick_rows() -> dict[str, list[dict]]:
     """Every Q16/8 row, by bit-width class: name, peer or not, effective bits, perplexities, KL, cost."""
     out: dict[str, list[dict]] = {c: [] for c in CLASSES}
-    for r in _load(COMPARE)["rows"]:
+    for source, r in compare_rows():
         if r["status"] != "ok" or r["name"] == "fp" or (c := _class(r["w_bits"], r["a_bits"], r["kv_bits"])) is None:
             continue
         name = r["name"] + (f" ({r['iters']} iters)" if "iters" in r else "")
         out[c].append({"name": name, "peer": r["kind"] == "peer", "bits": r["effective_bits"],
                        "wikitext2": r["perplexity"]["wikitext2"], "c4": r["perplexity"]["c4"], "kl": r.get("kl"),
-                       "seconds": r["quant_seconds"], "mb": r["peak_memory_mb"], "source": COMPARE})
+                       "seconds": r["quant_seconds"], "mb": r["peak_memory_mb"], "source": source})
     for f in ACTIVATION_RUNS:
         for r in _load(f)["rows"]:
             c = _class(r["bits"], r["a_bits"], r["kv_bits"])
@@ -155,7 +170,7 @@ def page() -> str:
            "The last column: the WikiText-2 perplexity lost to quantization by lowbit's best preset that stores no "
            "more bits per weight than the best peer, divided by the peer's loss (below 1: lowbit is better). "
            "The same per storage budget, as `lowbit compare` reports it (rows above a budget never count):", "",
-           *[f"- {ratio_line(g)}" for g in gap_ratios(compare["rows"], "wikitext2")], "",
+           *[f"- {ratio_line(g)}" for g in gap_ratios([r for _, r in compare_rows()], "wikitext2")], "",
            "Reproduce a row: `lowbit compare smollm2-135m --recipes gptq-w4g128 --report runs/q16 --nsamples 16 "
            "--windows 8` (add `--peers autoround@w4g128` for a peer; extra `peers`). Check that the committed numbers "
            "still come out: `python bench/reproduce.py` (" + _reproduce_line() + ").", "",

@@ -136,3 +136,26 @@ def test_tuning_lowers_a_real_blocks_output_error(smollm2):
     assert [r["tokens"] for r in report.tuning] == [128, 128]
     # measured: 0.960 -> 0.327 and 0.909 -> 0.236 (a third of the rounding's error and less)
     assert all(r["kept"] and r["after"] < 0.5 * r["before"] for r in report.tuning), report.tuning
+
+
+def test_tuning_block_by_block_from_disk_gives_the_whole_models_weights(calib_ids, tmp_path):
+    """``--onload`` runs the same stages: a tuned recipe onloaded from the model's files writes a checkpoint
+    whose layers compute with the weights the whole model in memory got."""
+    from lowbit.api import quantize_to_disk
+    from lowbit.export.load import DiskCheckpoint
+
+    recipe = _recipe("gptq", iters=20)
+    folder = tmp_path / "model"
+    tiny_llama(layers=2).save_pretrained(folder)
+    whole = tiny_llama(layers=2)
+    report = quantize_model(whole, recipe, calib_ids, show_progress=False)
+    assert any(r["kept"] for r in report.tuning)
+    quantize_to_disk(folder, recipe, tmp_path / "ckpt", calib=calib_ids, show_progress=False)
+    disk = DiskCheckpoint(tmp_path / "ckpt")
+    _, blocks = find_blocks(disk.model)
+    for b in range(len(blocks)):
+        with disk.onloaded(b):
+            for name, qw in whole.lowbit_quant.items():
+                if f".layers.{b}." in name:
+                    layer = disk.model.get_submodule(name)
+                    assert torch.equal(layer.dense_weight(), qw.weight()), name

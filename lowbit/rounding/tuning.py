@@ -52,8 +52,13 @@ class Tunable:
         return [self.offset] + ([self.scale_factor] if self.scale_factor is not None else [])
 
     def _scale(self) -> torch.Tensor:
+        """The scales as the checkpoint stores them (float16 values, as the grids fit them), so that the model
+        tuned is the model saved; the float16 rounding is the identity for the gradient."""
         scale = self.qw.scale.to(self.offset.device, torch.float32)
-        return scale * self.scale_factor if self.scale_factor is not None else scale
+        if self.scale_factor is None:
+            return scale
+        scale = scale * self.scale_factor
+        return scale + (scale.to(torch.float16).float() - scale).detach()
 
     def weight(self) -> torch.Tensor:
         """The layer's weight for the current offsets and factors, differentiable in both (float32)."""

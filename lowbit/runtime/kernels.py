@@ -14,7 +14,7 @@ on every call. These back-ends multiply by the packed weight directly:
   the sum of the inputs.
 
 The mappings are exact (tested in float32). PyTorch's CPU kernels are fast for bfloat16 inputs of
-few rows (``bench/kernel_rows.py``, a 1536×576 SmolLM2 layer, one thread, 2-core x86 CPU): int4
+few rows (``bench/experiments/kernel_rows.py``, a 1536×576 SmolLM2 layer, one thread, 2-core x86 CPU): int4
 takes 0.02× the reference path's time for 1 row, 0.95× for 256 and 1.4× for 512; int8 0.06× for
 1 row, 0.79× for 64 and 1.09× for 128. For float32 inputs they are faster only for a single row
 (0.4–0.6×) and 4–60× slower from 8 rows on. So a layer uses its kernel for bfloat16 inputs of at

@@ -4,8 +4,9 @@ A packed layer unpacks and dequantizes its whole matrix on every forward, so thi
 per layer per call on the CPU path. Prints a table and writes JSON; the sum of each dequantized
 matrix (float64) is printed too, so two commits can be checked to give the same weights:
 
-    OMP_NUM_THREADS=1 python bench/dequant_speed.py runs/quip-w3 --out bench/results/dequant-speed.json
-    OMP_NUM_THREADS=1 PYTHONPATH=/path/to/older/worktree python bench/dequant_speed.py runs/quip-w3 --out old.json
+    OMP_NUM_THREADS=1 python bench/experiments/dequant_speed.py runs/quip-w3 --out bench/results/dequant-speed.json
+    OMP_NUM_THREADS=1 PYTHONPATH=/path/to/older/worktree python bench/experiments/dequant_speed.py runs/quip-w3 \\
+        --out old.json
 """
 
 from __future__ import annotations

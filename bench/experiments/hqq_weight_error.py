@@ -1,7 +1,7 @@
 """HQQ vs RTN relative weight error ‖Ŵ − W‖/‖W‖ on a few SmolLM2 layers (no data involved): whether
 HQQ's collapse at 3 and 2 bits comes from a larger weight error or from how it is distributed.
 
-    python bench/hqq_weight_error.py --layers model.layers.3.self_attn.q_proj,model.layers.3.mlp.down_proj
+    python bench/experiments/hqq_weight_error.py --layers model.layers.3.self_attn.q_proj,model.layers.3.mlp.down_proj
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 calibration set and ``$LOWBIT_AUTOROUND_ITERS`` iterations per block; auto-round's own progress
 bar shows seconds per block (the BENCHMARKS.md numbers were read from it after two blocks).
 
-    LOWBIT_AUTOROUND_ITERS=2 python bench/autoround_cost.py --calib runs/cmp-report/calibration.pt
+    LOWBIT_AUTOROUND_ITERS=2 python bench/experiments/autoround_cost.py --calib runs/cmp-report/calibration.pt
 """
 
 from __future__ import annotations

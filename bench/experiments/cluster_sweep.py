@@ -4,7 +4,7 @@ with ``activations.clusters_norm = clusters_mlp = k`` and ``clusters_head = min(
 By default weights stay in float (``weights.method=none``) so that the curve isolates the
 activation/KV quantization; pass ``--weights gptq`` for the W4 version.
 
-    python bench/cluster_sweep.py --recipe rptq-w4a4kv4 --clusters 1,4,8,16,32,64 \
+    python bench/experiments/cluster_sweep.py --recipe rptq-w4a4kv4 --clusters 1,4,8,16,32,64 \
         --nsamples 16 --windows 8 --out bench/results/rptq-cluster-sweep.json
 """
 
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+BENCH = Path(__file__).resolve().parent.parent  # bench/, where quality.py lives
 
 
 def point(args: argparse.Namespace, k: int) -> dict:
@@ -25,7 +25,7 @@ def point(args: argparse.Namespace, k: int) -> dict:
             f"activations.clusters_head={min(k, args.head_cap)}", f"weights.method={args.weights}"]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        cmd = [sys.executable, str(HERE / "quality.py"), "--model", args.model, "--recipes", args.recipe,
+        cmd = [sys.executable, str(BENCH / "quality.py"), "--model", args.model, "--recipes", args.recipe,
                "--nsamples", str(args.nsamples), "--windows", str(args.windows), "--datasets", args.datasets,
                "--out", str(out)] + [a for s in sets for a in ("--set", s)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -6,7 +6,7 @@ Every layer is measured on the full-precision model's own inputs (block by block
 low-rank branch is fitted on a random half of the calibration tokens, and ``‖Y − Ŷ‖² / ‖Y‖²``
 (``Y = X·Wᵀ``) is measured on up to ``--tokens`` of the other half. Writes JSON and a plot.
 
-    python bench/error_profile.py --nsamples 8 --out bench/results/error-profile.json
+    python bench/experiments/error_profile.py --nsamples 8 --out bench/results/error-profile.json
 """
 
 from __future__ import annotations

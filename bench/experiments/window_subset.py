@@ -5,7 +5,8 @@ Why: a full-protocol row (128 calibration samples, all windows) read on its firs
 directly comparable with a quick-protocol row (16 samples, first 8 windows) of the same recipe,
 so the effect of the calibration sample count is seen apart from the evaluation's.
 
-    python bench/window_subset.py runs/full-report --windows 8 --quick bench/results/compare-smollm2-q16/results.json
+    python bench/experiments/window_subset.py runs/full-report --windows 8 \\
+        --quick bench/results/compare-smollm2-q16/results.json
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ better). ``--variants gptq``: GPTQ with and without clipping search and act-orde
 closes only part of RTN's gap); ``--variants quip``: QuIP's pieces (incoherence kind, grid,
 greedy passes, rescaling) against GPTQ. Prints a table, writes JSON.
 
-    python bench/layer_errors.py --block 3 --bits 4 --out bench/results/layer-errors-b3-w4.json
-    python bench/layer_errors.py --block 3 --bits 2 --variants quip --out bench/results/layer-errors-b3-w2-quip.json
+    python bench/experiments/layer_errors.py --block 3 --bits 4 --out bench/results/layer-errors-b3-w4.json
+    python bench/experiments/layer_errors.py --block 3 --bits 2 --variants quip \\
+        --out bench/results/layer-errors-b3-w2-quip.json
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each log holds one ``lowbit quantize smollm2-135m -r RECIPE --nsamples 16 --onload -o runs/onload-q16/NAME``
 followed by ``lowbit eval runs/onload-q16/NAME --onload --ppl wikitext2,c4 --windows 8 --json``:
 
-    python bench/onload_rows.py runs/onload-q16/gptq-w4g128.log runs/onload-q16/quip-w3.log
+    python bench/experiments/onload_rows.py runs/onload-q16/gptq-w4g128.log runs/onload-q16/quip-w3.log
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "results" / "onload-smollm2-q16.json"
+OUT = Path(__file__).resolve().parent.parent / "results" / "onload-smollm2-q16.json"  # bench/results/
 PROTOCOL = "Q16/8: 16 x 2048 C4 calibration tokens (seed 0); the first 8 WikiText-2 and C4 windows of 2048 tokens"
 
 

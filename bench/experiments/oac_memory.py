@@ -4,7 +4,7 @@ Each configuration runs in its own process, so that each peak RSS is that config
 ``passes 0`` is the same forward and backward with no layer summed: the pass's floor (model,
 activations, gradients), so ``peak − floor`` is what the sums themselves cost.
 
-    OMP_NUM_THREADS=1 python bench/oac_memory.py --passes 0,1,2,4 --nsamples 2 --seqlen 2048 \\
+    OMP_NUM_THREADS=1 python bench/experiments/oac_memory.py --passes 0,1,2,4 --nsamples 2 --seqlen 2048 \\
         --out bench/results/oac-memory.json
 """
 

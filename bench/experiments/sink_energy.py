@@ -3,7 +3,7 @@
 Runs one C4 calibration window through the full-precision model and prints, per block and
 layer, the share of ``Σ‖x_t‖²`` carried by position 0 and by the largest single position.
 
-    python bench/sink_energy.py --blocks 0,1,5,15,29 --out bench/results/sink-energy.json
+    python bench/experiments/sink_energy.py --blocks 0,1,5,15,29 --out bench/results/sink-energy.json
 """
 
 from __future__ import annotations

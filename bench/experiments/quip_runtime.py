@@ -4,7 +4,7 @@ Compares a dense float32 ``nn.Linear``, a packed ``QuantLinear`` (codes dequanti
 a ``QuipLinear`` with the randomized Hadamard or Kronecker transforms applied to activations —
 and, for scale, the same transforms as dense ``n×n`` matrix products. Prints a table, writes JSON.
 
-    python bench/quip_runtime.py --tokens 2048 --out bench/results/quip-runtime.json
+    python bench/experiments/quip_runtime.py --tokens 2048 --out bench/results/quip-runtime.json
 """
 
 from __future__ import annotations

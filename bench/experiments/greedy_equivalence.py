@@ -7,7 +7,7 @@ model). Prints how many layers differ, by how many codes, and the proxy-loss rat
 writes JSON. Separates "the rounding changed" from "a near-tie tipped and the 2-bit model went
 elsewhere" when perplexities of two commits differ.
 
-    OMP_NUM_THREADS=1 python bench/greedy_equivalence.py --against b4d1640 --blocks 8 \
+    OMP_NUM_THREADS=1 python bench/experiments/greedy_equivalence.py --against b4d1640 --blocks 8 \
         --out bench/results/greedy-equivalence.json
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def _module_at(rev: str, path: str):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     text = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{path}"], capture_output=True, text=True,
                           check=True).stdout
     file = Path(tempfile.mkdtemp()) / Path(path).name

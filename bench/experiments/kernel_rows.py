@@ -5,7 +5,7 @@ one thread. For each row count and dtype: the reference path (``QuantLinear`` de
 then a dense matmul) and the kernel alone (``lowbit.runtime.kernels``), median of ``--repeats`` calls
 after a warm-up. These are the measurements behind the kernels' ``max_rows`` and bfloat16-only rule:
 
-    OMP_NUM_THREADS=1 python bench/kernel_rows.py --out bench/results/kernel-rows.json
+    OMP_NUM_THREADS=1 python bench/experiments/kernel_rows.py --out bench/results/kernel-rows.json
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ The calibration is tiny on purpose (default 2 × 128 tokens, what the real-model
 the time is the rounding's own (clipping search, GPTQ/LDLQ, greedy passes), not the forward
 passes. Run it at two commits to compare them, e.g. from a worktree of the older one:
 
-    OMP_NUM_THREADS=1 python bench/rounding_speed.py --presets quip-w2,gptq-w4g128 --blocks 6 \
+    OMP_NUM_THREADS=1 python bench/experiments/rounding_speed.py --presets quip-w2,gptq-w4g128 --blocks 6 \
         --out bench/results/rounding-speed.json
-    PYTHONPATH=/path/to/old-worktree OMP_NUM_THREADS=1 python bench/rounding_speed.py ... --out old.json
+    PYTHONPATH=/path/to/old-worktree OMP_NUM_THREADS=1 python bench/experiments/rounding_speed.py ... --out old.json
 """
 
 from __future__ import annotations

@@ -190,6 +190,7 @@ def page() -> str:
             "From `bench/results/exports.json` (`python bench/exports.py`).", "",
             "## Models larger than memory (random weights at the Llama-2-7B shape)", "", *_embed("scale-7b.md"), "",
             "From `bench/results/scale-7b.json` (`python bench/scale.py --shape 7b`).", "",
+            *_reproduce_section(),
             "## Caveats", "",
             "- Q16/8 is a quick protocol: 8 windows are 16k tokens, so differences under about 1 % of perplexity "
             "are noise between presets (not between runs: a run is deterministic for a fixed seed and thread count).",
@@ -202,11 +203,18 @@ def page() -> str:
             "the other rows by `lowbit compare`.",
             "- Times are CPU times of one or two threads per row, often with another row on the second core (each "
             "row's `threads` is in its results file); compare them as ratios, not across machines.",
-            "- The W3 row quip-w3 (29.418) is the comparison report's cached row; re-running quip-w3 today gives "
-            "another number (see `bench/results/reproduce.md` and the lab notes): it is kept until the report is "
-            "regenerated.", "",
+            "- A comparison row is cached by its recipe and protocol, not by the code that ran it: a row that "
+            "code changes moved is found by `bench/reproduce.py` and replaced by its rerun (quip-w3 on 2026-12-07: "
+            "29.418 cached, 30.206 rerun; `docs/experiments/2026-12-07-engine-and-tuning.md`).", "",
             "How each number was found, and what did not work: the dated notes in `docs/experiments/`.", ""]
     return "\n".join(out)
+
+
+def _reproduce_section() -> list[str]:
+    if not (RESULTS / "reproduce.md").exists():
+        return []
+    return ["## Do the committed numbers still come out?", "", *_embed("reproduce.md"), "",
+            "From `bench/results/reproduce.json` (`python bench/reproduce.py`).", ""]
 
 
 def _reproduce_line() -> str:

@@ -203,9 +203,11 @@ def page() -> str:
             "the other rows by `lowbit compare`.",
             "- Times are CPU times of one or two threads per row, often with another row on the second core (each "
             "row's `threads` is in its results file); compare them as ratios, not across machines.",
-            "- A comparison row is cached by its recipe and protocol, not by the code that ran it: a row that "
-            "code changes moved is found by `bench/reproduce.py` and replaced by its rerun (quip-w3 on 2026-12-07: "
-            "29.418 cached, 30.206 rerun; `docs/experiments/2026-12-07-engine-and-tuning.md`).", "",
+            "- A comparison row is cached by its recipe and protocol, not by the code that ran it: rows that code "
+            "changes moved are found by `bench/reproduce.py` and replaced by their reruns (2026-12-07: quip-w2, "
+            "quip-w3, quip-w4 and oac-w2; `docs/experiments/2026-12-07-engine-and-tuning.md`).",
+            "- quip-w2-tuned ran at 11f5c58, before tuned scales were kept as float16 (f0dc204): the model it "
+            "evaluated and the checkpoint it wrote differ by at most one float16 step per group scale.", "",
             "How each number was found, and what did not work: the dated notes in `docs/experiments/`.", ""]
     return "\n".join(out)
 

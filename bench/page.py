@@ -216,7 +216,9 @@ def _reproduce_section() -> list[str]:
     if not (RESULTS / "reproduce.md").exists():
         return []
     return ["## Do the committed numbers still come out?", "", *_embed("reproduce.md"), "",
-            "From `bench/results/reproduce.json` (`python bench/reproduce.py`).", ""]
+            "From `bench/results/reproduce.json` (`python bench/reproduce.py`). A row marked **no** was a cached "
+            "row that older code made (its recipe's bytes are the same before and after the change being checked: "
+            "`bench/results/same-codes-7a64984.json`); the comparison report now holds the rerun.", ""]
 
 
 def _reproduce_line() -> str:

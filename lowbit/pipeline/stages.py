@@ -40,7 +40,6 @@ from lowbit.rounding.dispatch import round_weight
 log = logging.getLogger(__name__)
 
 
-
 class ActivationPlan:
     """Observe the block's activations and fold smoothing / reordering into it, before its rounding."""
 

@@ -83,13 +83,18 @@ def logits_after_blocks(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tens
         return model(ids, use_cache=False).logits
 
 
+def block_output(out: Any) -> torch.Tensor:
+    """A decoder block's hidden states: some families return them alone, others first in a tuple."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     """Forward every sample (one at a time) through ``block``; returns stacked outputs."""
     outs = torch.empty_like(inputs)
     for i in range(inputs.shape[0]):
         out = block(inputs[i : i + 1], **kwargs)
-        outs[i : i + 1] = out[0] if isinstance(out, tuple) else out
+        outs[i : i + 1] = block_output(out)
     return outs
 
 

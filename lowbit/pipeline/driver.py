@@ -33,7 +33,7 @@ from lowbit.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockSink", "quantize_model"]
+__all__ = ["quantize_model"]
 
 
 def quantize_model(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from lowbit.pipeline.capture import block_output
 from lowbit.recipes import TuningSpec
 from lowbit.rounding import QuantizedWeight
 from lowbit.rounding.tuning import Tunable
@@ -43,10 +44,6 @@ def prefix_kwargs(value: Any, seq: int, tokens: int) -> Any:
     return value
 
 
-def _out(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 @contextmanager
 def _frozen(block: nn.Module) -> Iterator[None]:
     """The block's own parameters take no gradient while its rounded layers are tuned."""
@@ -68,9 +65,9 @@ def _prefix(block: nn.Module, inputs: torch.Tensor, kwargs: dict, tokens: int | 
         return None, kwargs
     cut = prefix_kwargs(kwargs, seq, tokens)
     with torch.no_grad():
-        whole = _out(block(inputs[:1], **kwargs))[:, :tokens]
+        whole = block_output(block(inputs[:1], **kwargs))[:, :tokens]
         try:
-            part = _out(block(inputs[:1, :tokens], **cut))
+            part = block_output(block(inputs[:1, :tokens], **cut))
         except (RuntimeError, ValueError, IndexError):
             part = None
     if part is None or not torch.allclose(part, whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max())):
@@ -97,7 +94,7 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Linear], weights: dict[str
 
     def error(rows: list[int]) -> torch.Tensor:
         p = params()
-        return sum(_out(functional_call(block, p, (x[i : i + 1],), kw)).float().sub(y[i : i + 1].float())
+        return sum(block_output(functional_call(block, p, (x[i : i + 1],), kw)).float().sub(y[i : i + 1].float())
                    .pow(2).mean() for i in rows) / len(rows)
 
     everything = list(range(x.shape[0]))

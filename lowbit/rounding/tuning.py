@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from lowbit.rounding.quantized import QuantizedWeight
+from lowbit.rounding.quantized import QuantizedWeight, SparseOutliers
 
 
 @dataclasses.dataclass
@@ -48,9 +48,6 @@ class Tunable:
             factor = torch.ones(qw.scale.shape, dtype=torch.float32, device=device, requires_grad=True)
         return cls(qw, base, offset, factor)
 
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.offset] + ([self.scale_factor] if self.scale_factor is not None else [])
-
     def _scale(self) -> torch.Tensor:
         """The scales as the checkpoint stores them (float16 values, as the grids fit them), so that the model
         tuned is the model saved; the float16 rounding is the identity for the gradient."""
@@ -61,21 +58,14 @@ class Tunable:
         return scale + (scale.to(torch.float16).float() - scale).detach()
 
     def weight(self) -> torch.Tensor:
-        """The layer's weight for the current offsets and factors, differentiable in both (float32)."""
+        """The layer's weight for the current offsets and factors, differentiable in both (float32): the
+        rounding's own ``QuantizedWeight.weight`` on straight-through codes and the current scales."""
         qw, dev = self.qw, self.offset.device
         c = self.base + self.offset
         codes = (c + (c.round() - c).detach()).clamp(0, 2**qw.bits - 1)  # round(c), identity for the gradient
-        g = qw.g_idx.to(dev).long()
-        scale, zero = self._scale(), qw.zero.to(dev, torch.float32)
-        w = scale[:, g] * (codes - zero[:, g])
-        if qw.sparse is not None:  # outliers keep their float values: no gradient reaches them
-            index = qw.sparse.index.to(dev).long()
-            w = w.reshape(-1).index_put((index,), qw.sparse.values.to(dev, torch.float32)).reshape(w.shape)
-        if qw.transform is not None:
-            w = qw.transform.inverse_weight(w.to(torch.float64)).to(torch.float32)
-        if qw.lowrank is not None:
-            w = w + qw.lowrank.product().to(dev, torch.float32)
-        return w
+        sparse = SparseOutliers(qw.sparse.index.to(dev), qw.sparse.values.to(dev)) if qw.sparse is not None else None
+        return dataclasses.replace(qw, codes=codes, scale=self._scale(), zero=qw.zero.to(dev), g_idx=qw.g_idx.to(dev),
+                                   sparse=sparse).weight()
 
     @torch.no_grad()
     def sign_step(self, lr: float, scale_range: float) -> None:

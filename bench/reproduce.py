@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lowbit.atomic import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = RESULTS / "reproduce.json"
@@ -89,8 +91,8 @@ def main() -> None:
         data["rows"][row] = {"commit": commit(), "committed": old, "now": now, "command": " ".join(cmd),
                              "printed": all(round(now[d], 3) == round(old[d], 3) for d in DATASETS),
                              "exact": all(now[d] == old[d] for d in DATASETS)}
-        OUT.write_text(json.dumps(data, indent=1) + "\n")  # each row as it lands
-        OUT.with_suffix(".md").write_text(table(data))
+        atomic_write_text(OUT, json.dumps(data, indent=1) + "\n")  # each row as it lands, whole or not at all
+        atomic_write_text(OUT.with_suffix(".md"), table(data))
         print(table(data), flush=True)
 
 

@@ -24,9 +24,9 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
     import torch
 
     import lowbit
+    from lowbit.format.codec import effective_bits
     from lowbit.memory import peak_memory_mb
     from lowbit.recipes import apply_overrides
-    from lowbit.rounding import effective_bits
 
     model, tok = lowbit.load_model(args.model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")

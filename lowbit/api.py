@@ -82,7 +82,7 @@ def quantize_to_disk(
             raise LowbitError("pass calibration token ids or a tokenizer to build them from the recipe")
         calib = calibration_for(recipe, tokenizer, disk.model)
     progress = Path(out) / ".progress"
-    shards = ShardWriter(progress / "shards", recipe.weights.group_size)
+    shards = ShardWriter(progress / "shards")
     report = quantize_model(disk.model, recipe, calib, progress_dir=progress, resume=resume,
                             show_progress=show_progress, onload=disk, sink=shards)
     save_streamed(disk, shards, out, recipe.to_dict(), tokenizer, report)

@@ -203,7 +203,7 @@ def test_gptq_refusals_name_what_would_export(tmp_path, calib_ids):
 def _blocks_case(kind: str, rows: int = 6, cols: int = 96, group: int | None = 32, bits: int | None = None):
     """A packed layer with random codes on the grid ``kind`` needs (``bits``: another width, for refusals)."""
     from lowbit.rounding import QuantizedWeight
-    from lowbit.runtime import QuantLinear
+    from lowbit.runtime import packed_module
 
     g = torch.Generator().manual_seed(0)
     bits = bits or (8 if kind == "Q8_0" else 4)
@@ -215,7 +215,7 @@ def _blocks_case(kind: str, rows: int = 6, cols: int = 96, group: int | None = 3
     from lowbit.grids import natural_group_index
 
     qw = QuantizedWeight(codes, scale, zero, natural_group_index(cols, group), bits)
-    return QuantLinear.from_quantized(qw, None, group), qw
+    return packed_module(qw, None), qw
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])

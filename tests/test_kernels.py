@@ -12,7 +12,7 @@ import lowbit
 from lowbit.backends import int4_group
 from lowbit.recipes import WeightSpec
 from lowbit.rounding.dispatch import round_weight
-from lowbit.runtime import QuantLinear
+from lowbit.runtime import QuantLinear, packed_module
 from lowbit.runtime.build import use_kernels
 from lowbit.runtime.kernels import Int4Kernel, Int8Kernel, available, kernel_for
 
@@ -23,7 +23,7 @@ def _layer(out_f: int, in_f: int, seed: int = 0, **spec) -> QuantLinear:
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
     qw = round_weight(w, None, WeightSpec(method="rtn", **spec), name="test")
     bias = torch.randn(out_f, generator=torch.Generator().manual_seed(seed + 1))
-    return QuantLinear.from_quantized(qw, bias, spec.get("group_size"))
+    return packed_module(qw, bias)
 
 
 def _both(layer: QuantLinear, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +107,7 @@ def test_act_order_layers_take_the_kernel_with_sorted_columns(in_f, group):
     perm = torch.randperm(in_f, generator=torch.Generator().manual_seed(3))  # column j of W is column perm[j] of GPTQ's
     qw = type(qw)(qw.codes[:, perm.argsort()], qw.scale, qw.zero, natural_group_index(in_f, group)[perm.argsort()],
                   qw.bits)
-    layer = QuantLinear.from_quantized(qw, None, group)
+    layer = packed_module(qw, None)
     assert layer.g_idx is not None  # saved as act-order
     got, ref = _both(layer)
     assert isinstance(layer.kernel, Int4Kernel) and layer.kernel.order is not None

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit.export.load import load_quantized
+from lowbit.export.write import FORMAT_VERSION
 from lowbit.models.onload import DiskModel
 
 QUANTIZE = ("--recipe", "gptq-w4g128", "--nsamples", "4", "--seqlen", "64", "--set", "weights.group_size=32")
@@ -78,7 +79,7 @@ def test_onload_gives_the_whole_model_runs_checkpoint(onloaded, whole, tmp_path)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [f"block-0000{i}.safetensors" for i in range(3)] + [
         "model-rest.safetensors"]
-    assert json.loads((out / "lowbit_config.json").read_text())["format_version"] == 3
+    assert json.loads((out / "lowbit_config.json").read_text())["format_version"] == FORMAT_VERSION == 4
     # each block's shard holds that block's tensors only
     assert all(k.startswith("model.layers.1.") for k in load_file(out / "block-00001.safetensors"))
     assert not (out / ".progress").exists()

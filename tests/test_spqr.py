@@ -9,12 +9,13 @@ from test_gptq import _problem
 
 import lowbit
 from lowbit.errors import LowbitError
+from lowbit.format import LayerSpec
+from lowbit.format.codec import storage_bits
 from lowbit.grids import UniformGrid
 from lowbit.recipes import Recipe
 from lowbit.rounding import gptq_quantize, proxy_loss, rtn_quantize
 from lowbit.rounding.outliers import outlier_budget
-from lowbit.rounding.quantized import INDEX_BITS, VALUE_BITS
-from lowbit.runtime import QuantLinear
+from lowbit.runtime import QuantLinear, packed_module
 
 DAMP = 0.01
 
@@ -77,8 +78,8 @@ def test_outliers_lower_the_loss_and_cost_48_bits_each():
         qw = gptq_quantize(w, h, grid, act_order=True, outlier_fraction=fraction)
         losses.append(proxy_loss(qw.weight().double() - w, h))
         base = gptq_quantize(w, h, grid, act_order=True)
-        extra = qw.storage_bits() - base.storage_bits()
-        assert extra == outlier_budget(w.numel(), fraction) * (INDEX_BITS + VALUE_BITS)
+        extra = storage_bits(qw) - storage_bits(base)
+        assert extra == outlier_budget(w.numel(), fraction) * (32 + 16)  # int32 index + float16 value
     assert losses[0] > losses[1] > losses[2]
 
 
@@ -99,7 +100,7 @@ def test_act_order_outliers_are_in_natural_column_order():
 def test_packed_layer_round_trip():
     w, h = _problem(rows=24, cols=64, seed=8)
     qw = gptq_quantize(w, h, UniformGrid(2, group_size=16), act_order=True, outlier_fraction=0.02)
-    layer = QuantLinear.from_quantized(qw, None, 16)
+    layer = packed_module(qw, None)
     assert layer.outlier_index.dtype == torch.int32 and layer.outlier_value.numel() == qw.sparse.count
     assert torch.equal(layer.quantized().weight(), qw.weight())
 
@@ -154,7 +155,9 @@ def test_scale_codes_against_float64_min_max():
         codes = ((chunk - lo) / step).round().clamp(0, 7)
         assert torch.equal(st.codes[c0:c0 + STATS_ROWS].double(), codes)
         torch.testing.assert_close(st.decode()[c0:c0 + STATS_ROWS].double(), lo + codes * step, rtol=0, atol=1e-7)
-    assert st.storage_bits() == 37 * 5 * 3 + 3 * 5 * 32
+    decl = {d.key: d for d in LayerSpec((37, 80), 2, 5, 16, stats_bits=3).grid_tensors()}
+    stats_bytes = sum(decl[k].nbytes for k in ("scale_codes", "scale_lo", "scale_step"))
+    assert 8 * stats_bytes == 8 * -(-37 * 5 * 3 // 8) + 3 * 5 * 32  # 3-bit codes, packed; float16 lo and step
 
 
 def test_gptq_rounds_with_the_quantized_scales_and_packs_them():
@@ -165,8 +168,8 @@ def test_gptq_rounds_with_the_quantized_scales_and_packs_them():
         assert all(qw.scale[c0:c0 + 16, g].unique().numel() <= 8 for g in range(4))
     torch.testing.assert_close(qw.scale, qw.scale_stats.decode(), rtol=0, atol=0)
     plain = gptq_quantize(w, h, grid, act_order=True, outlier_fraction=0.01)
-    assert plain.storage_bits() - qw.storage_bits() == 40 * 4 * (16 - 3) - 3 * 4 * 32
-    layer = QuantLinear.from_quantized(qw, None, 16)
+    assert storage_bits(plain) - storage_bits(qw) == 40 * 4 * (16 - 3) - 3 * 4 * 32
+    layer = packed_module(qw, None)
     assert not hasattr(layer, "scales") and layer.scale_codes.numel() == -(-40 * 4 * 3 // 8)
     assert torch.equal(layer.quantized().weight(), qw.weight())
     # quantized scales cost a little output error, far less than the bits they save

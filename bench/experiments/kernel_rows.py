@@ -21,7 +21,7 @@ import torch
 
 from lowbit.recipes import WeightSpec
 from lowbit.rounding.dispatch import round_weight
-from lowbit.runtime import QuantLinear
+from lowbit.runtime import packed_module
 from lowbit.runtime.kernels import kernel_for
 
 ROWS = (1, 8, 32, 64, 128, 256, 512)
@@ -49,7 +49,7 @@ def main() -> None:
     rows = []
     for case, spec in CASES.items():
         qw = round_weight(w, None, WeightSpec(method="rtn", **spec), name=case)
-        layer = QuantLinear.from_quantized(qw, None, spec["group_size"])
+        layer = packed_module(qw, None)
         kernel = kernel_for(layer.quantized(), spec["group_size"])
         for dtype in (torch.bfloat16, torch.float32):
             for m in ROWS:

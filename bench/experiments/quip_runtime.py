@@ -18,7 +18,7 @@ import torch
 
 from lowbit.recipes import TransformSpec, WeightSpec
 from lowbit.rounding.dispatch import round_weight
-from lowbit.runtime import QuantLinear, packed_module
+from lowbit.runtime import packed_module
 
 SHAPES = {"q_proj 576→576": (576, 576), "gate 576→1536": (1536, 576), "down 1536→576": (576, 1536)}
 
@@ -48,8 +48,8 @@ def main() -> None:
         dense = torch.nn.Linear(in_f, out_f, bias=False)
         dense.weight.data = w
         spec = WeightSpec(method="rtn", bits=args.bits)
-        packed = QuantLinear.from_quantized(round_weight(w, None, spec, label), None, None)
-        quip = {k: packed_module(round_weight(w, None, spec, label, TransformSpec(incoherence=k)), None, None)
+        packed = packed_module(round_weight(w, None, spec, label), None)
+        quip = {k: packed_module(round_weight(w, None, spec, label, TransformSpec(incoherence=k)), None)
                 for k in ("hadamard", "kron")}
         v, u = (quip["hadamard"].transform.v.matrix(torch.float32), quip["hadamard"].transform.u.matrix(torch.float32))
         row = {"layer": label, "tokens": args.tokens,

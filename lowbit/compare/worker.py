@@ -28,8 +28,8 @@ def _dir_mb(path: Path) -> float:
 def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path, resume: bool, hessian_cache: str | None) -> dict:
     from lowbit.api import quantize
     from lowbit.export import save
+    from lowbit.format.codec import effective_bits
     from lowbit.recipes import Recipe
-    from lowbit.rounding import effective_bits
 
     rec = Recipe.from_dict(spec)
     # per-block progress goes to the row's run.log; finished blocks to progress/, kept for a rerun

@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from lowbit.backends import cpu_backend
 from lowbit.errors import LowbitError
+from lowbit.format import LayerSpec, groups_key
 from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX, tensor_files
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -95,6 +96,11 @@ def _tensor_sizes(files: set[Path]) -> tuple[dict[str, int], dict[str, int]]:
     return sizes, numels
 
 
+def _shape(files: dict[str, Path], key: str) -> list[int]:
+    with safe_open(str(files[key]), "numpy") as f:
+        return f.get_slice(key).get_shape()
+
+
 def _groups_sort_to_natural(path: Path, key: str, cols: int, group_size: int | None) -> bool:
     """Whether an act-order layer's ``g_idx`` becomes ``col // group_size`` once its columns are sorted by
     group (then the kernels take it, in that column order)."""
@@ -149,27 +155,28 @@ def _layer(files: dict[str, Path], name: str, info: dict, sizes: dict[str, int],
            most: int) -> LayerSummary:
     """``row``: the layer's line of report.json; ``most``: the largest token count of any layer (a layer that
     saw fewer is an expert, reached by the tokens routed to it)."""
+    spec = LayerSpec.from_json(info, info.get("groups") or _shape(files, groups_key(name, info))[1])
     extras = []
     tokens = row.get("tokens")
     if row.get("method") not in (None, method):  # a fallback: an expert calibration (nearly) missed
         extras.append(f"{row['method']} ({tokens} tokens)")
     elif isinstance(tokens, int) and tokens < most:
         extras.append(f"{tokens} tokens")
-    if info.get("act_order"):
+    if spec.act_order:
         extras.append("act-order")
-    if "incoherence" in info:
-        extras.append(f"incoherence {info['incoherence'].get('kind', '')}".strip())
-    if "lowrank_rank" in info:
-        extras.append(f"low-rank r={info['lowrank_rank']}")
+    if spec.incoherence is not None:
+        extras.append(f"incoherence {spec.incoherence.get('kind', '')}".strip())
+    if spec.lowrank_rank:
+        extras.append(f"low-rank r={spec.lowrank_rank}")
+    declared = {f"{name}.{d.key}": d.nbytes for d in spec.tensors()}
+    if any(sizes.get(k) != n for k, n in declared.items()):
+        raise ValueError(f"{name}'s tensors are not the ones its entry declares")
     layer_bytes = sum(v for k, v in sizes.items() if k.startswith(name + "."))
-    rows, cols = info["shape"]
-    gs = info.get("group_size")
-    plain = not (info.get("binary") or info.get("outliers") or info.get("stats_bits"))
-    if plain and info.get("act_order"):
-        inner = "inner." * (("incoherence" in info) + ("lowrank_rank" in info))
-        key = f"{name}.{inner}g_idx"
-        plain = _groups_sort_to_natural(files[key], key, int(cols), gs)
-    groups = 1 if gs is None else -(-int(cols) // int(gs))
-    backend = cpu_backend(int(info["bits"]), int(cols), int(rows), gs, groups, plain)
-    return LayerSummary(name, (int(rows), int(cols)), int(info["bits"]), gs, ", ".join(extras),
+    (rows, cols), gs = spec.shape, spec.group_size
+    plain = spec.plain
+    if plain and spec.act_order:
+        key = f"{name}.{spec.grid_prefix}g_idx"
+        plain = _groups_sort_to_natural(files[key], key, cols, gs)
+    backend = cpu_backend(spec.bits, cols, rows, gs, spec.groups, plain)
+    return LayerSummary(name, (rows, cols), spec.bits, gs, ", ".join(extras),
                         layer_bytes, row.get("rel_output_error"), backend)

@@ -15,13 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from lowbit.activations.install import restore
 from lowbit.errors import LowbitError
 from lowbit.export.hf_config import base_config
+from lowbit.format import LayerSpec, groups_key
 from lowbit.models.linearize import linearize
 from lowbit.models.onload import DiskModel, read_tensors
 from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX, tensor_files
 from lowbit.runtime import empty_module
-from lowbit.runtime.build import scales_key
 
-FORMAT_VERSIONS = (1, 2, 3)
+FORMAT_VERSIONS = (1, 2, 3, 4)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -99,7 +99,7 @@ def checkpoint_tokenizer(path: Path, meta: dict, config=None) -> PreTrainedToken
 def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Packed layers in place of the linears they replace, then every tensor of the file."""
     for name, info in meta["layers"].items():
-        _put_empty(model, name, info, tensors[scales_key(name, info)].shape[1])
+        _put_empty(model, name, LayerSpec.from_json(info, _groups(name, info, lambda k: tensors[k].shape)))
     restore(model, meta.get("activations", {}))
     packed = tuple(f"{name}." for name in meta["layers"])
     convert = {k for k, v in tensors.items() if _takes_model_dtype(k, v, packed) and v.dtype != dtype}
@@ -121,10 +121,15 @@ def _fill(model: PreTrainedModel, meta: dict, tensors: dict[str, torch.Tensor], 
         raise KeyError(f"no tensor for {left[:3]}")
 
 
-def _put_empty(module: nn.Module, name: str, info: dict, groups: int) -> nn.Module:
-    """An empty packed layer, as ``info`` describes it, in place of the linear ``name``; returns that linear."""
+def _groups(name: str, info: dict, shape_of) -> int | None:
+    """A layer's groups: recorded since format 4, read from its scales' shape (``shape_of(key)``) before."""
+    return info["groups"] if "groups" in info else int(shape_of(groups_key(name, info))[1])
+
+
+def _put_empty(module: nn.Module, name: str, spec: LayerSpec) -> nn.Module:
+    """An empty packed layer, as ``spec`` declares it, in place of the linear ``name``; returns that linear."""
     old = module.get_submodule(name)
-    module.set_submodule(name, empty_module(info, groups, old.bias is not None))
+    module.set_submodule(name, empty_module(spec, old.bias is not None))
     return old
 
 
@@ -158,9 +163,8 @@ class DiskCheckpoint(DiskModel):
             return super().onload(module, prefix)
         for name, info in self.meta["layers"].items():
             if name.startswith(prefix):
-                with safe_open(str(self.files[scales_key(name, info)]), "pt") as f:
-                    groups = f.get_slice(scales_key(name, info)).get_shape()[1]
-                self.held[name] = _put_empty(module, name.removeprefix(prefix), info, groups)
+                spec = LayerSpec.from_json(info, _groups(name, info, self._shape))
+                self.held[name] = _put_empty(module, name.removeprefix(prefix), spec)
         keys = [k for k in self.files if k.startswith(prefix)]
         packed = tuple(n.removeprefix(prefix) + "." for n in self.meta["layers"] if n.startswith(prefix))
         tensors = {}
@@ -171,6 +175,10 @@ class DiskCheckpoint(DiskModel):
         if result.missing_keys or result.unexpected_keys:
             raise LowbitError(f"{self.folder}: block {prefix} does not match its config (missing "
                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}): quantize again")
+
+    def _shape(self, key: str) -> list[int]:
+        with safe_open(str(self.files[key]), "pt") as f:
+            return f.get_slice(key).get_shape()
 
     def offload(self, module: nn.Module, prefix: str) -> None:
         for name in [n for n in self.held if n.startswith(prefix)] if prefix else []:

@@ -29,11 +29,12 @@ from lowbit.export.hf_config import ENTRY_MODULE, ENTRY_SOURCE, entry_config
 from lowbit.models.onload import DiskModel
 from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX
 from lowbit.pipeline.report import QuantReport
-from lowbit.runtime import BinaryLinear, layer_metadata, packed_module
+from lowbit.runtime import BinaryLinear, packed_module
 from lowbit.runtime.build import layer_bias, packed_layers
 
-FORMAT_VERSION = 3  # 3: tensors may be shards that model.safetensors.index.json names; 2: config.json wraps
-# the base config (lowbit.hf); 1: it was the base config
+# 4: each layer's entry is lowbit.format's LayerSpec, with its groups; 3: tensors may be shards that
+# model.safetensors.index.json names; 2: config.json wraps the base config (lowbit.hf); 1: it was the base config
+FORMAT_VERSION = 4
 
 
 def packed_weights(model: nn.Module) -> dict:
@@ -62,7 +63,7 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
     """Every file of the checkpoint, into a folder that becomes the checkpoint only once they all exist."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     quant = dict(sorted(quant.items(), key=lambda item: order[item[0]]))  # model order, however the run went
-    tensors, layers, aliases = module_tensors(model, quant, recipe.get("weights", {}).get("group_size"))
+    tensors, layers, aliases = module_tensors(model, quant)
     # one metadata key: safetensors writes several in a different order each run (bytes would differ)
     save_tensors(tensors, out / "model.safetensors", metadata={"format": "lowbit"})
     as_umask_allows(out / "model.safetensors")
@@ -71,7 +72,7 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
                    aliases=aliases, layers=layers, activations=activations)
 
 
-def module_tensors(module: nn.Module, quant: dict, group_size: int | None, prefix: str = ""
+def module_tensors(module: nn.Module, quant: dict, prefix: str = ""
                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, str]]:
     """A module's tensors as the checkpoint stores them (names under ``prefix``), its packed layers' metadata
     and the names of tensors that share another's storage (written once)."""
@@ -80,10 +81,10 @@ def module_tensors(module: nn.Module, quant: dict, group_size: int | None, prefi
     for name, qw in quant.items():
         bias = layer_bias(module.get_submodule(name))
         bias = bias.detach().cpu() if bias is not None else None
-        packed = packed_module(qw, bias, group_size)
+        packed = packed_module(qw, bias)
         for key, value in packed.state_dict().items():
             tensors[f"{prefix}{name}.{key}"] = value
-        layers[prefix + name] = layer_metadata(packed, group_size)
+        layers[prefix + name] = packed.spec.to_json()
     # a float linear's weight and bias, or a loaded packed layer's buffers — not the activation quantizer on it
     skip = {f"{name}.{key}" for name in quant for key in module.get_submodule(name).state_dict()
             if key.split(".")[0] not in KINDS}
@@ -133,10 +134,9 @@ class ShardWriter:
     """Each finished block's tensors written as its own safetensors shard the moment it is done, so that a
     model quantized block by block never exists whole in memory (``save_streamed`` adds the rest)."""
 
-    def __init__(self, root: Path, group_size: int | None):
+    def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.group_size = group_size
 
     def shard(self, b: int) -> Path:
         return self.root / f"block-{b:05d}.safetensors"
@@ -145,7 +145,7 @@ class ShardWriter:
         return self.shard(b).is_file() and self.shard(b).with_suffix(".json").is_file()
 
     def write(self, b: int, block: nn.Module, weights: dict, prefix: str) -> None:
-        tensors, layers, aliases = module_tensors(block, weights, self.group_size, prefix)
+        tensors, layers, aliases = module_tensors(block, weights, prefix)
         meta = activation_metadata(block)
         activations = {kind: {prefix + k: v for k, v in table.items()} for kind, table in meta.items()}
         with atomic_path(self.shard(b)) as tmp:

@@ -11,10 +11,7 @@ import math
 import torch
 
 from lowbit.errors import LowbitError
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    return math.ceil(numel * bits / 8)
+from lowbit.format.spec import packed_nbytes
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-STATS_ROWS = 16
+from lowbit.format.spec import STATS_ROWS, n_chunks
 
 
 @dataclass
@@ -26,9 +26,6 @@ class ScaleStats:
         chunk = torch.arange(self.codes.shape[0], device=self.codes.device) // STATS_ROWS
         return self.lo.float()[chunk] + self.codes.float() * self.step.float()[chunk]
 
-    def storage_bits(self) -> int:
-        return self.codes.numel() * self.bits + 2 * 16 * self.lo.numel()
-
     def cpu(self) -> "ScaleStats":
         return ScaleStats(self.codes.cpu(), self.lo.cpu(), self.step.cpu(), self.bits)
 
@@ -41,10 +38,6 @@ class ScaleStats:
         """Write one group's codes (``other`` holds a single group) into column ``group``."""
         self.codes[:, group] = other.codes[:, 0]
         self.lo[:, group], self.step[:, group] = other.lo[:, 0], other.step[:, 0]
-
-
-def n_chunks(rows: int) -> int:
-    return -(-rows // STATS_ROWS)
 
 
 def quantize_scales(scale: torch.Tensor, bits: int) -> ScaleStats:

@@ -17,15 +17,12 @@ from safetensors.torch import load_file
 
 from lowbit.atomic import atomic_path, atomic_write_text, save_tensors
 from lowbit.errors import LowbitError, ResumeMismatch
-from lowbit.grids.stats import ScaleStats
+from lowbit.format import LayerSpec
+from lowbit.format.codec import decode, encode, spec_of
 from lowbit.rounding import QuantizedWeight
-from lowbit.rounding.binary import BinaryWeight
-from lowbit.rounding.quantized import SparseOutliers
-from lowbit.transforms.incoherence import Incoherence
-from lowbit.transforms.lowrank import LowRank
 
-FIELDS = ("codes", "scale", "zero", "g_idx")
-BINARY_FIELDS = ("signs", "residual", "split", "salient", "alphas")
+# 2: a block's layers are stored as checkpoints store them (lowbit.format); 1: unpacked codes and float scales
+VERSION = 2
 
 
 def fingerprint(model_source: str, recipe: dict, calib: torch.Tensor) -> str:
@@ -40,6 +37,9 @@ def _read_manifest(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
         if isinstance(data, dict) and isinstance(data.get("fingerprint"), str) and isinstance(data.get("done"), list):
+            if data.get("version", 1) != VERSION:
+                raise LowbitError(f"resume state {path} was written by another lowbit version (format "
+                                  f"{data.get('version', 1)}, this one reads {VERSION}): rerun without --resume")
             return data
     except (ValueError, UnicodeDecodeError):
         pass
@@ -73,7 +73,7 @@ class ProgressStore:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        atomic_write_text(self.manifest, json.dumps({"fingerprint": self.fp, "done": self.done,
+        atomic_write_text(self.manifest, json.dumps({"version": VERSION, "fingerprint": self.fp, "done": self.done,
                                                      "block_seconds": self.block_seconds,
                                                      "peak_memory_mb": self.peak_memory_mb,
                                                      "costs": self.costs}))
@@ -95,28 +95,9 @@ class ProgressStore:
 
     def save_block(self, index: int, weights: dict[str, QuantizedWeight], report: list[dict],
                    seconds: float = 0.0, peak_memory_mb: float = 0.0) -> None:
-        binary = {name: qw for name, qw in weights.items() if isinstance(qw, BinaryWeight)}
-        weights = {name: qw for name, qw in weights.items() if name not in binary}
-        tensors = {f"{name}.{f}": getattr(qw, f).contiguous() for name, qw in weights.items() for f in FIELDS}
-        tensors.update({f"{name}.{f}": getattr(qw, f).contiguous()
-                        for name, qw in binary.items() for f in BINARY_FIELDS})
-        tensors.update({f"{name}.in_scale": qw.transform.in_scale.contiguous()
-                        for name, qw in weights.items() if qw.transform is not None})
-        for name, qw in weights.items():
-            if qw.lowrank is not None:
-                tensors[f"{name}.lowrank_a"] = qw.lowrank.a.contiguous()
-                tensors[f"{name}.lowrank_b"] = qw.lowrank.b.contiguous()
-            if qw.sparse is not None:
-                tensors[f"{name}.outlier_index"] = qw.sparse.index.contiguous()
-                tensors[f"{name}.outlier_value"] = qw.sparse.values.contiguous()
-            if qw.scale_stats is not None:
-                st = qw.scale_stats
-                tensors[f"{name}.scale_codes"], tensors[f"{name}.scale_lo"] = st.codes.contiguous(), st.lo.contiguous()
-                tensors[f"{name}.scale_step"] = st.step.contiguous()
-        meta = {name: json.dumps({"bits": qw.bits, "transform": qw.transform.metadata() if qw.transform else None,
-                                  "stats_bits": qw.scale_stats.bits if qw.scale_stats is not None else None})
-                for name, qw in weights.items()}
-        meta.update({name: json.dumps({"bits": 1, "binary_blocksize": qw.blocksize}) for name, qw in binary.items()})
+        specs = {name: spec_of(qw) for name, qw in weights.items()}
+        tensors = {f"{name}.{k}": v.cpu() for name, qw in weights.items() for k, v in encode(specs[name], qw).items()}
+        meta = {name: json.dumps(spec.to_json()) for name, spec in specs.items()}
         with atomic_path(self.root / f"block_{index:04d}.safetensors") as tmp:
             save_tensors(tensors, tmp, metadata=meta)
         atomic_write_text(self.root / f"block_{index:04d}.json", json.dumps(report))
@@ -148,21 +129,8 @@ class ProgressStore:
         tensors = load_file(str(path))
         weights = {}
         for name, raw in meta.items():
-            info = json.loads(raw)
-            if "binary_blocksize" in info:
-                weights[name] = BinaryWeight(*(tensors[f"{name}.{f}"] for f in BINARY_FIELDS), info["binary_blocksize"])
-                continue
-            qw = QuantizedWeight(*(tensors[f"{name}.{f}"] for f in FIELDS), bits=info["bits"])
-            if info["transform"] is not None:
-                qw.transform = Incoherence.from_metadata(info["transform"], tensors[f"{name}.in_scale"],
-                                                         qw.codes.shape[0])
-            if f"{name}.lowrank_a" in tensors:
-                qw.lowrank = LowRank(tensors[f"{name}.lowrank_a"], tensors[f"{name}.lowrank_b"])
-            if f"{name}.outlier_index" in tensors:
-                qw.sparse = SparseOutliers(tensors[f"{name}.outlier_index"], tensors[f"{name}.outlier_value"])
-            if info.get("stats_bits"):
-                qw.scale_stats = ScaleStats(tensors[f"{name}.scale_codes"], tensors[f"{name}.scale_lo"],
-                                            tensors[f"{name}.scale_step"], info["stats_bits"])
-            weights[name] = qw
+            prefix = f"{name}."
+            weights[name] = decode(LayerSpec.from_json(json.loads(raw)),
+                                   {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
         report = json.loads((self.root / f"block_{index:04d}.json").read_text())
         return weights, report

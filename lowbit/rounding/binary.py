@@ -16,7 +16,7 @@ block's error is then fed into later columns as in GPTQ, with the block's binari
 
 Stored: one sign per weight, a second sign per salient weight, a split bit per non-salient
 weight, a salient-column bitmap, and four float16 ``α`` per row and block — all counted in
-:meth:`BinaryWeight.storage_bits`, so the effective bits include what BiLLM's own count leaves out.
+the bytes :mod:`lowbit.format` declares, so the effective bits include what BiLLM's own count leaves out.
 """
 
 from __future__ import annotations
@@ -68,11 +68,6 @@ class BinaryWeight:
         salient = a[..., SAL1] * s1 + a[..., SAL2] * s2
         rest = torch.where(self.split, a[..., SPARSE], a[..., CONC]) * s1
         return torch.where(self.salient.unsqueeze(0), salient, rest)
-
-    def storage_bits(self) -> int:
-        rows, cols = self.shape
-        n_sal = int(self.salient.sum())
-        return rows * cols + rows * n_sal + rows * (cols - n_sal) + cols + self.alphas.numel() * 16
 
     def cpu(self) -> "BinaryWeight":
         return BinaryWeight(self.signs.cpu(), self.residual.cpu(), self.split.cpu(), self.salient.cpu(),

@@ -1,7 +1,9 @@
-"""The result every rounding algorithm returns, and the loss used to compare them."""
+"""The result every rounding algorithm returns, and the loss used to compare them. How it is stored (its
+tensors, its bytes) is declared once, in :mod:`lowbit.format`."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,9 +17,6 @@ if TYPE_CHECKING:
     from lowbit.transforms.lowrank import LowRank
 
 
-INDEX_BITS, VALUE_BITS = 32, 16  # int32 flat index + float16 value per outlier
-
-
 @dataclass
 class SparseOutliers:
     """SpQR-style outliers of a quantized weight (chosen in ``rounding.outliers``): flat (row-major) indices
@@ -29,9 +28,6 @@ class SparseOutliers:
     @property
     def count(self) -> int:
         return int(self.index.numel())
-
-    def storage_bits(self) -> int:
-        return self.count * (INDEX_BITS + VALUE_BITS)
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` with the outlier positions overwritten (a copy)."""
@@ -57,6 +53,7 @@ class QuantizedWeight:
     ``lowrank``: a float16 ``A·B`` branch added to the dequantized weight (ASER / LoRC).
     ``sparse``: SpQR-style outliers, float16 values that replace the grid value at their positions.
     ``scale_stats``: the scales' own codes (SpQR's second level); ``scale`` holds their decoded values.
+    ``group_size``: the grid's (``None``: one group per row), as the rounding fitted it.
     """
 
     codes: torch.Tensor
@@ -68,42 +65,23 @@ class QuantizedWeight:
     lowrank: "LowRank | None" = None
     sparse: "SparseOutliers | None" = None
     scale_stats: "ScaleStats | None" = None
+    group_size: int | None = None
 
     @property
     def numel(self) -> int:
         return self.codes.numel()
 
     def cpu(self) -> "QuantizedWeight":
-        return QuantizedWeight(self.codes.cpu(), self.scale.cpu(), self.zero.cpu(), self.g_idx.cpu(), self.bits,
-                               self.transform, self.lowrank.cpu() if self.lowrank is not None else None,
-                               self.sparse.cpu() if self.sparse is not None else None,
-                               self.scale_stats.cpu() if self.scale_stats is not None else None)
+        return dataclasses.replace(self, codes=self.codes.cpu(), scale=self.scale.cpu(), zero=self.zero.cpu(),
+                                   g_idx=self.g_idx.cpu(),
+                                   lowrank=self.lowrank.cpu() if self.lowrank is not None else None,
+                                   sparse=self.sparse.cpu() if self.sparse is not None else None,
+                                   scale_stats=self.scale_stats.cpu() if self.scale_stats is not None else None)
 
     def dequantize(self) -> torch.Tensor:
         """The grid values of the codes, outliers in place (in the transformed space, if there is one)."""
         w = _dequantize(self.codes, self.scale, self.zero, self.g_idx.long())
         return self.sparse.apply(w) if self.sparse is not None else w
-
-    def storage_bits(self) -> int:
-        """Bits the packed checkpoint spends on this layer: codes, float16 scales, zeros (packed, or
-        float16 when not integral), ``g_idx`` when act-order permuted groups, QuIP's ``in_scale``,
-        low-rank branches, sparse outliers (int32 index + float16 value)."""
-        rows, cols = self.codes.shape
-        n_groups = self.scale.shape[1]
-        float_zeros = not torch.equal(self.zero, self.zero.round())
-        zero_bits = rows * n_groups * (16 if float_zeros else self.bits)
-        scale_bits = self.scale_stats.storage_bits() if self.scale_stats is not None else rows * n_groups * 16
-        total = rows * cols * self.bits + scale_bits + zero_bits
-        g = self.g_idx.long()
-        if n_groups > 1 and not torch.all(g[1:] >= g[:-1]):  # act-order permuted the groups
-            total += 32 * cols
-        if self.transform is not None:
-            total += 32 * cols
-        if self.lowrank is not None:
-            total += 16 * self.lowrank.rank * (rows + cols)
-        if self.sparse is not None:
-            total += self.sparse.storage_bits()
-        return total
 
     def weight(self) -> torch.Tensor:
         """The dense weight that acts on the layer's original inputs (float32)."""
@@ -113,12 +91,6 @@ class QuantizedWeight:
         if self.lowrank is not None:
             w = w + self.lowrank.product().to(w.device)
         return w
-
-
-def effective_bits(weights: dict[str, "QuantizedWeight"]) -> float:
-    """Bits per quantized weight including scales, zeros, ``g_idx`` and transform vectors."""
-    numel = sum(qw.numel for qw in weights.values())
-    return sum(qw.storage_bits() for qw in weights.values()) / max(numel, 1)
 
 
 def proxy_loss(delta: torch.Tensor, h: torch.Tensor) -> float:

@@ -15,4 +15,5 @@ def rtn_quantize(w: torch.Tensor, grid: UniformGrid, stats_bits: int | None = No
     scale = stats.decode() if stats is not None else params.scale
     g_idx = grid.group_index(w.shape[1], device=w.device)
     codes = grid.quantize(w, scale[:, g_idx], params.zero[:, g_idx])
-    return QuantizedWeight(codes.to(torch.uint8), scale, params.zero, g_idx, grid.bits, scale_stats=stats)
+    return QuantizedWeight(codes.to(torch.uint8), scale, params.zero, g_idx, grid.bits, scale_stats=stats,
+                           group_size=grid.group_size)

@@ -37,7 +37,7 @@ class SequentialProblem:
         if self.perm is not None:
             inv = torch.argsort(self.perm)
             codes, g_idx = codes[:, inv], g_idx[inv]
-        return QuantizedWeight(codes, scale, zero, g_idx, grid.bits)
+        return QuantizedWeight(codes, scale, zero, g_idx, grid.bits, group_size=grid.group_size)
 
 
 def initial_params(w: torch.Tensor, grid, dtype: torch.dtype):

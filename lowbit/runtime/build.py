@@ -3,11 +3,11 @@ which back-end computes it."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
+from lowbit.format import LayerSpec
+from lowbit.format.codec import encode, spec_of
 from lowbit.rounding import QuantizedWeight
 from lowbit.rounding.binary import BinaryWeight
 from lowbit.runtime.binary import BinaryLinear
@@ -15,65 +15,29 @@ from lowbit.runtime.kernels import kernel_for
 from lowbit.runtime.lowrank import LowRankLinear
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.runtime.quip import QuipLinear
-from lowbit.transforms.incoherence import Incoherence
 
 
-def packed_module(qw: QuantizedWeight | BinaryWeight, bias: torch.Tensor | None, group_size: int | None) -> nn.Module:
-    if isinstance(qw, BinaryWeight):
-        return BinaryLinear.from_binary(qw, bias)
-    base = dataclasses.replace(qw, lowrank=None)
-    module = (QuipLinear if qw.transform is not None else QuantLinear).from_quantized(base, bias, group_size)
-    return LowRankLinear.wrap(module, qw.lowrank) if qw.lowrank is not None else module
-
-
-def _core(module: nn.Module) -> QuantLinear:
-    while not isinstance(module, QuantLinear):
-        module = module.inner
+def empty_module(spec: LayerSpec, bias: bool) -> nn.Module:
+    """The runtime module for ``spec``, its buffers the declared tensors (zeros, to be filled by
+    ``load_state_dict``): a grid layer, inside a QuIP layer, inside a low-rank branch, as the spec has them."""
+    if spec.binary:
+        return BinaryLinear(spec, bias)
+    module = QuantLinear(spec, bias and spec.incoherence is None)
+    if spec.incoherence is not None:
+        module = QuipLinear(module, spec, bias)
+    if spec.lowrank_rank:
+        module = LowRankLinear(module, spec)
     return module
 
 
-def layer_metadata(module: nn.Module, group_size: int | None) -> dict:
-    """What ``lowbit_config.json`` records per layer to rebuild ``module`` before loading tensors."""
-    if isinstance(module, BinaryLinear):
-        return {"bits": 1, "binary": True, "shape": [module.out_features, module.in_features],
-                "n_salient": module.n_salient, "blocksize": module.blocksize}
-    inner = _core(module)
-    info = {"bits": inner.bits, "group_size": group_size, "shape": [inner.out_features, inner.in_features],
-            "act_order": inner.g_idx is not None, "float_zeros": inner.float_zeros}
-    if inner.n_outliers:
-        info["outliers"] = inner.n_outliers
-    if inner.stats_bits:
-        info["stats_bits"] = inner.stats_bits
-    quip = module.inner if isinstance(module, LowRankLinear) else module
-    if isinstance(quip, QuipLinear):
-        info["incoherence"] = quip.transform.metadata()
-    if isinstance(module, LowRankLinear):
-        info["lowrank_rank"] = module.a.shape[1]
-    return info
-
-
-def scales_key(name: str, info: dict) -> str:
-    """Where a layer's ``scales`` tensor sits in the checkpoint (it gives the number of groups;
-    for a binary layer, ``alphas`` gives the number of blocks)."""
-    if info.get("binary"):
-        return f"{name}.alphas"
-    depth = ("incoherence" in info) + ("lowrank_rank" in info)
-    return f"{name}." + "inner." * depth + ("scale_lo" if info.get("stats_bits") else "scales")
-
-
-def empty_module(info: dict, n_groups: int, bias: bool) -> nn.Module:
-    """A module of the right type and shapes, to be filled by ``load_state_dict``."""
-    out_f, in_f = info["shape"]
-    if info.get("binary"):
-        return BinaryLinear(in_f, out_f, info["n_salient"], n_groups, info["blocksize"], bias)
-    inc = info.get("incoherence")
-    module = QuantLinear(in_f, out_f, info["bits"], n_groups, bias and inc is None, info["act_order"],
-                         info["group_size"], info.get("float_zeros", False), info.get("outliers", 0),
-                         info.get("stats_bits"))
-    if inc is not None:
-        module = QuipLinear(module, Incoherence.from_metadata(inc, torch.ones(in_f), out_f), bias)
-    if info.get("lowrank_rank"):
-        module = LowRankLinear(module, info["lowrank_rank"])
+def packed_module(qw: QuantizedWeight | BinaryWeight, bias: torch.Tensor | None) -> nn.Module:
+    """The runtime module that serves ``qw`` (and ``bias``), holding the tensors its spec encodes."""
+    spec = spec_of(qw)
+    module = empty_module(spec, bias is not None)
+    result = module.load_state_dict(encode(spec, qw), strict=False, assign=True)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {spec.bias_key}, result  # spec vs modules
+    if bias is not None:
+        module.get_parameter(spec.bias_key).data = bias.detach().clone()
     return module
 
 

@@ -10,24 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.format import LayerSpec
 from lowbit.rounding import QuantizedWeight
+from lowbit.runtime.qlinear import register
 from lowbit.transforms.lowrank import LowRank
 
 
 class LowRankLinear(nn.Module):
-    def __init__(self, inner: nn.Module, rank: int):
+    def __init__(self, inner: nn.Module, spec: LayerSpec):
         super().__init__()
-        self.inner = inner
+        self.inner, self.spec = inner, spec
         self.in_features, self.out_features, self.bits = inner.in_features, inner.out_features, inner.bits
-        self.register_buffer("a", torch.zeros(inner.out_features, rank, dtype=torch.float16))
-        self.register_buffer("b", torch.zeros(rank, inner.in_features, dtype=torch.float16))
-
-    @classmethod
-    def wrap(cls, inner: nn.Module, lowrank: LowRank) -> "LowRankLinear":
-        m = cls(inner, lowrank.rank)
-        m.a.copy_(lowrank.a)
-        m.b.copy_(lowrank.b)
-        return m
+        register(self, spec.lowrank_tensors())  # a, b
 
     def quantized(self) -> QuantizedWeight:
         qw = self.inner.quantized()

@@ -7,29 +7,28 @@ The codes, scales and zeros are those of a :class:`QuantLinear` in the rotated s
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from lowbit.format import LayerSpec
 from lowbit.rounding import QuantizedWeight
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.qlinear import QuantLinear, register
 from lowbit.transforms.incoherence import Incoherence
 
 
 class QuipLinear(nn.Module):
-    def __init__(self, inner: QuantLinear, transform: Incoherence, bias: bool):
-        super().__init__()
-        self.inner = inner
-        self.in_features, self.out_features, self.bits = inner.in_features, inner.out_features, inner.bits
-        self.register_buffer("in_scale", transform.in_scale.to(torch.float32).clone())
-        self.transform = transform.bind(inner.out_features, inner.in_features)  # seeds, U and V
-        self.bias = nn.Parameter(torch.zeros(inner.out_features)) if bias else None
+    """``spec``'s QuIP part around its grid part ``inner``; the bias is applied here, in the original basis."""
 
-    @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, group_size: int | None) -> "QuipLinear":
-        m = cls(QuantLinear.from_quantized(qw, None, group_size), qw.transform, bias is not None)
-        if bias is not None:
-            m.bias.data = bias.detach().clone()
-        return m
+    def __init__(self, inner: QuantLinear, spec: LayerSpec, bias: bool):
+        super().__init__()
+        self.inner, self.spec = inner, dataclasses.replace(spec, lowrank_rank=0)
+        self.in_features, self.out_features, self.bits = inner.in_features, inner.out_features, inner.bits
+        register(self, spec.quip_tensors())  # in_scale
+        # U and V, rebuilt from the seeds; the scale is the in_scale buffer (it follows .to(device))
+        self.transform = Incoherence.from_metadata(spec.incoherence, torch.ones(self.in_features), self.out_features)
+        self.bias = nn.Parameter(torch.zeros(inner.out_features)) if bias else None
 
     def quantized(self) -> QuantizedWeight:
         qw = self.inner.quantized()
@@ -37,7 +36,7 @@ class QuipLinear(nn.Module):
         return qw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.transform  # U and V only: the scale is the in_scale buffer (it follows .to(device))
+        t = self.transform
         y = t.u.apply_t(self.inner(t.v.apply(x / self.in_scale.to(x.dtype))))
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_llama
+
 from lowbit.errors import LowbitError
 from lowbit.format import LayerSpec
 from lowbit.format.codec import DTYPES, decode, encode, spec_of, storage_bits

@@ -125,3 +125,23 @@ def test_hessian_accumulator_matches_float64():
         skip.add(x)
     x_rest = torch.cat([x[:, 1:].reshape(-1, 12) for x in xs]).double()
     torch.testing.assert_close(skip.hessian(), 2 * x_rest.T @ x_rest / x_rest.shape[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 130])
+def test_in_place_symmetric_permutation_is_indexing(n):
+    """GPTQ's act-order permutes its own Hessian copy in place: the same bits as ``h[perm][:, perm]``."""
+    from lowbit.hessians.conditioning import permute_symmetric_
+
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, n, generator=g, dtype=torch.float64)
+    perm = torch.randperm(n, generator=g)
+    assert torch.equal(permute_symmetric_(h.clone(), perm), h[perm][:, perm])
+
+
+def test_cholesky_inverse_factor_is_the_textbook_one():
+    """Written in place into one matrix: equal (same bits) to the three steps with fresh outputs."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 120, generator=g, dtype=torch.float64)
+    h = x.T @ x / 300
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    assert torch.equal(robust_cholesky_inverse(h, 0.0), ref)

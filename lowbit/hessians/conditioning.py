@@ -38,14 +38,40 @@ def add_damping(h: torch.Tensor, damp: float) -> None:
     h[diag, diag] += damp * torch.mean(torch.diag(h))
 
 
+def permute_symmetric_(h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """In place: ``h[perm][:, perm]`` (the same bits), moving rows then columns along the permutation's cycles
+    with one row of scratch: indexing would hold two more n×n matrices at once (1.9 GB at 11008 inputs)."""
+    order = perm.tolist()
+    for dim in (0, 1):
+        seen = [False] * len(order)
+        for start, target in enumerate(order):
+            if seen[start] or target == start:
+                continue
+            first = h.select(dim, start).clone()
+            i = start
+            while True:  # slot i takes what sits at order[i]
+                seen[i] = True
+                j = order[i]
+                if j == start:
+                    h.select(dim, i).copy_(first)
+                    break
+                h.select(dim, i).copy_(h.select(dim, j))
+                i = j
+    return h
+
+
 def robust_cholesky_inverse(
     h: torch.Tensor, damp: float, name: str = "layer", retries: int = 6
 ) -> torch.Tensor:
-    """Upper Cholesky factor of ``H⁻¹`` (GPTQ's form), with :func:`with_damping_retries`."""
+    """Upper Cholesky factor of ``H⁻¹`` (GPTQ's form), with :func:`with_damping_retries`.
+
+    The three steps write into one new matrix (``out=`` the input: LAPACK works in place, and the results are
+    the same bits as with fresh outputs): at a 7B model's 11008 inputs each float64 copy is 0.97 GB."""
 
     def factor(m: torch.Tensor) -> torch.Tensor:
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(m))
-        return torch.linalg.cholesky(hinv, upper=True)
+        f = torch.linalg.cholesky(m)
+        torch.cholesky_inverse(f, out=f)
+        return torch.linalg.cholesky(f, upper=True, out=f)
 
     return with_damping_retries(factor, h, damp, name, retries)
 
@@ -80,7 +106,8 @@ def with_damping_retries(factor, h: torch.Tensor, damp: float, name: str = "laye
         try:
             result = factor(h)
             parts = result if isinstance(result, tuple) else (result,)
-            if not all(torch.isfinite(p).all() for p in parts):
+            # a non-finite entry makes the sum non-finite; isfinite(p) would take 1.4 copies of p at its peak
+            if not all(torch.isfinite(p.sum()) for p in parts):
                 raise torch.linalg.LinAlgError("non-finite factor")
             if attempt:
                 log.warning("%s: Hessian needed damping %.3g to be positive definite", name, current)

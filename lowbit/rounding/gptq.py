@@ -37,7 +37,7 @@ def gptq_quantize(
     quantizes each group's scales as it is fitted (:mod:`lowbit.grids.stats`)."""
     rows, cols = w.shape
     prob = SequentialProblem.build(w, h, damp, act_order)
-    upper = robust_cholesky_inverse(prob.h, damp, name).to(dtype)
+    upper = robust_cholesky_inverse(prob.pop_hessian(), damp, name).to(dtype)
     W = prob.w.to(dtype)
 
     gs = grid.group_size

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.hessians import condition_hessian
+from lowbit.hessians.conditioning import permute_symmetric_
 from lowbit.rounding.quantized import QuantizedWeight
 
 
@@ -28,8 +29,13 @@ class SequentialProblem:
         perm = None
         if act_order:  # columns with the most input energy first (GPTQ act-order, LDLQ-RG's ordering)
             perm = torch.argsort(torch.diag(hd), descending=True)
-            wd, hd = wd[:, perm], hd[perm][:, perm]
+            wd, hd = wd[:, perm], permute_symmetric_(hd, perm)  # hd is this problem's own copy
         return cls(wd, hd, perm)
+
+    def pop_hessian(self) -> torch.Tensor:
+        """The Hessian, no longer held here (GPTQ needs only its factor after: one n×n float64 copy less)."""
+        h, self.h = self.h, None
+        return h
 
     def result(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid) -> QuantizedWeight:
         """Codes back in natural column order; ``g_idx`` follows the permutation."""

@@ -24,7 +24,6 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
     import torch
 
     import lowbit
-    from lowbit.format.codec import effective_bits
     from lowbit.memory import peak_memory_mb
     from lowbit.recipes import apply_overrides
 
@@ -37,15 +36,16 @@ def run_one(args: argparse.Namespace, recipe: str) -> dict:
         rec = rec.with_overrides(calibration=dataclasses.replace(rec.calibration, **cal))
         rec.validate()
         t0 = time.perf_counter()
-        _, report = lowbit.quantize(model, rec, tokenizer=tok, show_progress=False)
+        result = lowbit.quantize(model, rec, tokenizer=tok, show_progress=False)
+        report = result.report
         row.update(quant_seconds=time.perf_counter() - t0, quant_peak_memory_mb=report.peak_memory_mb,
                    nsamples=rec.calibration.nsamples, calib_seqlen=rec.calibration.seqlen, bits=rec.weights.bits,
                    group_size=rec.weights.group_size,
                    mean_rel_output_error=_mean([r.rel_output_error for r in report.layers]),
-                   effective_bits=effective_bits(model.lowbit_quant) if model.lowbit_quant else None,
+                   effective_bits=result.effective_bits,
                    hessian_pass=report.hessian_pass, a_bits=rec.activations.bits, kv_bits=rec.activations.kv_bits,
                    act_granularity=rec.activations.granularity if rec.activations.enabled else None,
-                   lowrank_extra_params=_lowrank_share(model.lowbit_quant))
+                   lowrank_extra_params=_lowrank_share(result.weights))
     for d in args.datasets.split(","):
         r = lowbit.eval.perplexity(model, tok, d, windows=args.windows, show_progress=False)
         row[d] = r.ppl

@@ -2,9 +2,9 @@
 
     model, tok = lowbit.load_model("smollm2-135m")
     calib = lowbit.data.calibration("c4", tok, n=128, seqlen=2048, seed=0)
-    qmodel, report = lowbit.quantize(model, lowbit.recipes.get("gptq-w4"), calib)
-    print(lowbit.eval.perplexity(qmodel, tok, "wikitext2"))
-    lowbit.save(qmodel, "runs/gptq-w4", tok, report)
+    result = lowbit.quantize(model, lowbit.recipes.get("gptq-w4"), calib)
+    print(lowbit.eval.perplexity(result.model, tok, "wikitext2"))
+    lowbit.save(result, "runs/gptq-w4", tok)
 """
 
 from lowbit.errors import LowbitError

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from lowbit import recipes as _recipes
 from lowbit.data import calibration
 from lowbit.errors import LowbitError
-from lowbit.pipeline import QuantReport, quantize_model
+from lowbit.pipeline import Quantized, QuantReport, quantize_model
 from lowbit.recipes import Recipe
 
 if TYPE_CHECKING:
@@ -35,8 +35,10 @@ def quantize(
     resume: bool = False,
     show_progress: bool = True,
     hessian_cache: str | Path | None = None,
-) -> tuple[nn.Module, QuantReport]:
+) -> Quantized:
     """Quantize ``model`` in place; ``calib`` defaults to the recipe's calibration set (needs ``tokenizer``).
+    Returns the model with its weights rounded, each layer's rounding result, the recipe, the model's source and
+    the report (``lowbit.save`` writes it; ``.packed()`` is the model with packed layers).
 
     ``hessian_cache``: a directory shared by runs on the same model and calibration set, where OAC's
     gradient pass is kept so that it runs once for every output-adaptive recipe.
@@ -46,9 +48,8 @@ def quantize(
         if tokenizer is None:
             raise LowbitError("pass calibration token ids or a tokenizer to build them from the recipe")
         calib = calibration_for(recipe, tokenizer, model)
-    report = quantize_model(model, recipe, calib, progress_dir=progress_dir, resume=resume, show_progress=show_progress,
-                            hessian_cache=hessian_cache)
-    return model, report
+    return quantize_model(model, recipe, calib, progress_dir=progress_dir, resume=resume,
+                          show_progress=show_progress, hessian_cache=hessian_cache)
 
 
 def quantize_to_disk(
@@ -73,10 +74,11 @@ def quantize_to_disk(
     """
     from lowbit.export.write import ShardWriter, save_streamed
     from lowbit.models.onload import DiskModel
+    from lowbit.models.source import set_source
 
     recipe = _recipes.get(recipe)
     disk = disk or DiskModel(source, dtype=dtype, device=device)
-    disk.model.lowbit_source = source_name or str(Path(source).resolve())
+    set_source(disk.model, source_name or str(Path(source).resolve()))
     if calib is None and recipe.needs_calibration:
         if tokenizer is None:
             raise LowbitError("pass calibration token ids or a tokenizer to build them from the recipe")
@@ -84,7 +86,7 @@ def quantize_to_disk(
     progress = Path(out) / ".progress"
     shards = ShardWriter(progress / "shards")
     report = quantize_model(disk.model, recipe, calib, progress_dir=progress, resume=resume,
-                            show_progress=show_progress, onload=disk, sink=shards)
+                            show_progress=show_progress, onload=disk, sink=shards).report
     save_streamed(disk, shards, out, recipe.to_dict(), tokenizer, report)
     return report
 

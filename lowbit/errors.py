@@ -6,4 +6,5 @@ class LowbitError(Exception):
 
 
 class ResumeMismatch(LowbitError):
-    """Stored progress belongs to another model, recipe or calibration set; a caller may start afresh."""
+    """Stored progress belongs to another model, recipe or calibration set (or lowbit version); a caller may start
+    afresh."""

@@ -95,18 +95,17 @@ def interrupt_rounding_in_block(monkeypatch, block: int) -> None:
 
 
 def full_and_resumed(recipe, calib_ids, progress_dir, monkeypatch, layers: int = 3, block: int = 2):
-    """The same tiny Llama quantized in one go, and interrupted in ``block`` then resumed."""
+    """The same tiny Llama quantized in one go, and interrupted in ``block`` then resumed: both results."""
     from lowbit.pipeline import quantize_model
 
-    full = tiny_llama(layers=layers)
-    quantize_model(full, recipe, calib_ids, show_progress=False)
+    full = quantize_model(tiny_llama(layers=layers), recipe, calib_ids, show_progress=False)
     with monkeypatch.context() as m:
         interrupt_rounding_in_block(m, block)
         with pytest.raises(KeyboardInterrupt):
             quantize_model(tiny_llama(layers=layers), recipe, calib_ids, progress_dir=progress_dir, show_progress=False)
-    resumed = tiny_llama(layers=layers)
-    report = quantize_model(resumed, recipe, calib_ids, progress_dir=progress_dir, resume=True, show_progress=False)
-    assert report.resumed_blocks == block
+    resumed = quantize_model(tiny_llama(layers=layers), recipe, calib_ids, progress_dir=progress_dir, resume=True,
+                             show_progress=False)
+    assert resumed.report.resumed_blocks == block
     return full, resumed
 
 

@@ -124,12 +124,12 @@ def _aser(**over) -> Recipe:
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda f: f.__name__)
 def test_low_rank_branch_survives_save_and_reload(arch, calib_ids, tmp_path):
     model = arch()
-    quantize_model(model, _aser(), calib_ids, show_progress=False)
-    assert all(qw.lowrank is not None and qw.lowrank.rank == 4 for qw in model.lowbit_quant.values())
-    save(model, tmp_path)
+    model_q = quantize_model(model, _aser(), calib_ids, show_progress=False)
+    assert all(qw.lowrank is not None and qw.lowrank.rank == 4 for qw in model_q.weights.values())
+    save(model_q, tmp_path)
     back, _ = load_quantized(tmp_path)
     branches = [m for m in back.modules() if isinstance(m, LowRankLinear)]
-    assert len(branches) == len(model.lowbit_quant) and all(m.a.dtype == torch.float16 for m in branches)
+    assert len(branches) == len(model_q.weights) and all(m.a.dtype == torch.float16 for m in branches)
     with torch.no_grad():  # fake-quant W + A·B in memory vs packed Q(W)·x + A·(B·x): summation order only
         torch.testing.assert_close(back(calib_ids[:2]).logits, model(calib_ids[:2]).logits, atol=1e-4, rtol=1e-4)
 
@@ -138,8 +138,8 @@ def test_low_rank_branch_composes_with_quip(calib_ids, tmp_path):
     recipe = _aser(weights={"method": "ldlq", "bits": 2}, transform={"incoherence": "hadamard"},
                    activations={"bits": 16}, smoothing={"alpha": None, "outliers": 0})
     model = tiny_llama()
-    quantize_model(model, recipe, calib_ids, show_progress=False)
-    save(model, tmp_path)
+    model_q = quantize_model(model, recipe, calib_ids, show_progress=False)
+    save(model_q, tmp_path)
     back, _ = load_quantized(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(back(calib_ids[:2]).logits, model(calib_ids[:2]).logits, atol=1e-4, rtol=1e-4)
@@ -169,7 +169,7 @@ def test_outlier_columns_are_the_largest_and_left_to_the_branch():
 def test_resume_keeps_the_low_rank_branch(calib_ids, tmp_path, monkeypatch):
     full, resumed = full_and_resumed(_aser(), calib_ids, tmp_path, monkeypatch)
     with torch.no_grad():
-        assert torch.equal(full(calib_ids[:2]).logits, resumed(calib_ids[:2]).logits)
+        assert torch.equal(full.model(calib_ids[:2]).logits, resumed.model(calib_ids[:2]).logits)
 
 
 @pytest.mark.parametrize("data,message", [
@@ -196,13 +196,13 @@ def test_branches_export_as_a_peft_lora_adapter(calib_ids, tmp_path):
     from lowbit.export import export_lora
 
     model = tiny_llama()
-    quantize_model(model, _aser(activations={"bits": 16}), calib_ids, show_progress=False)
-    save(model, tmp_path / "ckpt")
+    model_q = quantize_model(model, _aser(activations={"bits": 16}), calib_ids, show_progress=False)
+    save(model_q, tmp_path / "ckpt")
     back, _ = load_quantized(tmp_path / "ckpt")
     export_lora(back, tmp_path / "lora")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
-    assert config["peft_type"] == "LORA" and len(config["rank_pattern"]) == len(model.lowbit_quant)
+    assert config["peft_type"] == "LORA" and len(config["rank_pattern"]) == len(model_q.weights)
     name = "model.layers.1.mlp.down_proj"
     layer = back.get_submodule(name)
     lora_a = tensors[f"base_model.model.{name}.lora_A.weight"].float()

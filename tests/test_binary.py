@@ -73,11 +73,12 @@ def test_packed_layer_holds_the_counted_bits():
 @pytest.mark.parametrize("preset", ["billm-w1", "oac-w1"])
 def test_presets_save_and_reload(preset, tmp_path, calib_ids):
     model = tiny_llama()
-    _, report = lowbit.quantize(model, lowbit.recipes.get(preset), calib_ids, show_progress=False)
+    model_q = lowbit.quantize(model, lowbit.recipes.get(preset), calib_ids, show_progress=False)
+    report = model_q.report
     assert all(r.bits == 1 for r in report.layers)
-    lowbit.save(model, tmp_path, report=report)
+    lowbit.save(model_q, tmp_path, report=report)
     reloaded, _ = lowbit.load_model(tmp_path)
-    assert sum(isinstance(m, BinaryLinear) for m in reloaded.modules()) == len(model.lowbit_quant)
+    assert sum(isinstance(m, BinaryLinear) for m in reloaded.modules()) == len(model_q.weights)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(calib_ids).logits, model(calib_ids).logits, atol=1e-5, rtol=0)
 
@@ -85,7 +86,7 @@ def test_presets_save_and_reload(preset, tmp_path, calib_ids):
 def test_resume_gives_the_same_binary_model(tmp_path, calib_ids, monkeypatch):
     full, resumed = full_and_resumed(lowbit.recipes.get("billm-w1"), calib_ids, tmp_path, monkeypatch)
     with torch.no_grad():
-        assert torch.equal(full(calib_ids[:2]).logits, resumed(calib_ids[:2]).logits)
+        assert torch.equal(full.model(calib_ids[:2]).logits, resumed.model(calib_ids[:2]).logits)
 
 
 @pytest.mark.parametrize("data,message", [

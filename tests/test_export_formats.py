@@ -33,9 +33,9 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 
 def _checkpoint(tmp_path, recipe: str, sets: list[str], calib=None, name: str = "ckpt"):
     model = tiny_llama()
-    lowbit.quantize(model, apply_overrides(lowbit.recipes.get(recipe), sets), calib, show_progress=False)
+    model_q = lowbit.quantize(model, apply_overrides(lowbit.recipes.get(recipe), sets), calib, show_progress=False)
     path = tmp_path / name
-    lowbit.save(model, path)
+    lowbit.save(model_q, path)
     return path
 
 
@@ -192,8 +192,8 @@ def test_gptq_refusals_name_what_would_export(tmp_path, calib_ids):
     with pytest.raises(LowbitError, match="activation quantizers"):
         export_checkpoint(ckpt, tmp_path / "g", "gptq")
     gpt2 = tiny_family("gpt2")  # Conv1D in transformers: lowbit quantizes it as the nn.Linear it is
-    lowbit.quantize(gpt2, "rtn-w4", show_progress=False)
-    lowbit.save(gpt2, tmp_path / "gpt2")
+    gpt2_q = lowbit.quantize(gpt2, "rtn-w4", show_progress=False)
+    lowbit.save(gpt2_q, tmp_path / "gpt2")
     for fmt in ("gptq", "compressed-tensors"):
         with pytest.raises(LowbitError, match="GPT-2 Conv1D"):
             export_checkpoint(tmp_path / "gpt2", tmp_path / "g", fmt)

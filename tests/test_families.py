@@ -56,17 +56,18 @@ def test_family_quantizes_saves_reloads_and_evaluates(family, recipe, calib, tmp
     ids = calib[:2, :24]
     with torch.no_grad():
         float_logits = model(ids).logits
-    _, report = lowbit.quantize(model, _recipe(recipe), calib, show_progress=False)
+    model_q = lowbit.quantize(model, _recipe(recipe), calib, show_progress=False)
+    report = model_q.report
     # every linear of every block is quantized (experts one by one), nothing but routers left in float
-    assert set(model.lowbit_quant) == _quantizable_names(model)
-    assert {r.name for r in report.layers} == set(model.lowbit_quant)
+    assert set(model_q.weights) == _quantizable_names(model)
+    assert {r.name for r in report.layers} == set(model_q.weights)
     with torch.no_grad():
         in_memory = model(ids).logits
     # 4-bit weights (and 8-bit activations) move random-weight logits, but not far: a working quantizer
     rel = float((in_memory - float_logits).norm() / float_logits.norm())
     assert 0 < rel < 0.5, rel
 
-    lowbit.save(model, tmp_path / "ckpt", report=report)
+    lowbit.save(model_q, tmp_path / "ckpt", report=report)
     reloaded, _ = load_quantized(tmp_path / "ckpt")
     assert not any(p.dim() == 3 for p in reloaded.parameters())  # no fused experts left in float
     with torch.no_grad():
@@ -124,7 +125,8 @@ def test_each_expert_is_rounded_with_the_hessian_of_its_own_tokens(family, calib
     x, index = _routed_inputs(model, calib)
     fused = model.model.layers[0].mlp.experts
     weights = {e: fused.gate_up_proj[e].detach().clone() for e in range(fused.gate_up_proj.shape[0])}
-    _, report = lowbit.quantize(model, recipe, calib, show_progress=False)
+    model_q = lowbit.quantize(model, recipe, calib, show_progress=False)
+    report = model_q.report
     layers = {r.name: r for r in report.layers}
     checked = 0
     for e, w in weights.items():
@@ -137,7 +139,7 @@ def test_each_expert_is_rounded_with_the_hessian_of_its_own_tokens(family, calib
         xe = x[tokens].double()
         h = (2.0 / xe.shape[0]) * xe.T @ xe
         expected = round_weight(w, h.float(), recipe.weights, name=name)
-        assert torch.equal(model.lowbit_quant[name].codes, expected.codes), e
+        assert torch.equal(model_q.weights[name].codes, expected.codes), e
         checked += 1
     assert checked >= 2  # the comparison ran on most experts, not only on fallbacks
 
@@ -154,7 +156,8 @@ def test_experts_calibration_barely_reaches_fall_back_to_rtn_and_say_so(family, 
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules()
                if ".experts." in n and hasattr(m, "weight")}
     with caplog.at_level(logging.WARNING, logger="lowbit.pipeline.stages"):
-        _, report = lowbit.quantize(model, recipe, calib, show_progress=False)
+        model_q = lowbit.quantize(model, recipe, calib, show_progress=False)
+        report = model_q.report
     experts = [r for r in report.layers if ".experts." in r.name]
     assert experts and all(r.method == "rtn" and r.tokens < r.shape[1] for r in experts)
     assert any(r.tokens == 0 for r in experts) and "saw no calibration input" in caplog.text
@@ -162,7 +165,7 @@ def test_experts_calibration_barely_reaches_fall_back_to_rtn_and_say_so(family, 
     rtn = dataclasses.replace(recipe.weights, method="rtn")  # the recipe's grid, no Hessian
     for r in experts:  # the fallback is RTN on the expert's own weights
         expected = round_weight(weights[r.name], None, rtn, name=r.name)
-        assert torch.equal(model.lowbit_quant[r.name].codes, expected.codes), r.name
+        assert torch.equal(model_q.weights[r.name].codes, expected.codes), r.name
     dense = [r for r in report.layers if ".experts." not in r.name]
     assert all(r.method == "gptq" for r in dense)  # attention (and a shared expert) keep GPTQ
 
@@ -174,31 +177,35 @@ def test_moe_blocks_are_experts_and_routers_stay_in_float():
     assert isinstance(block.mlp.experts, LinearExperts)
     assert router_names(block) == {"mlp.gate", "mlp.shared_expert_gate"}
     assert len(expert_linears(block)) == 2 * 4
-    lowbit.quantize(model, _recipe("rtn"), None, show_progress=False)
-    assert not any(".gate" == n[-5:] or "shared_expert_gate" in n for n in model.lowbit_quant)
-    assert "model.layers.0.mlp.shared_expert.down_proj" in model.lowbit_quant
+    model_q = lowbit.quantize(model, _recipe("rtn"), None, show_progress=False)
+    assert not any(".gate" == n[-5:] or "shared_expert_gate" in n for n in model_q.weights)
+    assert "model.layers.0.mlp.shared_expert.down_proj" in model_q.weights
 
 
 @pytest.mark.parametrize("family", ["phi3", "gpt2", "mixtral"])
 @pytest.mark.parametrize("preset", ["rptq-w4a8", "smoothquant-w8a8"])
-def test_smoothing_and_reordering_on_fused_or_expert_blocks_are_one_line_errors(family, preset, calib):
+def test_smoothing_and_reordering_on_fused_or_expert_blocks_are_one_line_errors(family, preset, calib, monkeypatch):
     model = tiny_family(family)
+
+    def never(*args, **kwargs):
+        raise AssertionError("rounded before the refusal")
+
+    monkeypatch.setattr("lowbit.pipeline.stages.round_weight", never)  # refused before any rounding
     with pytest.raises(LowbitError, match="needs separate q/k/v and gate/up") as err:
         lowbit.quantize(model, preset, calib, show_progress=False)
     assert "\n" not in str(err.value)
-    assert not hasattr(model, "lowbit_quant") or not model.lowbit_quant  # refused before any rounding
 
 
 def test_fused_projections_are_quantized_fused():
     """Phi-3's qkv_proj / gate_up_proj and GPT-2's c_attn are quantized as the one matrix each is."""
     for family, names in (("phi3", ("self_attn.qkv_proj", "mlp.gate_up_proj")), ("gpt2", ("attn.c_attn",))):
         model = tiny_family(family)
-        lowbit.quantize(model, _recipe("rtn"), None, show_progress=False)
+        model_q = lowbit.quantize(model, _recipe("rtn"), None, show_progress=False)
         path, blocks = find_blocks(model)
         for n in names:
             layer = blocks[0].get_submodule(n)
-            assert isinstance(layer, nn.Linear) and f"{path}.0.{n}" in model.lowbit_quant
-            assert model.lowbit_quant[f"{path}.0.{n}"].codes.shape == layer.weight.shape
+            assert isinstance(layer, nn.Linear) and f"{path}.0.{n}" in model_q.weights
+            assert model_q.weights[f"{path}.0.{n}"].codes.shape == layer.weight.shape
 
 
 def test_a_mixture_of_experts_folder_through_the_command_line(tmp_path):
@@ -258,19 +265,21 @@ def test_hessian_experts_all_calibrates_every_expert_on_every_token(family, cali
             every = probe(calib[:2]).logits
     torch.testing.assert_close(every, routed, atol=1e-6, rtol=1e-6)
 
-    _, report = lowbit.quantize(model, recipe, calib, show_progress=False)
+    model_q = lowbit.quantize(model, recipe, calib, show_progress=False)
+    report = model_q.report
     experts = [r for r in report.layers if ".experts." in r.name]
     assert all(r.tokens == calib.numel() and r.method == "gptq" for r in experts)
     name = "model.layers.0.mlp.experts.1.gate_up_proj"
     h = (2.0 / x.shape[0]) * x.double().T @ x.double()
-    assert torch.equal(model.lowbit_quant[name].codes, round_weight(w, h.float(), recipe.weights, name=name).codes)
+    assert torch.equal(model_q.weights[name].codes, round_weight(w, h.float(), recipe.weights, name=name).codes)
 
 
 def test_true_sequential_rounds_all_experts_gate_up_then_all_down(calib):
     """Which experts a sample calls depends on its routing: the experts' layers form two groups (all
     gate_up, then all down) after the attention's, whatever order the first sample called them in."""
     model = tiny_family("qwen2_moe")
-    _, report = lowbit.quantize(model, _recipe("gptq"), calib, show_progress=False)
+    model_q = lowbit.quantize(model, _recipe("gptq"), calib, show_progress=False)
+    report = model_q.report
     block0 = [r.name.removeprefix("model.layers.0.") for r in report.layers if r.block == 0]
     ups = [f"mlp.experts.{e}.gate_up_proj" for e in range(4)]
     downs = [f"mlp.experts.{e}.down_proj" for e in range(4)]

@@ -115,11 +115,11 @@ def test_a_format_3_checkpoint_loads(tmp_path, calib_ids):
     from lowbit.pipeline import quantize_model
 
     model = tiny_llama()
-    quantize_model(model, lowbit.recipes.get("gptq-w4g128").with_overrides("weights.group_size=16",
+    model_q = quantize_model(model, lowbit.recipes.get("gptq-w4g128").with_overrides("weights.group_size=16",
                                                                             "calibration.nsamples=4",
                                                                             "calibration.seqlen=32"),
                    calib_ids, show_progress=False)
-    lowbit.save(model, tmp_path / "new")
+    lowbit.save(model_q, tmp_path / "new")
     meta = json.loads((tmp_path / "new" / "lowbit_config.json").read_text())
     assert meta["format_version"] == 4 and all("groups" in info for info in meta["layers"].values())
     meta["format_version"] = 3

@@ -42,21 +42,23 @@ def test_a_second_recipe_reads_the_first_ones_hessians_and_gets_the_same_codes(p
                                                                                 monkeypatch):
     cache = tmp_path / "hessians"
     first = tiny_llama()
-    r1 = quantize_model(first, _recipe("a", passes=passes), calib_ids, show_progress=False, hessian_cache=cache)
+    first_q = quantize_model(first, _recipe("a", passes=passes), calib_ids, show_progress=False, hessian_cache=cache)
+    r1 = first_q.report
     assert r1.hessian_pass["seconds"] > 0 and "resumed_at" not in r1.hessian_pass and not r1.hessian_pass["reused"]
     assert r1.hessian_pass["cache"].startswith(str(cache))
 
     second = _recipe("b", method="ldlq", transform="hadamard", passes=passes)
     reference = tiny_llama()
-    quantize_model(reference, second, calib_ids, show_progress=False)  # no cache: its own gradient pass
+    reference_q = quantize_model(reference, second, calib_ids, show_progress=False)  # no cache: its own gradient pass
     seen = _count_gradients(monkeypatch)
     cached = tiny_llama()
-    r2 = quantize_model(cached, second, calib_ids, show_progress=False, hessian_cache=cache)
+    cached_q = quantize_model(cached, second, calib_ids, show_progress=False, hessian_cache=cache)
+    r2 = cached_q.report
     assert not seen  # no gradient was taken: the pass was read
     assert r2.hessian_pass["reused"] and r2.hessian_pass["resumed_at"] == calib_ids.shape[0] * passes
     assert 0 < r2.hessian_pass["seconds"] <= r1.hessian_pass["seconds"]  # the first run's pass, as it saved it
-    for name, qw in reference.lowbit_quant.items():
-        assert torch.equal(cached.lowbit_quant[name].codes, qw.codes), name
+    for name, qw in reference_q.weights.items():
+        assert torch.equal(cached_q.weights[name].codes, qw.codes), name
     assert list(cache.glob("oac-*.safetensors"))  # kept for the next recipe, unlike a run's own progress
 
 
@@ -86,13 +88,14 @@ def test_an_interrupted_pass_in_the_cache_is_continued_by_the_next_recipe(calib_
             handle.remove()
     seen = _count_gradients(monkeypatch)
     resumed = tiny_llama()
-    report = quantize_model(resumed, _recipe("b"), calib_ids, show_progress=False, hessian_cache=cache)
+    resumed_q = quantize_model(resumed, _recipe("b"), calib_ids, show_progress=False, hessian_cache=cache)
+    report = resumed_q.report
     assert report.hessian_pass["resumed_at"] == 4 and not report.hessian_pass["reused"]
     assert len(seen) == (calib_ids.shape[0] - 4) * len(layers)  # the two sequences left, every layer
     reference = tiny_llama()
-    quantize_model(reference, _recipe("b"), calib_ids, show_progress=False)
-    for name, qw in reference.lowbit_quant.items():
-        assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name
+    reference_q = quantize_model(reference, _recipe("b"), calib_ids, show_progress=False)
+    for name, qw in reference_q.weights.items():
+        assert torch.equal(resumed_q.weights[name].codes, qw.codes), name
 
 
 def test_another_calibration_set_or_model_gets_its_own_key(calib_ids):

@@ -11,11 +11,12 @@ from lowbit.runtime import KeptWeight, keep_dequantized
 @pytest.mark.parametrize("preset", ["gptq-w3g128", "spqr-w2", "billm-w1", "quip-w2", "aser-w4a8"])
 def test_kept_weights_give_the_same_logits_bit_for_bit(preset, tmp_path, calib_ids):
     model = tiny_llama()
-    _, report = lowbit.quantize(model, lowbit.recipes.get(preset), calib_ids, show_progress=False)
-    lowbit.save(model, tmp_path, report=report)
+    model_q = lowbit.quantize(model, lowbit.recipes.get(preset), calib_ids, show_progress=False)
+    report = model_q.report
+    lowbit.save(model_q, tmp_path, report=report)
     reloaded, _ = lowbit.load_model(tmp_path)
     layers = [m for m in reloaded.modules() if isinstance(m, KeptWeight)]
-    assert layers and len(layers) == len(model.lowbit_quant)  # QuIP's and ASER's wrappers hold one each
+    assert layers and len(layers) == len(model_q.weights)  # QuIP's and ASER's wrappers hold one each
     with torch.no_grad():
         rebuilt = reloaded(calib_ids).logits
         assert keep_dequantized(reloaded) == len(layers)
@@ -34,8 +35,9 @@ def test_kept_weights_give_the_same_logits_bit_for_bit(preset, tmp_path, calib_i
 
 def test_a_kept_weight_follows_the_activation_dtype(tmp_path, calib_ids):
     model = tiny_llama()
-    _, report = lowbit.quantize(model, lowbit.recipes.get("gptq-w4g128"), calib_ids, show_progress=False)
-    lowbit.save(model, tmp_path, report=report)
+    model_q = lowbit.quantize(model, lowbit.recipes.get("gptq-w4g128"), calib_ids, show_progress=False)
+    report = model_q.report
+    lowbit.save(model_q, tmp_path, report=report)
     reloaded, _ = lowbit.load_model(tmp_path)
     keep_dequantized(reloaded)
     with torch.no_grad():

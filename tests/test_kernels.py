@@ -132,8 +132,8 @@ def test_a_reloaded_checkpoint_with_kernels_gives_the_reference_logits(tmp_path,
     model = tiny_llama()
     recipe = lowbit.recipes.apply_overrides(lowbit.recipes.get("gptq-w4g128"), ["weights.group_size=32"])
     assert recipe.weights.act_order  # GPTQ's groups in its own column order: the kernels sort them back
-    lowbit.quantize(model, recipe, calib_ids, show_progress=False)
-    lowbit.save(model, tmp_path / "ckpt")
+    model_q = lowbit.quantize(model, recipe, calib_ids, show_progress=False)
+    lowbit.save(model_q, tmp_path / "ckpt")
     reloaded, _ = lowbit.load_model(tmp_path / "ckpt", dtype=torch.bfloat16)
     with torch.no_grad():
         ref = reloaded(calib_ids).logits.float()
@@ -185,8 +185,8 @@ def test_inspect_names_the_backend_the_kernels_take_and_counts_every_parameter(r
 
     model = tiny_llama()
     n_params = sum(p.numel() for p in model.parameters())
-    lowbit.quantize(model, apply_overrides(lowbit.recipes.get(recipe), sets), calib_ids, show_progress=False)
-    lowbit.save(model, tmp_path / "c")
+    model_q = lowbit.quantize(model, apply_overrides(lowbit.recipes.get(recipe), sets), calib_ids, show_progress=False)
+    lowbit.save(model_q, tmp_path / "c")
     summary = inspect_checkpoint(tmp_path / "c")
     loaded, _ = lowbit.load_model(tmp_path / "c")
     built = use_kernels(loaded)

@@ -102,14 +102,15 @@ def test_output_adaptive_source_plugs_into_gptq_ldlq_and_incoherence(method, tra
                     transform=TransformSpec(incoherence=transform), hessian=HessianSpec(source="output_adaptive"),
                     calibration=CalibrationSpec(nsamples=6, seqlen=32))
     model = tiny_llama()
-    report = quantize_model(model, recipe, calib_ids, show_progress=False)
+    model_q = quantize_model(model, recipe, calib_ids, show_progress=False)
+    report = model_q.report
     assert report.hessian_pass["seconds"] > 0 and report.capture_seconds == 0  # no block inputs needed
-    assert len(report.layers) == len(model.lowbit_quant) == 14
+    assert len(report.layers) == len(model_q.weights) == 14
     assert all(r.proxy_loss is not None and r.proxy_loss >= 0 for r in report.layers)
     ids = calib_ids[:2]
     with torch.no_grad():
         expected = model(ids).logits
-    save(model, tmp_path, None, report)
+    save(model_q, tmp_path, None, report)
     reloaded, _ = load_quantized(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=2e-5, rtol=1e-4)
@@ -123,7 +124,7 @@ def test_resumed_oac_run_reuses_the_gradient_pass_and_gives_the_same_model(calib
     recipe = Recipe(name="oac", weights=WeightSpec(method="gptq", bits=2, group_size=16),
                     hessian=HessianSpec(source="output_adaptive"), calibration=CalibrationSpec(nsamples=6, seqlen=32))
     full = tiny_llama(layers=3)
-    quantize_model(full, recipe, calib_ids, show_progress=False)
+    full_q = quantize_model(full, recipe, calib_ids, show_progress=False)
     with monkeypatch.context() as m:
         interrupt_rounding_in_block(m, 2)
         with pytest.raises(KeyboardInterrupt):
@@ -132,16 +133,17 @@ def test_resumed_oac_run_reuses_the_gradient_pass_and_gives_the_same_model(calib
     summed = []
     monkeypatch.setattr(oac._Accumulator, "add", lambda self, g: summed.append(g))  # no new gradients may come
     resumed = tiny_llama(layers=3)
-    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    resumed_q = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    report = resumed_q.report
     assert report.resumed_blocks == 2 and not summed and report.hessian_pass["resumed_at"] == calib_ids.shape[0]
     assert report.total_seconds >= report.hessian_pass["seconds"] > 0  # the earlier run's pass is counted
     assert report.peak_memory_mb >= report.hessian_pass["peak_memory_mb"] > 0
     assert not (tmp_path / "oac_hessians.safetensors").exists()  # dropped once every block is stored
-    for name, qw in full.lowbit_quant.items():
-        assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name
+    for name, qw in full_q.weights.items():
+        assert torch.equal(resumed_q.weights[name].codes, qw.codes), name
 
     again = quantize_model(tiny_llama(layers=3), recipe, calib_ids, progress_dir=tmp_path, resume=True,
-                           show_progress=False)  # every block stored (killed while evaluating)
+                           show_progress=False).report  # every block stored (killed while evaluating)
     assert again.resumed_blocks == 3 and again.hessian_pass == report.hessian_pass  # the pass is still reported
     assert again.total_seconds >= again.hessian_pass["seconds"]
 
@@ -240,10 +242,11 @@ def test_a_split_gradient_pass_gives_the_same_quantized_model(calib_ids, tmp_pat
     recipe = Recipe(name="oac", weights=WeightSpec(method="gptq", bits=2, group_size=16),
                     hessian=HessianSpec(source="output_adaptive"), calibration=CalibrationSpec(nsamples=6, seqlen=32))
     one = tiny_llama(layers=3)
-    quantize_model(one, recipe, calib_ids, show_progress=False)
+    one_q = quantize_model(one, recipe, calib_ids, show_progress=False)
     recipe = recipe.with_overrides("hessian.passes=3")
     split = tiny_llama(layers=3)
-    report = quantize_model(split, recipe, calib_ids, progress_dir=tmp_path / "a", show_progress=False)
+    split_q = quantize_model(split, recipe, calib_ids, progress_dir=tmp_path / "a", show_progress=False)
+    report = split_q.report
     assert report.hessian_pass["passes"] == 3 and not list((tmp_path / "a").glob("oac_*"))  # dropped once done
     with monkeypatch.context() as m:
         interrupt_rounding_in_block(m, 2)
@@ -252,8 +255,10 @@ def test_a_split_gradient_pass_gives_the_same_quantized_model(calib_ids, tmp_pat
     summed = []
     monkeypatch.setattr(oac._Accumulator, "add", lambda self, g: summed.append(g))  # no new gradients may come
     resumed = tiny_llama(layers=3)
-    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path / "b", resume=True, show_progress=False)
+    resumed_q = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path / "b", resume=True,
+                               show_progress=False)
+    report = resumed_q.report
     assert report.resumed_blocks == 2 and not summed
-    for name, qw in one.lowbit_quant.items():
-        assert torch.equal(split.lowbit_quant[name].codes, qw.codes), name
-        assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name
+    for name, qw in one_q.weights.items():
+        assert torch.equal(split_q.weights[name].codes, qw.codes), name
+        assert torch.equal(resumed_q.weights[name].codes, qw.codes), name

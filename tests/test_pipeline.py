@@ -75,12 +75,13 @@ def test_captured_inputs_reproduce_the_model(factory, calib_ids):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_every_block_linear_lands_on_its_grid(factory, method, calib_ids):
     model = factory()
-    report = quantize_model(model, _recipe(method), calib_ids, show_progress=False)
+    model_q = quantize_model(model, _recipe(method), calib_ids, show_progress=False)
+    report = model_q.report
     blocks_path, blocks = find_blocks(model)
     names = {f"{blocks_path}.{b}.{n}" for b, blk in enumerate(blocks) for n in block_linears(blk)}
-    assert set(model.lowbit_quant) == names
+    assert set(model_q.weights) == names
     assert {r.name for r in report.layers} == names
-    for name, qw in model.lowbit_quant.items():
+    for name, qw in model_q.weights.items():
         assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
         assert int(qw.codes.max()) <= 15
 
@@ -88,21 +89,21 @@ def test_every_block_linear_lands_on_its_grid(factory, method, calib_ids):
 def test_one_pass_mode_quantizes_everything_from_full_precision_inputs(calib_ids):
     """true_sequential=false: every layer's Hessian comes from the block's unquantized inputs."""
     seq, flat = tiny_llama(), tiny_llama()
-    quantize_model(seq, _recipe("gptq", bits=3), calib_ids, show_progress=False)
+    seq_q = quantize_model(seq, _recipe("gptq", bits=3), calib_ids, show_progress=False)
     rec = _recipe("gptq", bits=3).with_overrides("pipeline.true_sequential=false")
-    quantize_model(flat, rec, calib_ids, show_progress=False)
+    flat_q = quantize_model(flat, rec, calib_ids, show_progress=False)
     q = "model.layers.0.self_attn.q_proj"  # first group: same inputs either way
-    assert torch.equal(seq.lowbit_quant[q].codes, flat.lowbit_quant[q].codes)
+    assert torch.equal(seq_q.weights[q].codes, flat_q.weights[q].codes)
     down = "model.layers.0.mlp.down_proj"  # later groups: inputs differ once q/k/v/o are quantized
-    assert not torch.equal(seq.lowbit_quant[down].codes, flat.lowbit_quant[down].codes)
+    assert not torch.equal(seq_q.weights[down].codes, flat_q.weights[down].codes)
 
 
 def test_reloaded_checkpoint_runs_in_bfloat16_with_biases(tmp_path, calib_ids):
     from conftest import tiny_opt
 
     model = tiny_opt()
-    lowbit.quantize(model, _recipe("rtn"), show_progress=False)
-    lowbit.save(model, tmp_path)
+    model_q = lowbit.quantize(model, _recipe("rtn"), show_progress=False)
+    lowbit.save(model_q, tmp_path)
     reloaded, _ = lowbit.load_model(tmp_path, dtype=torch.bfloat16)
     with torch.no_grad():
         out = reloaded(calib_ids).logits
@@ -126,11 +127,12 @@ def test_save_reload_gives_identical_logits(factory, tmp_path, calib_ids):
     from lowbit.runtime import QuantLinear
 
     model = factory()
-    _, report = lowbit.quantize(model, _recipe("gptq", bits=3, group_size=24), calib_ids, show_progress=False)
-    lowbit.save(model, tmp_path / "ckpt", report=report)
+    model_q = lowbit.quantize(model, _recipe("gptq", bits=3, group_size=24), calib_ids, show_progress=False)
+    report = model_q.report
+    lowbit.save(model_q, tmp_path / "ckpt", report=report)
     reloaded, tok = lowbit.load_model(tmp_path / "ckpt")
     assert tok is None  # saved without a tokenizer
-    assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == len(model.lowbit_quant)
+    assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == len(model_q.weights)
     if model.config.tie_word_embeddings:
         assert reloaded.lm_head.weight is reloaded.get_input_embeddings().weight  # tie survives
     with torch.no_grad():
@@ -141,14 +143,14 @@ def test_save_reload_gives_identical_logits(factory, tmp_path, calib_ids):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_checkpoint_size_is_bits_over_16_of_fp16(tmp_path, calib_ids, bits):
     model = tiny_llama(layers=1)
-    lowbit.quantize(model, _recipe("rtn", bits=bits, group_size=32), show_progress=False)
-    lowbit.save(model, tmp_path)
+    model_q = lowbit.quantize(model, _recipe("rtn", bits=bits, group_size=32), show_progress=False)
+    lowbit.save(model_q, tmp_path)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         quant_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size()
                           for k in f.keys() if k.rsplit(".", 1)[-1] in ("qweight", "scales", "qzeros", "g_idx"))
-    n_weights = sum(qw.codes.numel() for qw in model.lowbit_quant.values())
+    n_weights = sum(qw.codes.numel() for qw in model_q.weights.values())
     fp16_bytes = 2 * n_weights
     # codes take exactly bits/16 of fp16; group-32 scales+zeros add (16 + bits)/32 bits per weight
     expected = fp16_bytes * bits / 16 + n_weights / 32 * (2 + bits / 8)
@@ -158,7 +160,7 @@ def test_checkpoint_size_is_bits_over_16_of_fp16(tmp_path, calib_ids, bits):
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, calib_ids, monkeypatch):
     recipe = _recipe("gptq", bits=3, group_size=16)
     full = tiny_llama(layers=3)
-    quantize_model(full, recipe, calib_ids, show_progress=False)
+    full_q = quantize_model(full, recipe, calib_ids, show_progress=False)
 
     interrupt_rounding_in_block(monkeypatch, 2)
     partial = tiny_llama(layers=3)
@@ -167,10 +169,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, calib_ids, monkeyp
     monkeypatch.undo()
 
     resumed = tiny_llama(layers=3)
-    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    resumed_q = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    report = resumed_q.report
     assert report.resumed_blocks == 2
-    for name, qw in full.lowbit_quant.items():
-        assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name
+    for name, qw in full_q.weights.items():
+        assert torch.equal(resumed_q.weights[name].codes, qw.codes), name
         assert torch.equal(resumed.get_submodule(name).weight, full.get_submodule(name).weight), name
 
 
@@ -178,17 +181,19 @@ def test_a_finished_run_resumes_without_a_calibration_forward(tmp_path, calib_id
     """Every block stored (a run killed while evaluating): resuming loads the weights and runs no block."""
     recipe = _recipe("gptq", bits=3, group_size=16)
     full = tiny_llama(layers=3)
-    first = quantize_model(full, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
+    full_q = quantize_model(full, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
+    first = full_q.report
 
     calls = []
     monkeypatch.setattr(engine, "capture_block_inputs", lambda *a, **k: calls.append("capture"))
     monkeypatch.setattr(engine, "run_block", lambda *a, **k: calls.append("run_block"))
     resumed = tiny_llama(layers=3)
-    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    resumed_q = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    report = resumed_q.report
     assert calls == [] and report.resumed_blocks == 3
     assert report.capture_seconds == first.capture_seconds > 0  # the first run's costs are still reported
     assert report.total_seconds >= sum(report.block_seconds) + report.capture_seconds
-    for name, qw in full.lowbit_quant.items():
+    for name, qw in full_q.weights.items():
         assert torch.equal(resumed.get_submodule(name).weight, full.get_submodule(name).weight), name
 
 
@@ -221,7 +226,7 @@ def test_matrices_outside_linears_are_named_and_mixture_of_experts_routers_are_n
                                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                              num_experts_per_tok=2, max_position_embeddings=128)).eval()
     with caplog.at_level("INFO", logger="lowbit.pipeline.driver"):
-        quantize_model(model, lowbit.recipes.get("rtn-w4"), None, show_progress=False)
+        model_q = quantize_model(model, lowbit.recipes.get("rtn-w4"), None, show_progress=False)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert "routers stay in float: mlp.gate" in caplog.text
-    assert "model.layers.0.mlp.experts.3.down_proj" in model.lowbit_quant
+    assert "model.layers.0.mlp.experts.3.down_proj" in model_q.weights

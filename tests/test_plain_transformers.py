@@ -18,9 +18,9 @@ import lowbit
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     model = tiny_llama()
-    lowbit.quantize(model, "rtn-w4", show_progress=False)
+    model_q = lowbit.quantize(model, "rtn-w4", show_progress=False)
     path = tmp_path_factory.mktemp("ckpt")
-    lowbit.save(model, path)
+    lowbit.save(model_q, path)
     return path
 
 
@@ -90,8 +90,8 @@ def test_a_loaded_checkpoint_saves_again_to_the_same_tensors(recipe, tmp_path, c
     from safetensors.torch import load_file
 
     model = tiny_llama()
-    lowbit.quantize(model, recipe, calib_ids, show_progress=False)
-    lowbit.save(model, tmp_path / "a")
+    model_q = lowbit.quantize(model, recipe, calib_ids, show_progress=False)
+    lowbit.save(model_q, tmp_path / "a")
     loaded, _ = lowbit.load_model(tmp_path / "a")
     lowbit.save(loaded, tmp_path / "b")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
@@ -112,8 +112,8 @@ def test_float_tensors_are_stored_in_the_narrowest_exact_dtype(tmp_path):
     from lowbit.export.write import narrowest
 
     model = tiny_llama().to(torch.bfloat16).float()  # a bfloat16 source, held in float32 as lowbit loads it
-    lowbit.quantize(model, "rtn-w4", show_progress=False)
-    lowbit.save(model, tmp_path / "c")
+    model_q = lowbit.quantize(model, "rtn-w4", show_progress=False)
+    lowbit.save(model_q, tmp_path / "c")
     stored = load_file(tmp_path / "c" / "model.safetensors")
     assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
     loaded, _ = lowbit.load_model(tmp_path / "c")

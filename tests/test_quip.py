@@ -226,13 +226,14 @@ def _quip_recipe(kind="hadamard", bits=2, method="ldlq", **weights):
 @pytest.mark.parametrize("kind", ["hadamard", "kron"])
 def test_quip_checkpoint_reloads_with_equal_logits(make, kind, calib_ids, tmp_path):
     model = make()
-    report = quantize_model(model, _quip_recipe(kind), calib_ids, show_progress=False)
+    model_q = quantize_model(model, _quip_recipe(kind), calib_ids, show_progress=False)
+    report = model_q.report
     ids = calib_ids[:2, :20]
     with torch.no_grad():
         expected = model(ids).logits
-    save(model, tmp_path, None, report)
+    save(model_q, tmp_path, None, report)
     reloaded, _ = load_quantized(tmp_path)
-    layer = reloaded.get_submodule(next(iter(model.lowbit_quant)))
+    layer = reloaded.get_submodule(next(iter(model_q.weights)))
     assert isinstance(layer, QuipLinear) and layer.inner.float_zeros
     with torch.no_grad():
         got = reloaded(ids).logits
@@ -242,8 +243,8 @@ def test_quip_checkpoint_reloads_with_equal_logits(make, kind, calib_ids, tmp_pa
     from safetensors.torch import load_file
 
     tensors = load_file(str(tmp_path / "model.safetensors"))
-    name = next(iter(model.lowbit_quant))
-    out_f, in_f = model.lowbit_quant[name].codes.shape
+    name = next(iter(model_q.weights))
+    out_f, in_f = model_q.weights[name].codes.shape
     assert tensors[f"{name}.inner.qweight"].numel() == math.ceil(out_f * in_f * 2 / 8)
     assert set(k.removeprefix(name + ".") for k in tensors if k.startswith(name + ".")) <= {
         "inner.qweight", "inner.scales", "inner.zeros", "inner.g_idx", "in_scale", "bias"}
@@ -274,16 +275,17 @@ def test_quip_resume_gives_the_same_model(calib_ids, tmp_path, monkeypatch):
 
     recipe = _quip_recipe("kron")
     full = tiny_llama()
-    quantize_model(full, recipe, calib_ids, show_progress=False)
+    full_q = quantize_model(full, recipe, calib_ids, show_progress=False)
     interrupt_rounding_in_block(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         quantize_model(tiny_llama(), recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
     monkeypatch.undo()
     resumed = tiny_llama()
-    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    resumed_q = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    report = resumed_q.report
     assert report.resumed_blocks == 1
-    for name, qw in full.lowbit_quant.items():
-        other = resumed.lowbit_quant[name]
+    for name, qw in full_q.weights.items():
+        other = resumed_q.weights[name]
         assert torch.equal(qw.codes, other.codes) and torch.equal(qw.transform.in_scale, other.transform.in_scale)
         assert torch.equal(full.get_submodule(name).weight, resumed.get_submodule(name).weight)
 
@@ -317,10 +319,10 @@ def test_storage_bits_match_the_checkpoint(recipe, calib_ids, tmp_path):
     from safetensors import safe_open
 
     model = tiny_llama()
-    quantize_model(model, recipe, calib_ids, show_progress=False)
-    save(model, tmp_path)
+    model_q = quantize_model(model, recipe, calib_ids, show_progress=False)
+    save(model_q, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        for name, qw in model.lowbit_quant.items():
+        for name, qw in model_q.weights.items():
             stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() * 8
                          for k in f.keys() if k.startswith(name + ".") and not k.endswith("bias"))
             assert storage_bits(qw) == stored

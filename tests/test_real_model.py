@@ -33,8 +33,9 @@ def gptq_checkpoint(tmp_path_factory, smollm2):
 def test_checkpoint_reloads_with_identical_logits(tmp_path, smollm2):
     model, tok = lowbit.load_model("smollm2-135m")
     calib = lowbit.data.calibration("c4", tok, n=2, seqlen=128, seed=0)
-    _, report = lowbit.quantize(model, "gptq-w3g128", calib, show_progress=False)
-    lowbit.save(model, tmp_path, tok, report)
+    model_q = lowbit.quantize(model, "gptq-w3g128", calib, show_progress=False)
+    report = model_q.report
+    lowbit.save(model_q, tmp_path, tok, report)
     qmodel, qtok = lowbit.load_model(tmp_path)
     assert sum(isinstance(m, QuantLinear) for m in qmodel.modules()) == 30 * 7
     assert qtok("hello world").input_ids == tok("hello world").input_ids

@@ -98,8 +98,8 @@ def test_gptq_hessians_see_quantized_inputs(calib_ids, monkeypatch):
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda f: f.__name__)
 def test_checkpoint_reloads_activation_quantizers_and_permutations(arch, calib_ids, tmp_path):
     model = arch()
-    quantize_model(model, _recipe(), calib_ids, show_progress=False)
-    save(model, tmp_path)
+    model_q = quantize_model(model, _recipe(), calib_ids, show_progress=False)
+    save(model_q, tmp_path)
     back, _ = load_quantized(tmp_path)
     assert any(isinstance(m, ReorderedNorm) for m in back.modules())
     assert back.config._attn_implementation == "lowbit"
@@ -110,9 +110,10 @@ def test_checkpoint_reloads_activation_quantizers_and_permutations(arch, calib_i
 def test_activation_only_recipe_keeps_float_weights_and_saves(calib_ids, tmp_path):
     model = tiny_llama()
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    quantize_model(model, _recipe(method="none", granularity="tensor", reorder=False), calib_ids, show_progress=False)
+    model_q = quantize_model(model, _recipe(method="none", granularity="tensor", reorder=False), calib_ids,
+                             show_progress=False)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
-    save(model, tmp_path)
+    save(model_q, tmp_path)
     back, _ = load_quantized(tmp_path)
     with torch.no_grad():
         assert torch.equal(model(calib_ids[:2]).logits, back(calib_ids[:2]).logits)
@@ -128,7 +129,8 @@ def test_resumed_run_equals_uninterrupted_run(calib_ids, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             quantize_model(first, recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
     resumed = tiny_llama(layers=3)
-    report = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    resumed_q = quantize_model(resumed, recipe, calib_ids, progress_dir=tmp_path, resume=True, show_progress=False)
+    report = resumed_q.report
     assert report.resumed_blocks == 2
     with torch.no_grad():
         assert torch.equal(full(calib_ids[:2]).logits, resumed(calib_ids[:2]).logits)

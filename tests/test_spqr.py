@@ -109,10 +109,11 @@ def test_packed_layer_round_trip():
 def test_presets_save_and_reload_with_outliers(preset, tmp_path, calib_ids):
     model = tiny_llama()
     recipe = lowbit.recipes.get(preset)
-    _, report = lowbit.quantize(model, recipe, calib_ids, show_progress=False)
-    counts = {n: qw.sparse.count for n, qw in model.lowbit_quant.items()}
+    model_q = lowbit.quantize(model, recipe, calib_ids, show_progress=False)
+    report = model_q.report
+    counts = {n: qw.sparse.count for n, qw in model_q.weights.items()}
     assert all(c == round(0.01 * model.get_submodule(n).weight.numel()) for n, c in counts.items())
-    lowbit.save(model, tmp_path, report=report)
+    lowbit.save(model_q, tmp_path, report=report)
     reloaded, _ = lowbit.load_model(tmp_path)
     layers = {n: m for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
     assert {n: m.n_outliers for n, m in layers.items()} == counts
@@ -122,10 +123,10 @@ def test_presets_save_and_reload_with_outliers(preset, tmp_path, calib_ids):
 
 def test_resume_keeps_the_outliers(tmp_path, calib_ids, monkeypatch):
     full, resumed = full_and_resumed(lowbit.recipes.get("spqr-w2"), calib_ids, tmp_path, monkeypatch)
-    assert all(torch.equal(resumed.lowbit_quant[n].sparse.index.long(), qw.sparse.index.long())
-               for n, qw in full.lowbit_quant.items())
+    assert all(torch.equal(resumed.weights[n].sparse.index.long(), qw.sparse.index.long())
+               for n, qw in full.weights.items())
     with torch.no_grad():
-        assert torch.equal(full(calib_ids[:2]).logits, resumed(calib_ids[:2]).logits)
+        assert torch.equal(full.model(calib_ids[:2]).logits, resumed.model(calib_ids[:2]).logits)
 
 
 @pytest.mark.parametrize("weights,message", [

@@ -42,8 +42,9 @@ def _block_errors(model, reference, calib: torch.Tensor) -> list[float]:
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_a_tuned_block_is_never_worse_than_its_rounding_on_the_calibration_set(method, seed, calib_ids):
     untuned, tuned = tiny_llama(layers=2), tiny_llama(layers=2)
-    quantize_model(untuned, _recipe(method, iters=0), calib_ids, show_progress=False)
-    report = quantize_model(tuned, _recipe(method, iters=100, seed=seed), calib_ids, show_progress=False)
+    untuned_q = quantize_model(untuned, _recipe(method, iters=0), calib_ids, show_progress=False)
+    tuned_q = quantize_model(tuned, _recipe(method, iters=100, seed=seed), calib_ids, show_progress=False)
+    report = tuned_q.report
     assert [r["block"] for r in report.tuning] == [0, 1]
     assert all(r["after"] <= r["before"] and r["after"] <= min(r["checks"]) for r in report.tuning)
     assert report.tuning[0]["kept"] and report.tuning[0]["after"] < report.tuning[0]["before"]
@@ -52,9 +53,9 @@ def test_a_tuned_block_is_never_worse_than_its_rounding_on_the_calibration_set(m
     mine, theirs = _block_errors(tuned, reference, calib_ids)[0], _block_errors(untuned, reference, calib_ids)[0]
     assert mine == pytest.approx(report.tuning[0]["after"], rel=1e-4)
     assert theirs == pytest.approx(report.tuning[0]["before"], rel=1e-4) and mine < theirs
-    for name, qw in tuned.lowbit_quant.items():  # block 0's codes moved by one step at most
+    for name, qw in tuned_q.weights.items():  # block 0's codes moved by one step at most
         if ".layers.0." in name:
-            assert int((qw.codes.long() - untuned.lowbit_quant[name].codes.long()).abs().max()) <= 1, name
+            assert int((qw.codes.long() - untuned_q.weights[name].codes.long()).abs().max()) <= 1, name
 
 
 @pytest.mark.parametrize("kind", ["minmax", "quip", "sparse-lowrank"])
@@ -97,9 +98,9 @@ def test_an_untuned_recipe_keeps_its_identity_and_bad_values_are_one_line_errors
 def test_a_run_killed_after_a_tuned_block_resumes_to_the_same_codes(calib_ids, tmp_path, monkeypatch):
     recipe = _recipe("gptq", iters=10)
     full, resumed = full_and_resumed(recipe, calib_ids, tmp_path / "progress", monkeypatch, layers=3, block=2)
-    for name, qw in full.lowbit_quant.items():
-        assert torch.equal(resumed.lowbit_quant[name].codes, qw.codes), name
-        assert torch.equal(resumed.lowbit_quant[name].scale, qw.scale), name
+    for name, qw in full.weights.items():
+        assert torch.equal(resumed.weights[name].codes, qw.codes), name
+        assert torch.equal(resumed.weights[name].scale, qw.scale), name
 
 
 def test_quip_codes_are_tuned_in_their_rotated_space(calib_ids):
@@ -107,9 +108,10 @@ def test_quip_codes_are_tuned_in_their_rotated_space(calib_ids):
                     transform=TransformSpec(incoherence="hadamard"),
                     tuning=TuningSpec(iters=100, batch_size=3)).validate()
     model = tiny_llama(layers=2)
-    report = quantize_model(model, recipe, calib_ids, show_progress=False)
+    model_q = quantize_model(model, recipe, calib_ids, show_progress=False)
+    report = model_q.report
     assert all(r["after"] <= r["before"] for r in report.tuning) and any(r["kept"] for r in report.tuning)
-    assert all(qw.transform is not None for qw in model.lowbit_quant.values())  # the codes stayed rotated
+    assert all(qw.transform is not None for qw in model_q.weights.values())  # the codes stayed rotated
 
 
 @pytest.mark.parametrize("factory", ARCHITECTURES, ids=lambda f: f.__name__)
@@ -132,7 +134,8 @@ def test_tuning_lowers_a_real_blocks_output_error(smollm2):
     calib = calibration("c4", tok, n=4, seqlen=256, seed=0)
     recipe = Recipe(name="rtn-w2g64-tuned", weights=WeightSpec(method="rtn", bits=2, group_size=64),
                     tuning=TuningSpec(iters=20, batch_size=2, tokens=128)).validate()
-    report = quantize_model(model, recipe, calib, show_progress=False)
+    model_q = quantize_model(model, recipe, calib, show_progress=False)
+    report = model_q.report
     assert [r["tokens"] for r in report.tuning] == [128, 128]
     # measured: 0.960 -> 0.327 and 0.909 -> 0.236 (a third of the rounding's error and less)
     assert all(r["kept"] and r["after"] < 0.5 * r["before"] for r in report.tuning), report.tuning
@@ -148,14 +151,15 @@ def test_tuning_block_by_block_from_disk_gives_the_whole_models_weights(calib_id
     folder = tmp_path / "model"
     tiny_llama(layers=2).save_pretrained(folder)
     whole = tiny_llama(layers=2)
-    report = quantize_model(whole, recipe, calib_ids, show_progress=False)
+    whole_q = quantize_model(whole, recipe, calib_ids, show_progress=False)
+    report = whole_q.report
     assert any(r["kept"] for r in report.tuning)
     quantize_to_disk(folder, recipe, tmp_path / "ckpt", calib=calib_ids, show_progress=False)
     disk = DiskCheckpoint(tmp_path / "ckpt")
     _, blocks = find_blocks(disk.model)
     for b in range(len(blocks)):
         with disk.onloaded(b):
-            for name, qw in whole.lowbit_quant.items():
+            for name, qw in whole_q.weights.items():
                 if f".layers.{b}." in name:
                     layer = disk.model.get_submodule(name)
                     assert torch.equal(layer.dense_weight(), qw.weight()), name

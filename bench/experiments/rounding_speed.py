@@ -44,7 +44,7 @@ def main() -> None:
         model.config.num_hidden_layers = args.blocks
         calib = lowbit.data.calibration("c4", tok, n=args.nsamples, seqlen=args.seqlen, seed=0)
         t0 = time.perf_counter()
-        _, report = lowbit.quantize(model, preset, calib, show_progress=False)
+        report = lowbit.quantize(model, preset, calib, show_progress=False).report
         seconds = time.perf_counter() - t0
         errors = [layer.rel_output_error for layer in report.layers]
         rows.append({"preset": preset, "blocks": args.blocks, "seconds": seconds,

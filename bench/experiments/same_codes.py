@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the tests' tiny model factories
 
 
-def fingerprint(model: torch.nn.Module) -> str:
+def fingerprint(model: torch.nn.Module, weights: dict) -> str:
     h = hashlib.sha256()
-    for name in sorted(model.lowbit_quant):
-        qw = model.lowbit_quant[name]
+    for name in sorted(weights):
+        qw = weights[name]
         for field in ("codes", "scale", "zero"):
             t = getattr(qw, field, None)
             if t is not None:
@@ -59,8 +59,8 @@ def main() -> None:
         if not args.real and rec.weights.group_size and rec.weights.group_size > 64:  # the tiny model's 64 inputs
             rec = lowbit.recipes.apply_overrides(rec, ["weights.group_size=32"])
         model = keep_first_blocks(copy.deepcopy(base), 2) if args.real else tiny_llama(layers=2)
-        quantize_model(model, rec, calib, show_progress=False)
-        out[name] = fingerprint(model)
+        result = quantize_model(model, rec, calib, show_progress=False)
+        out[name] = fingerprint(model, result.weights)
     print(json.dumps(out))
 
 

@@ -131,6 +131,14 @@ def _evaluate_onloaded(ref, model: str, datasets: list[str], seqlen: int, window
     return result
 
 
+def _base_model(ref, m) -> str | None:
+    """The model a checkpoint was quantized from (its lowbit_config.json says), or a float model's own source."""
+    from lowbit.export.write import checkpoint_meta
+    from lowbit.models.source import source_of
+
+    return checkpoint_meta(m).get("base_model") if ref.kind == "checkpoint" else source_of(m)
+
+
 def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Optional[int], logs: Optional[Path],
               kl: bool, kl_ref: Optional[str], keep_dequantized: bool, kernels: bool, task_list: list[str],
               task_path: Optional[Path], limit: Optional[int], num_fewshot: Optional[int],
@@ -167,7 +175,7 @@ def _evaluate(ref, model: str, datasets: list[str], seqlen: int, windows: Option
                            log=logs / f"{source_label(d)}-{seqlen}{backend}.nll.json" if logs else None)
         result["perplexity"][d] = {"ppl": r.ppl, "tokens": r.tokens, "windows": r.windows}
     if kl and datasets:
-        ref_name = kl_ref or getattr(m, "lowbit_source", None)
+        ref_name = kl_ref or _base_model(ref, m)
         if not ref_name:
             raise LowbitError("--kl needs --kl-ref: this model records no base model")
         with phases("KL"):

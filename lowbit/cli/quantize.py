@@ -198,14 +198,15 @@ def _quantize(ref, rec, out: Path, datasets: list[str], windows: Optional[int], 
     progress = out / ".progress"
     try:
         with phases("quantization"):
-            report = quantize_model(m, rec, calib, progress_dir=progress, resume=resume, hessian_cache=hessian_cache)
+            result = quantize_model(m, rec, calib, progress_dir=progress, resume=resume, hessian_cache=hessian_cache)
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted; finished blocks are kept in {progress}: rerun with --resume", err=True)
         raise typer.Exit(130)
+    report = result.report
     if report.resumed_blocks:
         log.info("resumed %d finished blocks from %s", report.resumed_blocks, progress)
     with phases("save"):
-        save(m, out, tok, report)  # replaces OUT whole: the finished blocks in OUT/.progress go with it
+        save(result, out, tok)  # replaces OUT whole: the finished blocks in OUT/.progress go with it
     typer.echo(f"saved {rec.name} checkpoint to {out} (quantization {report.total_seconds:.1f} s, "
                f"peak {report.peak_memory_mb:.0f} MB by its end)")
     _print_report(rec, report, out)

@@ -28,28 +28,28 @@ def _dir_mb(path: Path) -> float:
 def _quantize_recipe(model, tok, spec: dict, calib, run_dir: Path, resume: bool, hessian_cache: str | None) -> dict:
     from lowbit.api import quantize
     from lowbit.export import save
-    from lowbit.format.codec import effective_bits
     from lowbit.recipes import Recipe
 
     rec = Recipe.from_dict(spec)
     # per-block progress goes to the row's run.log; finished blocks to progress/, kept for a rerun
     try:
-        _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=resume, show_progress=True,
-                             hessian_cache=hessian_cache)
+        result = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=resume, show_progress=True,
+                          hessian_cache=hessian_cache)
     except ResumeMismatch as exc:  # the stored blocks are another run's (e.g. the data changed): start afresh
         logging.getLogger(__name__).warning("%s; quantizing from the start", exc)
-        _, report = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=False, show_progress=True,
-                             hessian_cache=hessian_cache)
+        result = quantize(model, rec, calib, progress_dir=run_dir / "progress", resume=False, show_progress=True,
+                          hessian_cache=hessian_cache)
+    report = result.report
     if report.resumed_blocks < len(report.block_seconds):  # a model quantized now: no earlier window is its
         shutil.rmtree(run_dir / "eval", ignore_errors=True)
-    ckpt = save(model, run_dir / "checkpoint", tok, report)
+    ckpt = save(result, run_dir / "checkpoint", tok)
     a = rec.activations
     return {
         "w_bits": rec.weights.bits if rec.weights.method != "none" else 16,
         "group_size": rec.weights.group_size,
         "a_bits": a.bits if a.enabled else 16,
         "kv_bits": a.kv_bits if a.enabled else 16,
-        "effective_bits": effective_bits(model.lowbit_quant) if model.lowbit_quant else 16.0,
+        "effective_bits": result.effective_bits or 16.0,
         "quant_seconds": report.total_seconds,
         "peak_memory_mb": report.peak_memory_mb,
         "checkpoint_mb": _dir_mb(ckpt),

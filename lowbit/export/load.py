@@ -19,6 +19,7 @@ from lowbit.format import LayerSpec, groups_key
 from lowbit.models.linearize import linearize
 from lowbit.models.onload import DiskModel, read_tensors
 from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX, tensor_files
+from lowbit.models.source import set_source
 from lowbit.runtime import empty_module
 
 FORMAT_VERSIONS = (1, 2, 3, 4)
@@ -83,9 +84,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None
         raise LowbitError(f"{path}: the checkpoint's tensors do not match its config ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): quantize again") from None
     model.eval()
-    model.lowbit_source = meta.get("base_model")
-    model.lowbit_recipe = meta.get("recipe", {})
-    model.lowbit_checkpoint = str(path)
+    set_source(model, str(path))  # the checkpoint; its lowbit_config.json names the base model and recipe
     return model, checkpoint_tokenizer(path, meta, config)
 
 

@@ -15,20 +15,20 @@ from torch import nn
 
 from lowbit.atomic import as_umask_allows, save_tensors
 from lowbit.errors import LowbitError
+from lowbit.models.source import source_of
+from lowbit.pipeline.result import Quantized
 from lowbit.runtime import LowRankLinear
 
 
-def lora_branches(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``name -> (A, B)`` from a loaded checkpoint (``LowRankLinear``) or an in-memory run."""
-    branches = {n: (m.a, m.b) for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    for name, qw in getattr(model, "lowbit_quant", {}).items():
-        if qw.lowrank is not None:
-            branches.setdefault(name, (qw.lowrank.a, qw.lowrank.b))
-    return branches
+def lora_branches(quantized: Quantized | nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``name -> (A, B)`` from a loaded checkpoint (``LowRankLinear``) or what ``lowbit.quantize`` returned."""
+    if isinstance(quantized, Quantized):
+        return {n: (qw.lowrank.a, qw.lowrank.b) for n, qw in quantized.weights.items() if qw.lowrank is not None}
+    return {n: (m.a, m.b) for n, m in quantized.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def export_lora(model: nn.Module, out_dir: str | Path) -> Path:
-    branches = lora_branches(model)
+def export_lora(quantized: Quantized | nn.Module, out_dir: str | Path) -> Path:
+    branches = lora_branches(quantized)
     if not branches:
         raise LowbitError("this model has no low-rank branches to export (recipe without lowrank)")
     out = Path(out_dir)
@@ -45,7 +45,8 @@ def export_lora(model: nn.Module, out_dir: str | Path) -> Path:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
         "bias": "none", "fan_in_fan_out": False, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in ranks}),
         "rank_pattern": ranks, "alpha_pattern": ranks,
-        "base_model_name_or_path": getattr(model, "lowbit_checkpoint", None) or getattr(model, "lowbit_source", None),
+        "base_model_name_or_path": (quantized.source if isinstance(quantized, Quantized)
+                                    else source_of(quantized)),  # the checkpoint it was loaded from
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return out

@@ -28,7 +28,9 @@ from lowbit.export.folder import check_replaceable
 from lowbit.export.hf_config import ENTRY_MODULE, ENTRY_SOURCE, entry_config
 from lowbit.models.onload import DiskModel
 from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX
+from lowbit.models.source import source_of
 from lowbit.pipeline.report import QuantReport
+from lowbit.pipeline.result import Quantized
 from lowbit.runtime import BinaryLinear, packed_module
 from lowbit.runtime.build import layer_bias, packed_layers
 
@@ -43,22 +45,39 @@ def packed_weights(model: nn.Module) -> dict:
             for name, m in packed_layers(model).items()}
 
 
-def save(model: nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
+def save(quantized: Quantized | nn.Module, out_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None,
          report: QuantReport | None = None) -> Path:
-    """Write ``model`` — quantized in this process, or loaded from a checkpoint — as a lowbit checkpoint."""
-    quant = getattr(model, "lowbit_quant", None) or packed_weights(model)
+    """Write what ``lowbit.quantize`` returned — or a model loaded from a checkpoint — as a lowbit checkpoint
+    (``report``: instead of the result's own)."""
+    if isinstance(quantized, Quantized):
+        model, quant, recipe, base = quantized.model, quantized.weights, quantized.recipe.to_dict(), quantized.source
+        report = report or quantized.report
+    else:
+        model, quant = quantized, packed_weights(quantized)
+        meta = checkpoint_meta(model) if quant else {}  # what the checkpoint it was loaded from recorded
+        recipe, base = meta.get("recipe", {}), meta.get("base_model")
     activations = activation_metadata(model)
     if not quant and not activations:
-        raise LowbitError("model has not been quantized (no lowbit_quant); run lowbit.quantize first")
-    recipe = getattr(model, "lowbit_recipe", {})
+        raise LowbitError("nothing quantized to save: pass what lowbit.quantize returned (or a model loaded from a "
+                          "lowbit checkpoint)")
     out = Path(out_dir)
     check_replaceable(out)
     with atomic_dir(out) as tmp:
-        _write(model, tmp, quant, activations, recipe, tokenizer, report)
+        _write(model, tmp, quant, activations, recipe, base, tokenizer, report)
     return out
 
 
-def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: dict,
+def checkpoint_meta(model: nn.Module) -> dict:
+    """The ``lowbit_config.json`` of the checkpoint ``model`` was loaded from (its ``name_or_path``), or ``{}``."""
+    source = source_of(model)
+    path = Path(source) / CHECKPOINT_MARKER if source else None
+    try:
+        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: dict, base: str | None,
            tokenizer: PreTrainedTokenizerBase | None, report: QuantReport | None) -> None:
     """Every file of the checkpoint, into a folder that becomes the checkpoint only once they all exist."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -68,7 +87,7 @@ def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: 
     save_tensors(tensors, out / "model.safetensors", metadata={"format": "lowbit"})
     as_umask_allows(out / "model.safetensors")
     faults.reach("save:tensors")
-    _write_configs(model, out, tokenizer, report, recipe=recipe, dtype=next(model.parameters()).dtype,
+    _write_configs(model, out, tokenizer, report, recipe=recipe, base=base, dtype=next(model.parameters()).dtype,
                    aliases=aliases, layers=layers, activations=activations)
 
 
@@ -108,8 +127,8 @@ def _unique(state: dict[str, torch.Tensor], prefix: str = "") -> tuple[dict[str,
 
 
 def _write_configs(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBase | None,
-                   report: QuantReport | None, *, recipe: dict, dtype: torch.dtype, aliases: dict, layers: dict,
-                   activations: dict) -> None:
+                   report: QuantReport | None, *, recipe: dict, base: str | None, dtype: torch.dtype, aliases: dict,
+                   layers: dict, activations: dict) -> None:
     """Everything but the tensors: the configs that say how to read them, the tokenizer, the report."""
     # not the base model's config.json: plain transformers would load random weights into it (lowbit.hf)
     (out / "config.json").write_text(json.dumps(entry_config(model.config), indent=2, sort_keys=True) + "\n")
@@ -118,7 +137,7 @@ def _write_configs(model: nn.Module, out: Path, tokenizer: PreTrainedTokenizerBa
         tokenizer.save_pretrained(out)
     meta = {
         "format_version": FORMAT_VERSION,
-        "base_model": getattr(model, "lowbit_source", None),
+        "base_model": base,
         "recipe": recipe,
         "dtype": str(dtype).removeprefix("torch."),
         "aliases": aliases,
@@ -190,8 +209,8 @@ def save_streamed(disk: DiskModel, shards: ShardWriter, out_dir: str | Path, rec
         for f in (*set(weight_map.values()), INDEX):
             as_umask_allows(tmp / f)
         faults.reach("save:tensors")
-        _write_configs(disk.model, tmp, tokenizer, report, recipe=recipe, dtype=disk.dtype, aliases=aliases,
-                       layers=layers, activations=activations)
+        _write_configs(disk.model, tmp, tokenizer, report, recipe=recipe, base=source_of(disk.model),
+                       dtype=disk.dtype, aliases=aliases, layers=layers, activations=activations)
     return out
 
 

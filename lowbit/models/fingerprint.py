@@ -16,12 +16,14 @@ import hashlib
 import torch
 from torch import nn
 
+from lowbit.models.source import source_of
+
 SAMPLES_PER_TENSOR = 4096
 
 
 def model_digest(model: nn.Module, buffers: bool = True) -> str:
     """``buffers=False``: parameters only (a full-precision model's weights; what OAC's cache keys)."""
-    h = hashlib.sha256(str(getattr(model, "lowbit_source", type(model).__name__)).encode())
+    h = hashlib.sha256((source_of(model) or type(model).__name__).encode())
     tensors = model.state_dict().items() if buffers else model.named_parameters()
     with torch.no_grad():
         for name, t in tensors:

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from lowbit.errors import LowbitError
 from lowbit.models.aliases import ALIASES, GGUFAlias
 from lowbit.models.resolve import CHECKPOINT_MARKER, ModelRef, cache_dir, resolve
+from lowbit.models.source import set_source
 
 __all__ = ["CHECKPOINT_MARKER", "cache_dir", "load_model"]
 
@@ -28,9 +29,10 @@ log = logging.getLogger(__name__)
 def load_model(
     name_or_path: str | os.PathLike | ModelRef, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return a float model's ``(model, tokenizer)`` in eval mode; ``model.lowbit_source`` records where it came
-    from. ``dtype`` defaults to float32. A :class:`ModelRef` from :func:`~lowbit.models.resolve.resolve` is not
-    resolved again. A lowbit checkpoint is ``lowbit.load_model``'s (``api.load_model``), a layer above this one.
+    """Return a float model's ``(model, tokenizer)`` in eval mode; ``config.name_or_path`` records where it came
+    from (``models.source``). ``dtype`` defaults to float32. A :class:`ModelRef` from
+    :func:`~lowbit.models.resolve.resolve` is not resolved again. A lowbit checkpoint is ``lowbit.load_model``'s
+    (``api.load_model``), a layer above this one.
     """
     ref = name_or_path if isinstance(name_or_path, ModelRef) else resolve(str(name_or_path))
     if ref.kind == "checkpoint":
@@ -38,15 +40,15 @@ def load_model(
     dtype = dtype or torch.float32
     if ref.kind == "alias":
         model, tok = _load_local(_cached_alias(ALIASES[ref.name]), dtype)
-        model.lowbit_source = ref.name
+        set_source(model, ref.name)
         return model, tok
     if ref.kind == "local":
         model, tok = _load_local(ref.path, dtype)
-        model.lowbit_source = str(ref.path.resolve())
+        set_source(model, str(ref.path.resolve()))
         return model, tok
     if ref.kind == "gguf":
         model, tok = _load_local(_cached_gguf(ref.path), dtype)
-        model.lowbit_source = str(ref.path.resolve())
+        set_source(model, str(ref.path.resolve()))
         return model, tok
     return _load_hub(ref.name, dtype)
 
@@ -111,7 +113,7 @@ def _load_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTraine
     _check_causal_lm(config, name)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(name)
-    model.lowbit_source = name
+    set_source(model, name)
     return model, tok
 
 

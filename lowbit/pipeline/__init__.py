@@ -2,5 +2,6 @@
 
 from lowbit.pipeline.driver import quantize_model
 from lowbit.pipeline.report import LayerReport, QuantReport
+from lowbit.pipeline.result import Quantized
 
-__all__ = ["LayerReport", "QuantReport", "quantize_model"]
+__all__ = ["LayerReport", "QuantReport", "Quantized", "quantize_model"]

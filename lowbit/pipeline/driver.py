@@ -2,7 +2,7 @@
 
 ``quantize_model`` checks the model and recipe, builds the recipe's stages (``pipeline.stages``) and runs
 them in the block engine (``pipeline.engine``). Memory stays at one block's work plus the calibration
-activations ``(n, seq, hidden)``. The quantized codes of every layer are kept on ``model.lowbit_quant``
+activations ``(n, seq, hidden)``. The quantized codes of every layer are returned (``Quantized.weights``)
 for packing at save time (or go to a sink, block by block, when the model is onloaded); the model's
 own weights are replaced by their dequantized values (fake quantization), which is exactly what the
 packed runtime computes.
@@ -25,8 +25,10 @@ from lowbit.models.adapters import weights_left_in_float
 from lowbit.models.layout import block_layout
 from lowbit.models.linearize import linearize, router_names
 from lowbit.models.onload import DiskModel
+from lowbit.models.source import source_of
 from lowbit.pipeline.engine import BlockSink, KeptWeights, Run, run_blocks
 from lowbit.pipeline.report import QuantReport
+from lowbit.pipeline.result import Quantized
 from lowbit.pipeline.resume import ProgressStore, fingerprint
 from lowbit.pipeline.stages import build_stages
 from lowbit.recipes import Recipe
@@ -47,8 +49,9 @@ def quantize_model(
     hessian_cache: str | Path | None = None,
     onload: DiskModel | None = None,
     sink: BlockSink | None = None,
-) -> QuantReport:
-    """Quantize ``model`` in place following ``recipe``; returns the per-layer report.
+) -> Quantized:
+    """Quantize ``model`` in place following ``recipe``; returns the model, its layers' rounding results, the
+    recipe, where the model came from, and the per-layer report.
 
     GPT-2's ``Conv1D`` layers and fused mixture-of-experts tensors are first replaced, in place, by the
     ``nn.Linear`` layers they compute with (``models.linearize``): the same outputs, new module names.
@@ -57,7 +60,7 @@ def quantize_model(
     recipes on the same model and calibration set run OAC's gradient pass once (``HessianCache``).
 
     ``onload``: ``model`` is that skeleton, weightless; each block is read from disk when its turn comes
-    and given back after, once ``sink`` has its packed layers (nothing is kept on ``model.lowbit_quant``).
+    and given back after, once ``sink`` has its packed layers (none are returned).
     """
     recipe.validate()
     _check_run(recipe, calib, onload, sink, progress_dir)
@@ -67,21 +70,20 @@ def quantize_model(
     skip = [re.compile(p) for p in recipe.pipeline.skip]
     quantizable = [_quantizable(blk, f"{blocks_path}.{b}.", skip) for b, blk in enumerate(blocks)]
     _check_model(model, blocks, quantizable, recipe)
-    model.lowbit_quant = getattr(model, "lowbit_quant", {})
-    model.lowbit_recipe = recipe.to_dict()
+    weights: dict = {}
     store = None
     if progress_dir is not None:
-        source = str(getattr(model, "lowbit_source", type(model).__name__))
-        fp = fingerprint(source, recipe.to_dict(), calib if calib is not None else torch.zeros(0))
+        fp = fingerprint(source_of(model) or type(model).__name__, recipe.to_dict(),
+                         calib if calib is not None else torch.zeros(0))
         store = ProgressStore(Path(progress_dir), fp, resume)
     run = Run(model, recipe, calib, blocks_path, blocks, quantizable, QuantReport(recipe=recipe.name),
-              sink if sink is not None else KeptWeights(model.lowbit_quant), store, onload, show_progress)
+              sink if sink is not None else KeptWeights(weights), store, onload, show_progress)
     run_blocks(run, build_stages(model, blocks, recipe, hessian_cache))
     report = run.report
     report.total_seconds = run.costs.total()
     report.peak_memory_mb = max(peak_memory_mb(), store.peak_memory_mb if store is not None else 0.0,
                                 report.hessian_pass.get("peak_memory_mb", 0.0))  # an earlier run's pass too
-    return report
+    return Quantized(model, weights, recipe, source_of(model), report)
 
 
 def _check_run(recipe: Recipe, calib: torch.Tensor | None, onload: DiskModel | None, sink: BlockSink | None,

@@ -27,18 +27,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-STATS_ROWS = 16  # SpQR's second level: one float16 minimum and step per this many rows (lowbit.grids.stats)
+from lowbit.grids.sizes import n_chunks, packed_nbytes
+
 ITEMSIZE = {"U8": 1, "I32": 4, "F16": 2, "F32": 4}  # safetensors' dtype names
 U8, I32, F16, F32 = ITEMSIZE
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes of ``numel`` codes of ``bits`` bits as one bit stream (``lowbit.grids.packing``)."""
-    return math.ceil(numel * bits / 8)
-
-
-def n_chunks(rows: int) -> int:
-    return -(-rows // STATS_ROWS)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.format.spec import packed_nbytes
+from lowbit.grids.sizes import packed_nbytes
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

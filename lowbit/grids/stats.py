@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.format.spec import STATS_ROWS, n_chunks
+from lowbit.grids.sizes import STATS_ROWS, n_chunks
 
 
 @dataclass

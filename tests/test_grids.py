@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.grids import UniformGrid, natural_group_index, pack_codes, packed_nbytes, unpack_codes
+from lowbit.grids import RMSGrid, UniformGrid, natural_group_index, pack_codes, packed_nbytes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -119,3 +119,21 @@ def test_dequantize_equals_the_gathered_formula_bit_for_bit(cols, group_size, pe
     got = QuantizedWeight(codes, scale, zero, g, 3).dequantize()
     assert torch.equal(got, scale[:, g] * (codes.float() - zero[:, g]))
 
+
+
+@pytest.mark.parametrize("grid", [UniformGrid(3, group_size=8, clip_search=True), UniformGrid(4, symmetric=True),
+                                  RMSGrid(2)], ids=["minmax-g8-clip", "sym-channel", "rms"])
+def test_every_grid_is_a_grid(grid):
+    """The protocol the rounding algorithms use: codes in [0, maxq] that dequantize to the nearest level."""
+    w = torch.randn(6, 24, generator=torch.Generator().manual_seed(0))
+    p = grid.fit_groups(w)
+    assert p.scale.shape == (6, grid.n_groups(24)) == p.zero.shape
+    g = grid.group_index(24)
+    codes = grid.quantize(w, p.scale[:, g], p.zero[:, g])
+    assert codes.min() >= 0 and codes.max() <= grid.maxq and torch.equal(codes, codes.round())
+    deq = grid.dequantize(codes, p.scale[:, g], p.zero[:, g])
+    torch.testing.assert_close(grid.quantize_dequantize(w, p.scale[:, g], p.zero[:, g]), deq, rtol=0, atol=0)
+    levels = grid.dequantize(torch.arange(grid.maxq + 1.0)[:, None, None], p.scale[:, g], p.zero[:, g])
+    inside = (w >= levels[0]) & (w <= levels[-1])  # clipped values saturate instead
+    nearest = (levels - w).abs().amin(0)
+    torch.testing.assert_close((deq - w).abs()[inside], nearest[inside], rtol=0, atol=1e-6)

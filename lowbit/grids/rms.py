@@ -13,14 +13,17 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.grids.uniform import MIN_SCALE, GridParams, UniformGrid, natural_group_index
+from lowbit.grids.grid import GridParams, dequantize
+from lowbit.grids.uniform import MIN_SCALE, natural_group_index
 
 
 @dataclass(frozen=True)
 class RMSGrid:
+    """A :class:`~lowbit.grids.grid.Grid` with one group: every row shares the matrix's scale."""
+
     bits: int = 2
     rms_mult: float = 2.4
-    group_size: None = None
+    group_size: None = None  # one group per row (the same scale in each)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
@@ -50,7 +53,8 @@ class RMSGrid:
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.round(w / scale + zero), 0, self.maxq)
 
-    dequantize = staticmethod(UniformGrid.dequantize)
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return dequantize(codes, scale, zero)
 
     def quantize_dequantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.quantize(w, scale, zero), scale, zero)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.grids.grid import GridParams, dequantize
 
 MIN_SCALE = 1e-5  # representable in float16; keeps all-zero groups finite
 CLIP_GRID, CLIP_MAX_SHRINK, CLIP_NORM = 100, 0.8, 2.4  # GPTQ's quantizer defaults
@@ -25,14 +26,6 @@ def natural_group_index(cols: int, group_size: int | None, device: torch.device 
     """Group of every column in natural order (act-order checkpoints store their own)."""
     idx = torch.arange(cols, device=device)
     return torch.zeros_like(idx) if group_size is None else idx // group_size
-
-
-@dataclass(frozen=True)
-class GridParams:
-    """Scale and zero point of one fitted grid, shape ``(rows, n_groups)`` (float32 each)."""
-
-    scale: torch.Tensor
-    zero: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -120,9 +113,8 @@ class UniformGrid:
         for every step: fresh tensors per step made the clipping search 6x slower on a CPU."""
         return torch.div(w, scale).round_().add_(zero).clamp_(0, self.maxq)
 
-    @staticmethod
-    def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return scale * (codes.to(scale.dtype) - zero)
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return dequantize(codes, scale, zero)
 
     def quantize_dequantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """``dequantize(quantize(w))``, op for op, in the buffer ``quantize`` made (it is ours)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.grids import RMSGrid, UniformGrid
+from lowbit.grids import Grid, RMSGrid, UniformGrid
 from lowbit.hessians import condition_hessian
 from lowbit.recipes.schema import LowRankSpec, TransformSpec, WeightSpec
 from lowbit.rounding.binary import BinaryWeight, billm_quantize
@@ -26,7 +26,7 @@ from lowbit.transforms.lowrank import reconstruct_error
 SEQUENTIAL = {"gptq": gptq_quantize, "ldlq": ldlq_quantize}
 
 
-def grid_for(spec: WeightSpec) -> UniformGrid | RMSGrid:
+def grid_for(spec: WeightSpec) -> Grid:
     if spec.grid == "rms":
         return RMSGrid(bits=spec.bits, rms_mult=spec.rms_mult)
     return UniformGrid(bits=spec.bits, symmetric=spec.symmetric, group_size=spec.group_size,

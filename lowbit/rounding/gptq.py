@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.grids import GridParams, UniformGrid
+from lowbit.grids import Grid, GridParams
 from lowbit.grids.stats import ScaleStats, quantize_scales
 from lowbit.hessians import robust_cholesky_inverse
 from lowbit.rounding.outliers import select_outliers
@@ -22,7 +22,7 @@ from lowbit.rounding.sequential import SequentialProblem, initial_params
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
-    grid: UniformGrid,
+    grid: Grid,
     *,
     blocksize: int = 128,
     damp: float = 0.01,

@@ -16,13 +16,14 @@ import dataclasses
 
 import torch
 
+from lowbit.grids import Grid
 from lowbit.rounding.quantized import QuantizedWeight
 
 BLOCK = 128
 
 
 def greedy_refine(
-    w: torch.Tensor, h: torch.Tensor, qw: QuantizedWeight, grid, passes: int = 1,
+    w: torch.Tensor, h: torch.Tensor, qw: QuantizedWeight, grid: Grid, passes: int = 1,
     order: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, block: int = BLOCK,
 ) -> QuantizedWeight:
     """Improve ``qw``'s codes for ``w`` under the (damped) Hessian ``h``; everything else stays.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.grids import Grid
 from lowbit.hessians import robust_udu
 from lowbit.rounding.quantized import QuantizedWeight
 from lowbit.rounding.sequential import SequentialProblem, initial_params
@@ -24,7 +25,7 @@ from lowbit.rounding.sequential import SequentialProblem, initial_params
 def ldlq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
-    grid,
+    grid: Grid,
     *,
     blocksize: int = 128,
     damp: float = 0.01,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.grids import UniformGrid
+from lowbit.grids import Grid
 from lowbit.rounding.rtn import rtn_quantize
 
 
@@ -19,7 +19,7 @@ def outlier_budget(numel: int, fraction: float) -> int:
     return int(round(fraction * numel))
 
 
-def select_outliers(w: torch.Tensor, hinv_diag: torch.Tensor, grid: UniformGrid, fraction: float) -> torch.Tensor:
+def select_outliers(w: torch.Tensor, hinv_diag: torch.Tensor, grid: Grid, fraction: float) -> torch.Tensor:
     """Boolean mask (same shape as ``w``) of the ``round(fraction·numel)`` weights whose rounding
     costs most: ``((w − rtn(w)) / hinv_diag)²`` with ``hinv_diag`` the diagonal of ``U`` (``H⁻¹ = UᵀU``)."""
     k = outlier_budget(w.numel(), fraction)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.grids import UniformGrid
+from lowbit.grids import Grid
 from lowbit.grids.stats import quantize_scales
 from lowbit.rounding.quantized import QuantizedWeight
 
 
-def rtn_quantize(w: torch.Tensor, grid: UniformGrid, stats_bits: int | None = None) -> QuantizedWeight:
+def rtn_quantize(w: torch.Tensor, grid: Grid, stats_bits: int | None = None) -> QuantizedWeight:
     params = grid.fit_groups(w.float())
     stats = quantize_scales(params.scale, stats_bits) if stats_bits else None
     scale = stats.decode() if stats is not None else params.scale

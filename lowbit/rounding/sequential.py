@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.grids import Grid
 from lowbit.hessians import condition_hessian
 from lowbit.hessians.conditioning import permute_symmetric_
 from lowbit.rounding.quantized import QuantizedWeight
@@ -37,7 +38,7 @@ class SequentialProblem:
         h, self.h = self.h, None
         return h
 
-    def result(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid) -> QuantizedWeight:
+    def result(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> QuantizedWeight:
         """Codes back in natural column order; ``g_idx`` follows the permutation."""
         g_idx = grid.group_index(codes.shape[1], device=codes.device)
         if self.perm is not None:
@@ -46,7 +47,7 @@ class SequentialProblem:
         return QuantizedWeight(codes, scale, zero, g_idx, grid.bits, group_size=grid.group_size)
 
 
-def initial_params(w: torch.Tensor, grid, dtype: torch.dtype):
+def initial_params(w: torch.Tensor, grid: Grid, dtype: torch.dtype):
     """``scale``/``zero`` (rows × groups), ``codes`` (rows × cols) and the current column's scale and
     zero: fitted on all of ``w`` for a per-channel grid, zero until the first group is fitted."""
     rows, cols = w.shape

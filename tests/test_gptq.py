@@ -145,3 +145,24 @@ def test_cholesky_inverse_factor_is_the_textbook_one():
     h = x.T @ x / 300
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     assert torch.equal(robust_cholesky_inverse(h, 0.0), ref)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lends_the_callers_hessian_back_bit_for_bit(act_order):
+    """GPTQ conditions a float64 Hessian in place (no copy) and puts it back: the conditioned problem is the
+    copying one's, bit for bit (dead inputs and act-order included), and the caller's matrix is unchanged."""
+    from lowbit.rounding.sequential import SequentialProblem
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(16, 40, generator=g)
+    x = torch.randn(200, 40, generator=g, dtype=torch.float64)
+    x[:, 5] = 0  # a dead input
+    h = x.T @ x / 200
+    before = h.clone()
+    with SequentialProblem.borrowed(w, h, 0.01, act_order) as lent:
+        built = SequentialProblem.build(w, before, 0.01, act_order)
+        assert torch.equal(lent.h, built.h) and torch.equal(lent.w, built.w)
+        assert (lent.perm is None and built.perm is None) or torch.equal(lent.perm, built.perm)
+    assert torch.equal(h, before) and lent.h is None
+    gptq_quantize(w, h, UniformGrid(3, group_size=8), act_order=act_order)
+    assert torch.equal(h, before)

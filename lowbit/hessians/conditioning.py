@@ -26,10 +26,15 @@ def condition_hessian(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[to
 def damped_copy(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A copy of ``h`` with dead inputs set to ``H_ii = 1`` and damping added; and the dead mask."""
     h = h.clone()
+    return h, damp_in_place(h, damp)
+
+
+def damp_in_place(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """In place: dead inputs set to ``H_ii = 1``, damping added (the diagonal alone changes); the dead mask."""
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     add_damping(h, damp)
-    return h, dead
+    return dead
 
 
 def add_damping(h: torch.Tensor, damp: float) -> None:

@@ -36,8 +36,9 @@ def gptq_quantize(
     of the weights (SpQR-style, :mod:`lowbit.rounding.outliers`) stay in float16; ``stats_bits``
     quantizes each group's scales as it is fitted (:mod:`lowbit.grids.stats`)."""
     rows, cols = w.shape
-    prob = SequentialProblem.build(w, h, damp, act_order)
-    upper = robust_cholesky_inverse(prob.pop_hessian(), damp, name).to(dtype)
+    with SequentialProblem.borrowed(w, h, damp, act_order) as prob:  # the caller's h, put back after
+        upper = robust_cholesky_inverse(prob.h, damp, name)
+    upper = upper.to(dtype)
     W = prob.w.to(dtype)
 
     gs = grid.group_size

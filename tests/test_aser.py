@@ -104,7 +104,7 @@ def test_smoothing_every_site_preserves_the_function(arch, calib_ids):
 
 
 def test_smoothing_balances_activation_and_weight_ranges():
-    from lowbit.transforms.smoothing import smoothing_scales
+    from lowbit.surgery.smoothing import smoothing_scales
 
     x = torch.tensor([100.0, 1.0, 4.0, 0.0])
     w = torch.tensor([1.0, 1.0, 4.0, 2.0])

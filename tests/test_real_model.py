@@ -137,7 +137,7 @@ def test_rptq_folding_preserves_smollm2_within_float32_rounding():
 
 def test_rptq_preset_from_the_cli_saves_and_reloads_clusters(tmp_path, smollm2):
     from lowbit.activations import ActQuantizer
-    from lowbit.transforms.reorder import ReorderedNorm
+    from lowbit.surgery.reorder import ReorderedNorm
 
     out = tmp_path / "rptq"
     log = _cli("quantize", "smollm2-135m", "--recipe", "rptq-w4a4kv4", "--out", str(out), "--nsamples", "2",

@@ -17,7 +17,7 @@ from lowbit.models.layout import block_layout
 from lowbit.pipeline import quantize_model
 from lowbit.pipeline.capture import capture_block_inputs, run_block
 from lowbit.recipes import ActivationSpec, Recipe
-from lowbit.transforms.reorder import ReorderedNorm, fold_permutations
+from lowbit.surgery.reorder import ReorderedNorm, fold_permutations
 
 
 def _recipe(method: str = "gptq", **act) -> Recipe:

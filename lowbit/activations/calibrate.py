@@ -24,8 +24,8 @@ from lowbit.activations.quantizer import ActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.models.layout import BlockLayout
 from lowbit.recipes.schema import FLOAT_BITS, ActivationSpec, SmoothingSpec
-from lowbit.transforms.reorder import expand_kv_perm, fold_permutations
-from lowbit.transforms.smoothing import column_absmax, expand_kv, fold_smoothing, kv_shared, smoothing_scales
+from lowbit.surgery.reorder import expand_kv_perm, fold_permutations
+from lowbit.surgery.smoothing import column_absmax, expand_kv, fold_smoothing, kv_shared, smoothing_scales
 
 LINEAR_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 KV_SITES = ("k_cache", "v_cache")

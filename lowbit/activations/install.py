@@ -13,7 +13,7 @@ from torch import nn
 
 from lowbit.activations.attention import use_lowbit_attention
 from lowbit.activations.quantizer import ActQuantizer
-from lowbit.transforms.reorder import ReorderedNorm
+from lowbit.surgery.reorder import ReorderedNorm
 
 KINDS = ("act_in", "act_out", "k_quant", "v_quant")
 

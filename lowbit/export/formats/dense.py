@@ -57,7 +57,7 @@ def _undo_reordering(src: Source, tensors: dict[str, torch.Tensor]) -> None:
     and o columns, were folded into weights alone and already cancel.)"""
     from lowbit.models import find_blocks
     from lowbit.models.layout import block_layout
-    from lowbit.transforms.reorder import ReorderedNorm
+    from lowbit.surgery.reorder import ReorderedNorm
 
     path, blocks = find_blocks(src.model)
     for i, block in enumerate(blocks):

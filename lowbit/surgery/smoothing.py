@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.models.layout import BlockLayout
-from lowbit.transforms.reorder import ReorderedNorm
+from lowbit.surgery.reorder import ReorderedNorm
 
 MIN_SCALE = 1e-5
 

@@ -11,12 +11,12 @@ from lowbit.activations.calibrate import calibrate_block
 from lowbit.errors import LowbitError
 from lowbit.export.load import load_quantized
 from lowbit.export.write import save
+from lowbit.methods.weights import outlier_columns
 from lowbit.models import find_blocks
 from lowbit.models.layout import block_layout
 from lowbit.pipeline import quantize_model
 from lowbit.pipeline.capture import capture_block_inputs, run_block
 from lowbit.recipes import ActivationSpec, Recipe, SmoothingSpec
-from lowbit.rounding.dispatch import outlier_columns
 from lowbit.runtime import LowRankLinear
 from lowbit.transforms.lowrank import choose_rank, reconstruct_error
 

@@ -118,7 +118,7 @@ def _routed_inputs(model: nn.Module, calib: torch.Tensor) -> tuple[torch.Tensor,
 def test_each_expert_is_rounded_with_the_hessian_of_its_own_tokens(family, calib):
     """GPTQ on an expert equals GPTQ on that expert's weights with ``2/n Σ x xᵀ`` over the tokens the float
     model's router sends it (computed here from transformers' own fused modules), token counts reported."""
-    from lowbit.rounding.dispatch import round_weight
+    from lowbit.methods.weights import round_weight
 
     recipe = apply_overrides(_recipe("gptq"), ["pipeline.true_sequential=false"])  # block 0 sees float inputs
     model = tiny_family(family)
@@ -149,7 +149,7 @@ def test_experts_calibration_barely_reaches_fall_back_to_rtn_and_say_so(family, 
     calib = torch.randint(3, 128, (1, 1), generator=torch.Generator().manual_seed(4))  # 1 token: 2 of 4 experts
     import dataclasses
 
-    from lowbit.rounding.dispatch import round_weight
+    from lowbit.methods.weights import round_weight
 
     model, recipe = tiny_family(family), _recipe("gptq")
     linearize(model)
@@ -248,8 +248,8 @@ def test_a_mixture_of_experts_folder_through_the_command_line(tmp_path):
 def test_hessian_experts_all_calibrates_every_expert_on_every_token(family, calib):
     """``hessian.experts: all``: each expert's Hessian is ``2/n Σ x xᵀ`` over every token of the MLP input
     (no RTN fallback, however the router splits them); the block computes the same output meanwhile."""
+    from lowbit.methods.weights import round_weight
     from lowbit.models.linearize import experts_see_every_token
-    from lowbit.rounding.dispatch import round_weight
 
     recipe = apply_overrides(_recipe("gptq"), ["pipeline.true_sequential=false", "hessian.experts=all"])
     assert recipe.to_dict()["hessian"]["experts"] == "all"

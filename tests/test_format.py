@@ -12,9 +12,9 @@ from conftest import tiny_llama
 from lowbit.errors import LowbitError
 from lowbit.format import LayerSpec
 from lowbit.format.codec import DTYPES, decode, encode, spec_of, storage_bits
+from lowbit.methods.weights import round_weight
 from lowbit.pipeline.resume import ProgressStore
 from lowbit.recipes import LowRankSpec, TransformSpec, WeightSpec
-from lowbit.rounding.dispatch import round_weight
 from lowbit.runtime import packed_module
 
 ROWS, COLS = 48, 80  # 80 = 3 groups of 24 + a last group of 8

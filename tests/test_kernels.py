@@ -10,8 +10,8 @@ from conftest import tiny_llama
 
 import lowbit
 from lowbit.backends import int4_group
+from lowbit.methods.weights import round_weight
 from lowbit.recipes import WeightSpec
-from lowbit.rounding.dispatch import round_weight
 from lowbit.runtime import QuantLinear, packed_module
 from lowbit.runtime.build import use_kernels
 from lowbit.runtime.kernels import Int4Kernel, Int8Kernel, available, kernel_for

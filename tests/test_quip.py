@@ -208,7 +208,7 @@ def test_rms_grid_levels_are_midrise_and_scaled_by_rms():
 def test_quip_beats_gptq_at_2_bits_on_a_spiky_problem(kind):
     """The paper's claim in miniature: incoherence + LDLQ beats OPTQ at 2 bits per channel."""
     w, h = _problem(rows=64, cols=192, seed=7, spiky=True)
-    from lowbit.rounding.dispatch import round_weight
+    from lowbit.methods.weights import round_weight
 
     gptq = round_weight(w, h, WeightSpec(method="gptq", bits=2, act_order=True, clip_search=True), "l")
     quip = round_weight(w, h, WeightSpec(method="ldlq", bits=2, grid="rms", act_order=True, greedy_passes=1), "l",
@@ -255,7 +255,7 @@ def test_quip_checkpoint_reloads_with_equal_logits(make, kind, calib_ids, tmp_pa
 def test_quip_layer_output_is_the_dense_inverse_transformed_weights(kind, tokens):
     """Fast transforms on the activations, packed codes dequantized per call: the float64 product
     with ``Uᵀ·Ŵ·V·D⁻¹`` to float32 rounding, for one token (decoding) and many (prefill)."""
-    from lowbit.rounding.dispatch import round_weight
+    from lowbit.methods.weights import round_weight
 
     w, h = _problem(rows=96, cols=72)
     qw = round_weight(w.float(), h.float(), WeightSpec(method="gptq", bits=3), "layer", TransformSpec(incoherence=kind))

@@ -10,12 +10,12 @@ import torch
 from conftest import ARCHITECTURES, full_and_resumed, tiny_llama
 
 from lowbit.errors import LowbitError
+from lowbit.methods.weights import round_weight
 from lowbit.models import find_blocks, keep_first_blocks
 from lowbit.pipeline import quantize_model
 from lowbit.pipeline.capture import capture_block_inputs, run_block
 from lowbit.pipeline.tuning import _prefix
 from lowbit.recipes import Recipe, TransformSpec, TuningSpec, WeightSpec
-from lowbit.rounding.dispatch import round_weight
 from lowbit.rounding.tuning import Tunable
 
 

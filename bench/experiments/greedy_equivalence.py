@@ -46,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
 
     import lowbit
-    import lowbit.rounding.dispatch as dispatch
+    import lowbit.methods.weights as dispatch
     from lowbit.models import keep_first_blocks
     from lowbit.rounding.quantized import proxy_loss
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.methods.weights import round_weight
 from lowbit.recipes import WeightSpec
-from lowbit.rounding.dispatch import round_weight
 from lowbit.runtime import packed_module
 from lowbit.runtime.kernels import kernel_for
 

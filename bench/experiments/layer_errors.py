@@ -22,11 +22,11 @@ import torch
 import lowbit
 from lowbit.grids import UniformGrid
 from lowbit.hessians import HessianAccumulator
+from lowbit.methods.weights import round_weight
 from lowbit.models import block_linears, find_blocks
 from lowbit.pipeline.capture import capture_block_inputs, run_block
 from lowbit.recipes import TransformSpec, WeightSpec
 from lowbit.rounding import proxy_loss, rtn_quantize
-from lowbit.rounding.dispatch import round_weight
 from lowbit.transforms import Incoherence, incoherence
 
 _GPTQ = dict(method="gptq", act_order=True, clip_search=True)

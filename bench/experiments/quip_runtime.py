@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.methods.weights import round_weight
 from lowbit.recipes import TransformSpec, WeightSpec
-from lowbit.rounding.dispatch import round_weight
 from lowbit.runtime import packed_module
 
 SHAPES = {"q_proj 576→576": (576, 576), "gate 576→1536": (1536, 576), "down 1536→576": (576, 1536)}

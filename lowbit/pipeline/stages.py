@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.activations.calibrate import BlockActPlan, apply_plan, calibrate_block
+from lowbit.methods.weights import round_weight
 from lowbit.models.layout import block_layout
 from lowbit.models.linearize import expert_linears
 from lowbit.pipeline.capture import run_block, sequential_groups
@@ -35,7 +36,6 @@ from lowbit.pipeline.sources import (
 from lowbit.pipeline.tuning import tune_block
 from lowbit.recipes import Recipe
 from lowbit.rounding import QuantizedWeight, proxy_loss
-from lowbit.rounding.dispatch import round_weight
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ def encode(spec: LayerSpec, qw: Weight) -> dict[str, torch.Tensor]:
         grid.update(outlier_index=qw.sparse.index.to(I32), outlier_value=qw.sparse.values.to(F16))
     out = {spec.grid_prefix + k: v.contiguous() for k, v in grid.items()}
     if spec.incoherence is not None:
-        out[("inner." if spec.lowrank_rank else "") + "in_scale"] = qw.transform.in_scale.to(F32).contiguous()
+        out[spec.quip_prefix + "in_scale"] = qw.transform.in_scale.to(F32).contiguous()
     if spec.lowrank_rank:
         out.update(a=qw.lowrank.a.to(F16).contiguous(), b=qw.lowrank.b.to(F16).contiguous())
     return out
@@ -90,7 +90,7 @@ def decode(spec: LayerSpec, tensors: Mapping[str, torch.Tensor]) -> Weight:
     qw = QuantizedWeight(codes, scale, zero, g_idx, spec.bits, sparse=sparse, scale_stats=stats,
                          group_size=spec.group_size)
     if spec.incoherence is not None:
-        in_scale = tensors[("inner." if spec.lowrank_rank else "") + "in_scale"]
+        in_scale = tensors[spec.quip_prefix + "in_scale"]
         qw.transform = Incoherence.from_metadata(spec.incoherence, in_scale.cpu(), rows)
     if spec.lowrank_rank:
         qw.lowrank = LowRank(tensors["a"], tensors["b"])

@@ -3,9 +3,9 @@
 A :class:`LayerSpec` names a layer's kind and sizes; every tensor it stores follows from it
 (:meth:`LayerSpec.tensors`: key, shape, dtype), and so do the bytes it costs. The checkpoint writer and
 reader, the runtime modules' buffers, the resume files, ``lowbit inspect`` and the effective-bits count all
-read that one declaration, and :meth:`~LayerSpec.encode` / :meth:`~LayerSpec.decode` are the only code
-that turns a rounding's result into those tensors and back (:mod:`lowbit.format.codec`). This module needs
-no torch: ``lowbit inspect`` reads a checkpoint with it alone.
+read that one declaration, and :mod:`lowbit.format.codec`'s ``encode`` / ``decode`` are the only code that
+turns a rounding's result into those tensors and back. This module needs no torch: ``lowbit inspect`` reads
+a checkpoint with it alone.
 
 Kinds, as parts under the layer's name (keys nest as the runtime modules do: a low-rank branch wraps the
 layer, a QuIP layer wraps its grid):
@@ -72,6 +72,11 @@ class LayerSpec:
         return not (self.binary or self.outliers or self.stats_bits)
 
     @property
+    def quip_prefix(self) -> str:
+        """Where QuIP's ``in_scale`` sits under the layer's name (inside a low-rank wrapper)."""
+        return "inner." if self.lowrank_rank else ""
+
+    @property
     def grid_prefix(self) -> str:
         """Where the grid's tensors sit under the layer's name (inside its QuIP and low-rank wrappers)."""
         return "inner." * ((self.incoherence is not None) + (self.lowrank_rank > 0))
@@ -115,8 +120,8 @@ class LayerSpec:
 
     def tensors(self) -> tuple[TensorDecl, ...]:
         """Every tensor of the layer, keys under its name."""
-        quip = "inner." if self.lowrank_rank else ""
-        return (*self.lowrank_tensors(), *(dataclasses.replace(d, key=quip + d.key) for d in self.quip_tensors()),
+        return (*self.lowrank_tensors(),
+                *(dataclasses.replace(d, key=self.quip_prefix + d.key) for d in self.quip_tensors()),
                 *(dataclasses.replace(d, key=self.grid_prefix + d.key) for d in self.grid_tensors()))
 
     def storage_bits(self) -> int:
@@ -126,7 +131,7 @@ class LayerSpec:
     @property
     def bias_key(self) -> str:
         """Where the layer's bias sits (on the module that holds the grid, or the QuIP layer around it)."""
-        return "inner." * (self.lowrank_rank > 0) + "bias"
+        return self.quip_prefix + "bias"
 
     # -- attributes as JSON (``lowbit_config.json``'s layer table, resume files) ----------------
     def to_json(self) -> dict:

@@ -131,10 +131,13 @@ def _bytes(path: Path) -> int:
 
 
 def run_row(model: Path, recipe: str, ckpt: Path) -> dict:
+    from lowbit.pipeline.resume import VERSION as RESUME_VERSION
+
     quant = ["quantize", str(model), "--recipe", recipe, "--out", str(ckpt), "--onload", "--nsamples", str(NSAMPLES),
              "--seqlen", str(SEQLEN)]
-    if (ckpt / ".progress" / "manifest.json").is_file():
-        quant.append("--resume")  # an interrupted run: its finished blocks are kept
+    manifest = ckpt / ".progress" / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("version", 1) == RESUME_VERSION:
+        quant.append("--resume")  # an interrupted run: its finished blocks are kept (another version's: afresh)
     r, wall, peak = timed(quant)
     if r.returncode:
         raise SystemExit(f"quantize {recipe} failed:\n{r.stderr[-3000:]}")

@@ -57,8 +57,9 @@ def main() -> None:
     rows = []
     for n in map(int, args.widths.split(",")):
         for act in (False, True):
+            # cwd: ``python -c`` puts the working folder first on sys.path, before PYTHONPATH
             r = subprocess.run([sys.executable, "-c", CASE, str(n), str(args.rows), str(int(act))], env=env,
-                               capture_output=True, text=True, check=True)
+                               cwd=args.lowbit, capture_output=True, text=True, check=True)
             rows.append({**json.loads(r.stdout.strip().splitlines()[-1]), "lowbit": args.label})
             print(rows[-1], flush=True)
     if args.out:

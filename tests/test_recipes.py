@@ -268,7 +268,8 @@ def test_presets_keep_their_shape_and_round_trip(name):
     d = r.to_dict()
     default = Recipe().to_dict()
     assert ("tuning" in d) == r.tuning.enabled  # added later: only a tuned recipe's key holds it
-    assert set(d) - {"tuning"} == set(default)
+    assert ("rotation" in d) == r.rotation.enabled  # the same
+    assert set(d) - {"tuning", "rotation"} == set(default)
     assert all(set(d[k]) == set(default[k]) for k in default if isinstance(d[k], dict))
     json.dumps(d, allow_nan=False)  # nothing non-finite reaches the saved config
     assert Recipe.from_dict(d) == r and Recipe.from_dict(d).to_dict() == d

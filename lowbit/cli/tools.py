@@ -164,7 +164,8 @@ def _recipe_row(rec) -> tuple[str, str, str, str, str]:
     weights = "float" if w.method == "none" else f"W{w.bits}" + (f"g{w.group_size}" if w.group_size else "")
     acts = "-" if not a.enabled else f"A{a.bits}" + (f" KV{a.kv_bits}" if a.kv_bits < 16 else "") + f" {a.granularity}"
     calib = f"{rec.calibration.nsamples}×{rec.calibration.seqlen}" if rec.needs_calibration else "none"
-    parts = [{"ldlq": "LDLQ", "billm": "BiLLM"}.get(w.method, w.method.upper())]
+    parts = [f"rotated stream ({rec.rotation.kind})"] if rec.rotation.enabled else []
+    parts += [{"ldlq": "LDLQ", "billm": "BiLLM"}.get(w.method, w.method.upper())]
     parts += [f"incoherence ({t.incoherence})"] if t.incoherence != "none" else []
     parts += ["OAC Hessian"] if h.source == "output_adaptive" else []
     parts += ["act-order"] if w.act_order else []

@@ -90,6 +90,8 @@ def _check_run(recipe: Recipe, calib: torch.Tensor | None, onload: DiskModel | N
                progress_dir: str | Path | None) -> None:
     if onload is not None and (sink is None or progress_dir is None):
         raise ValueError("onloading needs a sink for the finished blocks and a progress directory")
+    if onload is not None and recipe.rotation.enabled:
+        raise LowbitError("rotation folds into the whole model at once: quantize without --onload")
     if onload is not None and recipe.needs_calibration and recipe.hessian.source == "output_adaptive":
         raise LowbitError("output-adaptive Hessians (OAC) need the whole model's gradients: quantize without "
                           "--onload")

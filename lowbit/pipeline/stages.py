@@ -36,8 +36,31 @@ from lowbit.pipeline.sources import (
 from lowbit.pipeline.tuning import tune_block
 from lowbit.recipes import Recipe
 from lowbit.rounding import QuantizedWeight, proxy_loss
+from lowbit.surgery.rotation import rotate_residual
 
 log = logging.getLogger(__name__)
+
+
+class Rotation:
+    """QuaRot's residual-stream rotation, folded into the whole model before its first block is calibrated (so
+    every later stage sees the rotated model; a resumed run rotates again, from the same seed)."""
+
+    needs_inputs = False
+
+    def __init__(self, recipe: Recipe):
+        self.spec = recipe.rotation
+
+    def prepare(self, run: Run) -> None:
+        t0 = time.perf_counter()
+        rotate_residual(run.model, self.spec.kind, self.spec.seed)
+        log.info("residual stream rotated (%s, seed %d) in %.1f s", self.spec.kind, self.spec.seed,
+                 time.perf_counter() - t0)
+
+    def quantize(self, run: Run, turn: Turn) -> None:
+        pass
+
+    def restore(self, run: Run, turn: Turn, weights: dict[str, QuantizedWeight]) -> None:
+        pass
 
 
 class ActivationPlan:
@@ -135,7 +158,7 @@ class Tuning:
 def build_stages(model: nn.Module, blocks: nn.ModuleList, recipe: Recipe,
                  hessian_cache: str | Path | None = None) -> list[Stage]:
     """The stages ``recipe`` is made of, in the order they work on a block."""
-    stages: list[Stage] = []
+    stages: list[Stage] = [Rotation(recipe)] if recipe.rotation.enabled else []
     if recipe.activations.enabled or recipe.smoothing.enabled:
         stages.append(ActivationPlan(recipe, [block_layout(block, model.config) for block in blocks]))
     if recipe.weights.method != "none":

@@ -10,6 +10,7 @@ import yaml
 
 from lowbit.errors import LowbitError
 from lowbit.recipes.recipe import Recipe
+from lowbit.recipes.rotation import RotationSpec
 from lowbit.recipes.schema import (
     ActivationSpec,
     CalibrationSpec,
@@ -22,8 +23,9 @@ from lowbit.recipes.schema import (
 )
 from lowbit.recipes.tuning import TuningSpec
 
-__all__ = ["ActivationSpec", "CalibrationSpec", "HessianSpec", "LowRankSpec", "PipelineSpec", "Recipe", "SmoothingSpec",
-           "TransformSpec", "TuningSpec", "WeightSpec", "apply_overrides", "get", "load_file", "presets"]
+__all__ = ["ActivationSpec", "CalibrationSpec", "HessianSpec", "LowRankSpec", "PipelineSpec", "Recipe", "RotationSpec",
+           "SmoothingSpec", "TransformSpec", "TuningSpec", "WeightSpec", "apply_overrides", "get", "load_file",
+           "presets"]
 
 
 def presets() -> list[str]:

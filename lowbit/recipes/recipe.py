@@ -9,6 +9,7 @@ from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.recipes.checks import check_str
+from lowbit.recipes.rotation import RotationSpec
 from lowbit.recipes.schema import (
     ActivationSpec,
     CalibrationSpec,
@@ -35,6 +36,7 @@ class Recipe:
     smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
     lowrank: LowRankSpec = field(default_factory=LowRankSpec)
     tuning: TuningSpec = field(default_factory=TuningSpec)
+    rotation: RotationSpec = field(default_factory=RotationSpec)
 
     def validate(self) -> "Recipe":
         """Every section, then the settings that span sections; returns the recipe for chaining."""
@@ -49,6 +51,7 @@ class Recipe:
         self.smoothing.validate()
         self.lowrank.validate()
         self.tuning.validate()
+        self.rotation.validate()
         skip, seqlen = self.hessian.skip_first_tokens, self.calibration.seqlen
         if skip >= seqlen:
             raise LowbitError(f"hessian.skip_first_tokens must be less than calibration.seqlen ({seqlen}): "
@@ -91,6 +94,8 @@ class Recipe:
             del d["hessian"]["experts"]
         if d["tuning"] == dataclasses.asdict(TuningSpec()):  # added later: an untuned recipe keeps its identity
             del d["tuning"]
+        if d["rotation"] == dataclasses.asdict(RotationSpec()):  # added later, as tuning
+            del d["rotation"]
         return d
 
     def with_overrides(self, *assignments: str, **sections: Any) -> "Recipe":

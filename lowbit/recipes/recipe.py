@@ -9,6 +9,7 @@ from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.recipes.checks import check_str
+from lowbit.recipes.methods import METHOD_TABLE
 from lowbit.recipes.rotation import RotationSpec
 from lowbit.recipes.schema import (
     ActivationSpec,
@@ -64,11 +65,14 @@ class Recipe:
                               "(hessian.source: layerwise)")
         if self.lowrank.enabled and self.weights.method == "none":
             raise LowbitError("lowrank reconstructs a quantization error: weights.method none has none")
-        if self.weights.method == "billm" and (self.lowrank.enabled or self.transform.incoherence != "none"):
-            raise LowbitError("weights.method billm takes no lowrank branch and no incoherence transform")
+        method = METHOD_TABLE[self.weights.method]
+        if self.weights.method != "none" and not method.grid and (self.lowrank.enabled
+                                                                  or self.transform.incoherence != "none"):
+            raise LowbitError(f"weights.method {self.weights.method} takes no lowrank branch and no incoherence "
+                              "transform")
         if self.activations.enabled and self.hessian.source == "output_adaptive":
             raise LowbitError("activation quantization needs layer-wise Hessians (hessian.source: layerwise)")
-        if self.tuning.enabled and self.weights.method in ("none", "billm"):
+        if self.tuning.enabled and not method.grid:
             raise LowbitError(f"tuning moves the codes and scales of a grid: weights.method {self.weights.method} "
                               "has none (use rtn, gptq or ldlq)")
         if self.tuning.enabled and self.activations.enabled:
@@ -78,13 +82,13 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.weights.method not in ("rtn", "none") or self.activations.static or self.smoothing.enabled
+        return (METHOD_TABLE[self.weights.method].hessian or self.activations.static or self.smoothing.enabled
                 or self.lowrank.enabled or self.tuning.enabled)
 
     @property
     def needs_hessians(self) -> bool:
         """Rounding or the whitened low-rank branch use the layer Hessians."""
-        return self.weights.method in ("gptq", "ldlq", "billm") or (self.lowrank.enabled and self.lowrank.whiten)
+        return METHOD_TABLE[self.weights.method].hessian or (self.lowrank.enabled and self.lowrank.whiten)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -21,10 +21,9 @@ from lowbit.recipes.checks import (
     check_sites,
     is_int,
 )
+from lowbit.recipes.methods import METHOD_TABLE, METHODS
 
-METHODS = ("none", "rtn", "gptq", "ldlq", "billm")  # none: weights stay in float (activation-only ablations)
-GRIDS = ("minmax", "rms")
-INCOHERENCE = ("none", "hadamard", "kron")
+GRIDS, INCOHERENCE = ("minmax", "rms"), ("none", "hadamard", "kron")
 HESSIAN_SOURCES = ("layerwise", "output_adaptive")
 ACT_GRANULARITY = ("tensor", "token", "cluster")
 ACT_SITES = SMOOTHING_SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")  # the linear inputs
@@ -69,7 +68,7 @@ class WeightSpec:
     def validate(self) -> None:
         """Each value's type and range, then the combinations a method supports."""
         check_choice(self.method, "weights.method", METHODS)
-        lo = 1 if self.method == "billm" else 2
+        lo = min(METHOD_TABLE[self.method].bits[0], 2)  # billm's 1 is also its only width: below
         if not (is_int(self.bits) and lo <= self.bits <= 8):
             raise LowbitError(f"weights.bits must be an integer from 2 to 8 (1 with method billm), got {self.bits!r}")
         check_int(self.group_size, "weights.group_size", 1, MAX_WIDTH, null=True)
@@ -92,11 +91,12 @@ class WeightSpec:
                               "clip_search: false, greedy_passes: 0")
         if self.grid == "rms" and (self.group_size is not None or self.clip_search):
             raise LowbitError("weights.grid: rms has one scale per matrix: set group_size: null and clip_search: false")
-        if self.greedy_passes and self.method in ("rtn", "none"):
+        method = METHOD_TABLE[self.method]
+        if self.greedy_passes and not method.hessian:
             raise LowbitError("weights.greedy_passes needs a Hessian: use method gptq or ldlq, not rtn")
-        if self.outlier_fraction and (self.method != "gptq" or self.greedy_passes or self.grid != "minmax"):
+        if self.outlier_fraction and (not method.outliers or self.greedy_passes or self.grid != "minmax"):
             raise LowbitError("weights.outlier_fraction needs method gptq on the minmax grid, without greedy passes")
-        if self.stats_bits is not None and (self.method not in ("gptq", "rtn") or self.group_size is None
+        if self.stats_bits is not None and (not method.scale_codes or self.group_size is None
                                             or self.grid != "minmax"):
             raise LowbitError("weights.stats_bits quantizes group scales: it needs method gptq or rtn, a group_size "
                               "and the minmax grid")

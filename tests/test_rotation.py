@@ -122,3 +122,24 @@ def test_smollm2_rotated_computes_the_same_function(smollm2):
         after = model(ids).logits
     assert torch.equal(after.argmax(-1), before.argmax(-1))
     torch.testing.assert_close(after, before, rtol=0, atol=5e-4)  # logits up to ~30: float32 rounding
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed-tensors"])
+def test_a_rotated_checkpoint_exports_and_plain_transformers_gives_its_logits(fmt, calib_ids, tmp_path):
+    """The rotation is folded into ordinary weights (and an untied head): the exported model needs no lowbit code
+    to compute what lowbit's does."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    import lowbit
+    from lowbit.export.formats import export_checkpoint
+
+    model = tiny_family("llama")
+    lowbit.save(lowbit.quantize(model, _small("quarot-w4"), calib_ids, show_progress=False), tmp_path / "ckpt")
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / fmt, fmt)
+    # asymmetric zero points load through compressed-tensors' dequantizing path (README: Serve it)
+    extra = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if fmt == "compressed-tensors" else {}
+    plain = AutoModelForCausalLM.from_pretrained(out, **extra)
+    ref, _ = lowbit.load_model(tmp_path / "ckpt")
+    ids = calib_ids[:2, :16]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)

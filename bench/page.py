@@ -21,10 +21,10 @@ RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "BENCHMARKS.md"
 COMPARE = "compare-smollm2-q16/results.json"
 # later rows under the same protocol, run as their own comparison (the full model's row reused from COMPARE)
-MORE_COMPARES = ("compare-smollm2-q16-tuned/results.json",)
+MORE_COMPARES = ("compare-smollm2-q16-tuned/results.json", "compare-smollm2-q16-quarot/results.json")
 # W4A8 and W4A4KV4 rows were measured by bench/quality.py (same Q16/8 protocol, no KL)
 ACTIVATION_RUNS = ("aser-quick-main.json", "rptq-quick-rptq.json", "rptq-quick-naive.json")
-CLASSES = ("W4", "W3", "W2", "W1", "W4A8", "W4A4KV4")
+CLASSES = ("W4", "W3", "W2", "W1", "W4A8", "W4A4", "W4A4KV4")
 FULL = RESULTS / "full-protocol"
 
 
@@ -50,8 +50,8 @@ def _class(w_bits: int, a_bits: int, kv_bits: int) -> str | None:
         return f"W{w_bits}"
     if w_bits == 4 and a_bits == 8 and kv_bits >= 16:
         return "W4A8"
-    if w_bits == 4 and a_bits == 4 and kv_bits == 4:
-        return "W4A4KV4"
+    if w_bits == 4 and a_bits == 4:
+        return "W4A4KV4" if kv_bits == 4 else "W4A4" if kv_bits >= 16 else None
     return None
 
 

@@ -55,6 +55,17 @@ def _class(w_bits: int, a_bits: int, kv_bits: int) -> str | None:
     return None
 
 
+def _gptq_7b() -> list[str]:
+    """gptq-w4g128 at the 7B shape has only partial runs (4 h on this CPU): their peaks, newest last."""
+    rows = sorted((json.loads(f.read_text()) for f in RESULTS.glob("scale-7b-gptq-partial*.json")),
+                  key=lambda r: r.get("date", "2026-12-07"))
+    lines = [f"- gptq-w4g128, {len(r['blocks_done'])} of 32 blocks ({r.get('date', '2026-12-07')}): peak "
+             f"{r['peak_memory_mb']:.0f} MB, {sum(r['block_seconds'].values()) / len(r['block_seconds']):.0f} s per "
+             f"block" for r in rows]
+    return ["Partial runs (`bench/results/scale-7b-gptq-partial*.json`; the peak is GPTQ's, reached in every block):",
+            "", *lines] if lines else []
+
+
 def quick_rows() -> dict[str, list[dict]]:
     """Every Q16/8 row, by bit-width class: name, peer or not, effective bits, perplexities, KL, cost."""
     out: dict[str, list[dict]] = {c: [] for c in CLASSES}
@@ -189,7 +200,7 @@ def page() -> str:
             "## Exports read back by serving engines", "", *_embed("exports.md"), "",
             "From `bench/results/exports.json` (`python bench/exports.py`).", "",
             "## Models larger than memory (random weights at the Llama-2-7B shape)", "", *_embed("scale-7b.md"), "",
-            "From `bench/results/scale-7b.json` (`python bench/scale.py --shape 7b`).", "",
+            "From `bench/results/scale-7b.json` (`python bench/scale.py --shape 7b`).", "", *_gptq_7b(), "",
             *_reproduce_section(),
             "## Caveats", "",
             "- Q16/8 is a quick protocol: 8 windows are 16k tokens, so differences under about 1 % of perplexity "

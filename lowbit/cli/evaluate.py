@@ -133,7 +133,7 @@ def _evaluate_onloaded(ref, model: str, datasets: list[str], seqlen: int, window
 
 def _base_model(ref, m) -> str | None:
     """The model a checkpoint was quantized from (its lowbit_config.json says), or a float model's own source."""
-    from lowbit.export.write import checkpoint_meta
+    from lowbit.export.load import checkpoint_meta
     from lowbit.models.source import source_of
 
     return checkpoint_meta(m).get("base_model") if ref.kind == "checkpoint" else source_of(m)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from lowbit.backends import cpu_backend
 from lowbit.errors import LowbitError
 from lowbit.format import LayerSpec, groups_key
-from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX, tensor_files
+from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX, tensor_files, tensor_shape
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -96,11 +96,6 @@ def _tensor_sizes(files: set[Path]) -> tuple[dict[str, int], dict[str, int]]:
     return sizes, numels
 
 
-def _shape(files: dict[str, Path], key: str) -> list[int]:
-    with safe_open(str(files[key]), "numpy") as f:
-        return f.get_slice(key).get_shape()
-
-
 def _groups_sort_to_natural(path: Path, key: str, cols: int, group_size: int | None) -> bool:
     """Whether an act-order layer's ``g_idx`` becomes ``col // group_size`` once its columns are sorted by
     group (then the kernels take it, in that column order)."""
@@ -155,7 +150,7 @@ def _layer(files: dict[str, Path], name: str, info: dict, sizes: dict[str, int],
            most: int) -> LayerSummary:
     """``row``: the layer's line of report.json; ``most``: the largest token count of any layer (a layer that
     saw fewer is an expert, reached by the tokens routed to it)."""
-    spec = LayerSpec.from_json(info, info.get("groups") or _shape(files, groups_key(name, info))[1])
+    spec = LayerSpec.from_json(info, info.get("groups") or tensor_shape(files, groups_key(name, info))[1])
     extras = []
     tokens = row.get("tokens")
     if row.get("method") not in (None, method):  # a fallback: an expert calibration (nearly) missed

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -18,8 +17,8 @@ from lowbit.export.hf_config import base_config
 from lowbit.format import LayerSpec, groups_key
 from lowbit.models.linearize import linearize
 from lowbit.models.onload import DiskModel, read_tensors
-from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX, tensor_files
-from lowbit.models.source import set_source
+from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX, tensor_files, tensor_shape
+from lowbit.models.source import set_source, source_of
 from lowbit.runtime import empty_module
 
 FORMAT_VERSIONS = (1, 2, 3, 4)
@@ -44,6 +43,18 @@ def _read_meta(path: Path) -> dict:
         raise LowbitError(f"{path / CHECKPOINT_MARKER}: unknown dtype {meta.get('dtype')!r} "
                           f"(one of {', '.join(DTYPES)})")
     return meta
+
+
+def checkpoint_meta(model: nn.Module) -> dict:
+    """The ``lowbit_config.json`` of the checkpoint ``model`` was loaded from (its ``name_or_path``), or ``{}`` for a
+    model that did not come from one (or whose folder is gone or damaged)."""
+    source = source_of(model)
+    if not source or not (Path(source) / CHECKPOINT_MARKER).is_file():
+        return {}
+    try:
+        return _read_meta(Path(source))
+    except (LowbitError, OSError):
+        return {}
 
 
 def _read_config(path: Path):
@@ -162,7 +173,7 @@ class DiskCheckpoint(DiskModel):
             return super().onload(module, prefix)
         for name, info in self.meta["layers"].items():
             if name.startswith(prefix):
-                spec = LayerSpec.from_json(info, _groups(name, info, self._shape))
+                spec = LayerSpec.from_json(info, _groups(name, info, lambda k: tensor_shape(self.files, k)))
                 self.held[name] = _put_empty(module, name.removeprefix(prefix), spec)
         keys = [k for k in self.files if k.startswith(prefix)]
         packed = tuple(n.removeprefix(prefix) + "." for n in self.meta["layers"] if n.startswith(prefix))
@@ -174,10 +185,6 @@ class DiskCheckpoint(DiskModel):
         if result.missing_keys or result.unexpected_keys:
             raise LowbitError(f"{self.folder}: block {prefix} does not match its config (missing "
                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}): quantize again")
-
-    def _shape(self, key: str) -> list[int]:
-        with safe_open(str(self.files[key]), "pt") as f:
-            return f.get_slice(key).get_shape()
 
     def offload(self, module: nn.Module, prefix: str) -> None:
         for name in [n for n in self.held if n.startswith(prefix)] if prefix else []:

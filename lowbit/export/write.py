@@ -26,6 +26,7 @@ from lowbit.atomic import as_umask_allows, atomic_dir, atomic_path, atomic_write
 from lowbit.errors import LowbitError
 from lowbit.export.folder import check_replaceable
 from lowbit.export.hf_config import ENTRY_MODULE, ENTRY_SOURCE, entry_config
+from lowbit.export.load import checkpoint_meta
 from lowbit.models.onload import DiskModel
 from lowbit.models.resolve import CHECKPOINT_MARKER, INDEX
 from lowbit.models.source import source_of
@@ -65,16 +66,6 @@ def save(quantized: Quantized | nn.Module, out_dir: str | Path, tokenizer: PreTr
     with atomic_dir(out) as tmp:
         _write(model, tmp, quant, activations, recipe, base, tokenizer, report)
     return out
-
-
-def checkpoint_meta(model: nn.Module) -> dict:
-    """The ``lowbit_config.json`` of the checkpoint ``model`` was loaded from (its ``name_or_path``), or ``{}``."""
-    source = source_of(model)
-    path = Path(source) / CHECKPOINT_MARKER if source else None
-    try:
-        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _write(model: nn.Module, out: Path, quant: dict, activations: dict, recipe: dict, base: str | None,

@@ -71,6 +71,15 @@ def encode(spec: LayerSpec, qw: Weight) -> dict[str, torch.Tensor]:
         out.update(a=qw.lowrank.a.to(F16).contiguous(), b=qw.lowrank.b.to(F16).contiguous())
     return out
 
+
+def zero_points(spec: LayerSpec, grid: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The ``(rows, groups)`` zero points as floats from a grid's tensors, without unpacking its codes."""
+    rows, g = spec.shape[0], spec.groups
+    if spec.float_zeros:
+        return grid["zeros"].float()
+    return unpack_codes(grid["qzeros"], spec.bits, rows * g).float().view(rows, g)
+
+
 def decode(spec: LayerSpec, tensors: Mapping[str, torch.Tensor]) -> Weight:
     """The rounding's result back from :func:`encode`'s tensors (keys as declared; others ignored)."""
     (rows, cols), g = spec.shape, spec.groups
@@ -83,8 +92,7 @@ def decode(spec: LayerSpec, tensors: Mapping[str, torch.Tensor]) -> Weight:
         stat_codes = unpack_codes(t["scale_codes"], spec.stats_bits, rows * g).view(rows, g)
         stats = ScaleStats(stat_codes, t["scale_lo"], t["scale_step"], spec.stats_bits)
     scale = stats.decode() if stats is not None else t["scales"].float()
-    zero = (t["zeros"].float() if spec.float_zeros
-            else unpack_codes(t["qzeros"], spec.bits, rows * g).float().view(rows, g))
+    zero = zero_points(spec, t)
     g_idx = t["g_idx"] if spec.act_order else natural_group_index(cols, spec.group_size, codes.device)
     sparse = SparseOutliers(t["outlier_index"].long(), t["outlier_value"]) if spec.outliers else None
     qw = QuantizedWeight(codes, scale, zero, g_idx, spec.bits, sparse=sparse, scale_stats=stats,

@@ -61,6 +61,14 @@ def tensor_files(folder: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
+def tensor_shape(files: dict[str, Path], key: str) -> list[int]:
+    """A tensor's shape from its file's header (``files``: :func:`tensor_files`), without reading it."""
+    from safetensors import safe_open
+
+    with safe_open(str(files[key]), "numpy") as f:
+        return f.get_slice(key).get_shape()
+
+
 def partial_checkpoint(path: Path) -> bool:
     """Tensors that lowbit wrote without the config that says how to read them (an older lowbit killed
     between two writes, or files copied in part): loading them as a plain model would give random layers."""

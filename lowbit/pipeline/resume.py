@@ -39,7 +39,7 @@ def _read_manifest(path: Path) -> dict:
         if isinstance(data, dict) and isinstance(data.get("fingerprint"), str) and isinstance(data.get("done"), list):
             if data.get("version", 1) != VERSION:  # a caller may start afresh, as for another run's state
                 raise ResumeMismatch(f"resume state {path} was written by another lowbit version (format "
-                                  f"{data.get('version', 1)}, this one reads {VERSION}): rerun without --resume")
+                                     f"{data.get('version', 1)}, this one reads {VERSION}): rerun without --resume")
             return data
     except (ValueError, UnicodeDecodeError):
         pass

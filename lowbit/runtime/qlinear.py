@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.format import LayerSpec
-from lowbit.format.codec import decode, empty
-from lowbit.grids import unpack_codes
+from lowbit.format.codec import decode, empty, zero_points
 from lowbit.rounding import QuantizedWeight
 from lowbit.runtime.kept_weight import KeptWeight
 from lowbit.runtime.kernels import serves
@@ -48,12 +47,14 @@ class QuantLinear(KeptWeight, nn.Module):
 
     def zero_points(self) -> torch.Tensor:
         """The ``(out, groups)`` zero points as floats, without unpacking the codes."""
-        zero = (self.zeros.float() if self.float_zeros
-                else unpack_codes(self.qzeros, self.bits, self.out_features * self.n_groups).float())
-        return zero.view(self.out_features, self.n_groups)
+        return zero_points(self.spec, self._grid())
 
     def quantized(self) -> QuantizedWeight:
-        return decode(self.spec, {d.key: getattr(self, d.key) for d in self.spec.grid_tensors()})
+        return decode(self.spec, self._grid())
+
+    def _grid(self) -> dict[str, torch.Tensor]:
+        """The declared tensors, as this module holds them (its buffers)."""
+        return {d.key: getattr(self, d.key) for d in self.spec.grid_tensors()}
 
     def dense_weight(self) -> torch.Tensor:
         return self.quantized().dequantize()

@@ -143,3 +143,37 @@ def test_a_rotated_checkpoint_exports_and_plain_transformers_gives_its_logits(fm
     ids = calib_ids[:2, :16]
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_killed_rotated_run_resumes_to_the_same_model(calib_ids, tmp_path, monkeypatch):
+    """The rotation is not stored: a resumed run rotates the float model again from the seed, replays the stored
+    blocks, and ends with the uninterrupted run's codes and logits."""
+    from conftest import interrupt_rounding_in_block
+
+    from lowbit.pipeline import quantize_model
+
+    recipe = _small("quarot-w4")
+    full = quantize_model(tiny_family("llama"), recipe, calib_ids, show_progress=False)
+    with monkeypatch.context() as m:
+        interrupt_rounding_in_block(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(tiny_family("llama"), recipe, calib_ids, progress_dir=tmp_path, show_progress=False)
+    resumed = quantize_model(tiny_family("llama"), recipe, calib_ids, progress_dir=tmp_path, resume=True,
+                             show_progress=False)
+    assert resumed.report.resumed_blocks == 1
+    assert all(torch.equal(resumed.weights[n].codes, qw.codes) for n, qw in full.weights.items())
+    ids = calib_ids[:2, :16]
+    with torch.no_grad():
+        assert torch.equal(resumed.model(ids).logits, full.model(ids).logits)
+
+
+def test_rotation_with_onload_is_one_line(tmp_path):
+    """Block-by-block quantization never holds the whole model, which the rotation folds into at once."""
+    import lowbit
+    from lowbit.api import quantize_to_disk
+
+    model = tiny_family("llama")
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(LowbitError, match="rotation folds into the whole model at once: quantize without --onload"):
+        quantize_to_disk(tmp_path / "model", lowbit.recipes.get("quarot-w4"), tmp_path / "out",
+                         calib=torch.zeros(4, 32, dtype=torch.long), show_progress=False)
